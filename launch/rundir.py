@@ -1,0 +1,54 @@
+"""The run directory: where every stage of one experiment reads and writes.
+
+    runs/<name>/config.yaml     the resolved config, written by the first stage
+    runs/<name>/data/           shards + manifest.json (+ the digit classifier for digits runs)
+    runs/<name>/aux/<k>/        one auxiliary model: checkpoints/, ema.safetensors, samples.png, metrics.jsonl
+    runs/<name>/eval_cache/     reference statistics, keyed by population hash
+    runs/<name>/report.md/.json
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from launch.config import ConfigError, RunConfig, to_yaml
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "RunDir":
+        return cls(cfg.run_dir)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def aux(self, name: str) -> Path:
+        return self.root / "aux" / name
+
+    @property
+    def eval_cache(self) -> Path:
+        return self.root / "eval_cache"
+
+    @property
+    def digit_classifier(self) -> Path:
+        return self.data / "digit_classifier.safetensors"
+
+    def record_config(self, cfg: RunConfig) -> None:
+        """Write config.yaml once. A later stage may change training or evaluation settings, but not
+        the data: a run directory holds one set of populations."""
+        path = self.root / "config.yaml"
+        if path.exists():
+            old = OmegaConf.load(path)
+            new = OmegaConf.create(to_yaml(cfg))
+            if old.get("data") != new.get("data"):
+                raise ConfigError(f"{path}: this run directory was made with a different `data` section; "
+                                  "use another run name (name=...) or delete the directory")
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(path)

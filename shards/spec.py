@@ -1,0 +1,51 @@
+"""Typed description of the data side of a run: where images come from and how populations are cut.
+
+These dataclasses are the `data:` section of the run config (OmegaConf structured config), so a
+misspelt key or a wrong type fails when the config is loaded, before anything is read or written.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class SourceSpec:
+    """Where the images come from.
+
+    kind: digits (sklearn's embedded 8x8 digits) | cifar10 (the python tarball at `path`) |
+          lsun (a directory at `path` holding one `<category>_train_lmdb` per entry of `categories`) |
+          folder (a directory at `path` with one sub-directory per class).
+    image_size: images are resized (area/bicubic) to image_size x image_size.
+    """
+    kind: str = "digits"
+    path: Optional[str] = None
+    image_size: int = 16
+    categories: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PopulationSpec:
+    """A population: `count` images drawn without replacement with the class `mixture`
+    (class name -> proportion, summing to 1) from the source's `split`, using `seed`."""
+    name: str = MISSING
+    mixture: Dict[str, float] = MISSING
+    count: int = MISSING
+    seed: int = 0
+    split: str = "train"
+
+
+@dataclass
+class DataSpec:
+    source: SourceSpec = field(default_factory=SourceSpec)
+    aux: List[PopulationSpec] = field(default_factory=list)
+    target: PopulationSpec = field(default_factory=PopulationSpec)
+    reference: PopulationSpec = field(default_factory=PopulationSpec)
+    # Shards per population: at least min_shards (>= nodes x GPUs x workers, so no reader starves)
+    # and at most max_shard_images images per shard.
+    min_shards: int = 8
+    max_shard_images: int = 2000
+    # DataLoader worker processes per rank for the training stream.
+    workers: int = 2
+    # Corrupt/undecodable samples tolerated per reader before the run stops.
+    max_bad_samples: int = 10
