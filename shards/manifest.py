@@ -1,0 +1,39 @@
+"""Reading the manifest that `prepare` writes last into a data directory.
+
+The manifest is the only index of a data directory: readers take shard files, per-shard counts, image
+shape and class names from it and never list directories, so a half-written directory (no manifest yet)
+is never read.
+"""
+import json
+from pathlib import Path
+
+from shards.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def load_manifest(data_dir) -> dict:
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"no {MANIFEST_NAME} in {data_dir}: run `scorefuse prepare` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read {path}: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise DataError(f"{path} is not a version-{MANIFEST_VERSION} scorefuse manifest; "
+                        f"run `scorefuse prepare` on a fresh data directory")
+    return manifest
+
+
+def population_entry(manifest: dict, name: str) -> dict:
+    populations = manifest["populations"]
+    if name not in populations:
+        raise DataError(f"unknown population '{name}'; the data directory has: {', '.join(populations)}")
+    return populations[name]
+
+
+def shard_paths(data_dir, manifest: dict, population: str) -> list:
+    """Absolute paths of the population's shards, in manifest order."""
+    return [str(Path(data_dir) / shard["file"]) for shard in population_entry(manifest, population)["shards"]]

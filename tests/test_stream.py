@@ -1,0 +1,171 @@
+"""Readers: eval passes see every sample once under ranks x workers; the training stream resumes
+bit-identically; corrupt data is skipped with one warning and stops the reader past the limit."""
+import io
+import shutil
+import tarfile
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from shards.errors import DataError
+from shards.manifest import load_manifest, shard_paths
+from shards.prepare import prepare, write_shard
+from shards.spec import DataSpec, PopulationSpec, SourceSpec
+from shards.stream import (BadSampleCounter, TrainStream, eval_reader, read_population, shard_samples,
+                           train_loader)
+
+POPULATION = "reference"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    spec = DataSpec(
+        source=SourceSpec(kind="digits", image_size=8),
+        aux=[],
+        target=PopulationSpec(name="target", mixture={"1": 1.0}, count=6, seed=1),
+        reference=PopulationSpec(name=POPULATION, mixture={str(c): 0.1 for c in range(10)}, count=70, seed=2),
+        min_shards=6, max_shard_images=100)
+    prepare(spec, data_dir, log=lambda line: None)
+    return data_dir
+
+
+def shard_keys(path):
+    with tarfile.open(path) as archive:
+        return sorted({name.rsplit(".", 1)[0] for name in archive.getnames()})
+
+
+def all_keys(data_dir):
+    manifest = load_manifest(data_dir)
+    return [key for path in shard_paths(data_dir, manifest, POPULATION) for key in shard_keys(path)]
+
+
+def test_eval_reader_sees_every_sample_once_over_ranks_and_workers(data_dir):
+    seen = Counter()
+    for rank in range(2):
+        for images, labels, keys in eval_reader(data_dir, POPULATION, batch_size=4, rank=rank, world_size=2,
+                                                num_workers=2):
+            assert images.dtype == torch.uint8 and images.shape[1:] == (1, 8, 8)
+            assert labels.dtype == torch.int64 and len(labels) == len(keys) == len(images)
+            seen.update(keys)
+    assert sorted(seen) == sorted(all_keys(data_dir))
+    assert set(seen.values()) == {1}
+
+
+def test_read_population_in_shard_order(data_dir):
+    images, labels = read_population(data_dir, POPULATION)
+    assert images.shape == (70, 1, 8, 8) and images.dtype == torch.uint8
+    assert torch.bincount(labels, minlength=10).tolist() == [7] * 10
+    first_batch = next(iter(eval_reader(data_dir, POPULATION, batch_size=70)))
+    assert torch.equal(first_batch[0], images) and torch.equal(first_batch[1], labels)
+
+
+def batches(loader, count):
+    return list(islice(iter(loader), count))
+
+
+def assert_same_batches(left, right):
+    assert len(left) == len(right)
+    for (images_a, labels_a), (images_b, labels_b) in zip(left, right):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+
+
+@pytest.mark.parametrize("num_workers,resume_at", [(0, 10), (2, 10), (2, 11)])
+def test_train_stream_resumes_bit_identically(data_dir, num_workers, resume_at):
+    def loader(start_batch):
+        return train_loader(data_dir, POPULATION, batch_size=8, seed=3, rank=0, world_size=1,
+                            num_workers=num_workers, start_batch=start_batch)
+
+    uninterrupted = batches(loader(0), 20)
+    images, labels = uninterrupted[0]
+    assert images.shape == (8, 1, 8, 8) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.min() >= -1 and images.max() <= 1
+    assert_same_batches(batches(loader(resume_at), 20 - resume_at), uninterrupted[resume_at:])
+
+
+def test_train_stream_depends_on_rank_and_seed(data_dir):
+    def first_batches(seed, rank):
+        stream = TrainStream(data_dir, POPULATION, batch_size=8, seed=seed, rank=rank, world_size=2,
+                             num_workers=0)
+        return [labels for _, labels in islice(iter(stream), 3)]
+
+    base = first_batches(seed=3, rank=0)
+    assert_same_batches([(b, b) for b in base], [(b, b) for b in first_batches(seed=3, rank=0)])
+    assert any(not torch.equal(a, b) for a, b in zip(base, first_batches(seed=3, rank=1)))
+    assert any(not torch.equal(a, b) for a, b in zip(base, first_batches(seed=4, rank=0)))
+
+
+@pytest.fixture
+def damaged_dir(data_dir, tmp_path):
+    """A copy with shard 0 truncated and one sample of shard 1 holding text instead of a PNG."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_dir, damaged)
+    paths = shard_paths(damaged, load_manifest(damaged), POPULATION)
+    truncated = paths[0]
+    with open(truncated, "r+b") as handle:
+        handle.truncate(handle.seek(0, io.SEEK_END) // 2)
+    samples = list(wds.WebDataset(paths[1], shardshuffle=False))
+    bad_key = samples[3]["__key__"]
+    with wds.TarWriter(paths[1]) as writer:
+        for sample in samples:
+            png = b"not an image" if sample["__key__"] == bad_key else sample["png"]
+            writer.write({"__key__": sample["__key__"], "png": png, "cls": sample["cls"]})
+    return damaged, truncated, paths[1], bad_key
+
+
+def test_corrupt_data_is_skipped_with_one_warning(damaged_dir, capfd):
+    damaged, truncated, rewritten, bad_key = damaged_dir
+    keys = [key for batch in eval_reader(damaged, POPULATION, batch_size=5) for key in batch[2]]
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert f"population {POPULATION}" in warnings[0] and truncated in warnings[0]
+    intact = [key for path in shard_paths(damaged, load_manifest(damaged), POPULATION)[1:]
+              for key in shard_keys(path) if key != bad_key]
+    assert bad_key not in keys
+    assert set(intact) <= set(keys) and len(keys) < 69
+    images, _ = read_population(damaged, POPULATION)
+    assert len(images) == len(keys)
+
+
+def test_corrupt_data_over_the_limit_stops_the_reader(damaged_dir, capfd):
+    damaged, truncated, rewritten, bad_key = damaged_dir
+    with pytest.raises(DataError, match=f"more than 1 corrupt samples in population {POPULATION}; "
+                                        f"first: key .* in file {truncated}"):
+        read_population(damaged, POPULATION, max_bad_samples=1)
+    # Which of the two bad shards the stream meets first depends on its seed; either must stop it.
+    first = rf"(key {bad_key} in file {rewritten}: UnidentifiedImageError|key unknown in file {truncated})"
+    with pytest.raises(DataError, match=f"more than 0 corrupt samples in population {POPULATION}; first: {first}"):
+        for _ in islice(TrainStream(damaged, "reference", batch_size=4, seed=0, rank=0, world_size=1,
+                                    num_workers=0, max_bad_samples=0), 200):
+            pass
+    capfd.readouterr()
+
+
+def test_missing_shard_and_unknown_population(data_dir, tmp_path):
+    with pytest.raises(DataError, match="unknown population 'nope'"):
+        eval_reader(data_dir, "nope", batch_size=4)
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    (broken / "target" / "shard-000001.tar").unlink()
+    with pytest.raises(DataError, match="population target: shard .*target/shard-000001.tar is missing"):
+        TrainStream(broken, "target", batch_size=2, seed=0, rank=0, world_size=1, num_workers=0)
+
+
+@pytest.mark.parametrize("cut,readable", [(100, 0), (700, 0), (1024, 0), (1500, 0), (2048, 1), (2500, 1)])
+def test_a_truncated_shard_counts_once_wherever_it_is_cut(tmp_path, cut, readable, capfd):
+    """Cut inside a header, inside member data, and exactly at member boundaries (which tar reads as a
+    clean end; only the manifest count reveals it). Each 512-byte header is followed by one data block
+    here: sample 0 spans bytes 0..2048 (cls header, cls data, png header, png data)."""
+    path = tmp_path / "shard.tar"
+    images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4, 1)
+    write_shard(path, [(f"k{i}", images[i], i) for i in range(5)])
+    path.write_bytes(path.read_bytes()[:cut])
+    counter = BadSampleCounter("p", max_bad_samples=5)
+    samples = list(shard_samples(str(path), 5, counter))
+    assert [s["__key__"] for s in samples] == ["k0"][:readable]
+    assert counter.count == 1 and str(path) in counter.first
+    assert capfd.readouterr().err.count("warning:") == 1
