@@ -6,7 +6,6 @@ When it finishes, the EMA weights are exported (trainer/export.py) and `done.jso
 finished, so a re-run skips it.
 """
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -55,16 +54,17 @@ def train_diffusion(accelerator, stage_dir: Path, data_dir: Path, population: st
             yield images.to(device, non_blocking=True)
 
     def loss(modules, x0):
-        return denoising_loss(modules["net"], x0, p_mean=edm.p_mean, p_std=edm.p_std).mean()
+        # Noise from the global RNG: it is seeded per rank and saved in every checkpoint.
+        return denoising_loss(modules["net"], x0, None, p_mean=edm.p_mean, p_std=edm.p_std,
+                              sigma_data=edm.sigma_data).mean()
 
     engine = Engine(accelerator, train, stage_dir, modules={"net": denoiser}, optimizers={"adam": optimizer},
                     updates=[Update("adam", "net", loss)], batches=batches, ema=("net",), hooks=hooks)
-    start = time.time()
     engine.run()
     if accelerator.is_main_process:
         export_denoiser(stage_dir, engine.ema["net"], meta)
         (Path(stage_dir) / "done.json").write_text(json.dumps(
             {"kimg": engine.kimg, "steps": engine.step, "skipped_steps": engine.skipped,
-             "seconds_this_session": round(time.time() - start, 1)}, indent=1))
+             "seconds": round(engine.seconds, 1)}, indent=1))
     accelerator.wait_for_everyone()
     return engine

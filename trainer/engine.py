@@ -86,6 +86,8 @@ class Engine:
         self.step = 0
         self.skipped = 0
         self.nonfinite_run = 0
+        self._seconds_before = 0.0  # wall time of earlier sessions of this stage
+        self._session_start = time.time()
 
     @property
     def kimg(self) -> float:
@@ -95,9 +97,14 @@ class Engine:
     def total_nimg(self) -> int:
         return int(round(self.spec.total_kimg * 1000))
 
+    @property
+    def seconds(self) -> float:
+        """Wall time this stage has run, over all its sessions."""
+        return self._seconds_before + time.time() - self._session_start
+
     def state(self) -> dict:
         return {"step": self.step, "nimg": self.nimg, "skipped_steps": self.skipped,
-                "nonfinite_run": self.nonfinite_run,
+                "nonfinite_run": self.nonfinite_run, "seconds": round(self.seconds, 3),
                 # The data position: micro-batches this rank has taken from its stream.
                 "stream_batches": self.step * self.spec.accum}
 
@@ -107,6 +114,7 @@ class Engine:
             return False
         self.step, self.nimg = state["step"], state["nimg"]
         self.skipped, self.nonfinite_run = state["skipped_steps"], state["nonfinite_run"]
+        self._seconds_before, self._session_start = state["seconds"], time.time()
         if self.acc.is_main_process:
             self._truncate_metrics()
         return True
@@ -145,6 +153,7 @@ class Engine:
             if self.nimg >= due["log"] or finished:
                 bar.set_postfix(loss=f"{self._log_window(window):.4f}")
                 due["log"] = self._next_due(spec.log_every_kimg)
+            paused = time.perf_counter()  # hooks and checkpoints do not count against images/s
             for i, hook in enumerate(self.hooks):
                 if self.nimg >= due[f"hook{i}"] or finished:
                     metrics = hook.fn(self)
@@ -154,6 +163,7 @@ class Engine:
             if self.nimg >= due["checkpoint"] or finished:
                 self.checkpointer.save(self.step, self.state(), self.ema)
                 due["checkpoint"] = self._next_due(spec.checkpoint_every_kimg)
+            window["t"] += time.perf_counter() - paused
         bar.close()
 
     def _periodic(self) -> dict[str, float]:
