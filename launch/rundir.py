@@ -6,12 +6,12 @@
     runs/<name>/eval_cache/     reference statistics, keyed by population hash
     runs/<name>/report.md/.json
 """
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from launch.config import ConfigError, RunConfig, to_yaml
+from shards.prepare import data_fingerprint
 
 
 @dataclass
@@ -38,15 +38,14 @@ class RunDir:
         return self.data / "digit_classifier.safetensors"
 
     def record_config(self, cfg: RunConfig) -> None:
-        """Write config.yaml once. A later stage may change training or evaluation settings, but not
-        the data: a run directory holds one set of populations."""
+        """Write config.yaml once. A later stage may change training, evaluation or reader settings,
+        but not what decides the populations: a run directory holds one set of them."""
         path = self.root / "config.yaml"
+        manifest = self.data / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text())["fingerprint"] != data_fingerprint(cfg.data):
+            raise ConfigError(f"{self.root}: its shards were prepared from a different `data` section "
+                              "(populations or source); use another run name (name=...) or delete the directory")
         if path.exists():
-            old = OmegaConf.load(path)
-            new = OmegaConf.create(to_yaml(cfg))
-            if old.get("data") != new.get("data"):
-                raise ConfigError(f"{path}: this run directory was made with a different `data` section; "
-                                  "use another run name (name=...) or delete the directory")
             return
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -1,0 +1,107 @@
+"""Resume and preemption, through the real CLI in real processes."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import DIGITS, ROOT, SHORT_TRAIN, scorefuse
+from trainer.preemption import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.resume
+
+
+def train_args(run_dir, total_kimg, workers=2):
+    return ["train-aux", "--config", DIGITS, "aux=aux-low", f"root={run_dir.parent}", *SHORT_TRAIN,
+            f"train.total_kimg={total_kimg}", f"data.workers={workers}"]
+
+
+def popen(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def newest_step(stage_dir):
+    ckpts = sorted((stage_dir / "checkpoints").glob("ckpt-*"))
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else -1
+
+
+def wait_for_step(proc, stage_dir, step, timeout=240):
+    t0 = time.time()
+    while newest_step(stage_dir) < step:
+        assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()}"
+        assert time.time() - t0 < timeout, "no checkpoint in time"
+        time.sleep(0.05)
+
+
+def final_state(stage_dir):
+    ckpt = sorted((stage_dir / "checkpoints").glob("ckpt-*"))[-1]
+    model = load_file(ckpt / "model.safetensors")
+    ema = load_file(ckpt / "ema-net.safetensors")
+    opt = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    return ckpt.name, model, ema, opt
+
+
+def flat_tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flat_tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from flat_tensors(v, f"{prefix}/{i}")
+
+
+def test_sigkill_and_restart_is_bit_identical(digits_run, tmp_path):
+    """300 steps straight through vs. killed with SIGKILL after step 60 and restarted."""
+    total = 300 * 32 / 1000
+    straight = tmp_path / "straight" / "digits"
+    straight.parent.mkdir()
+    os.rename(digits_run, straight)
+    killed = tmp_path / "killed" / "digits"
+    shutil.copytree(straight, killed)
+
+    scorefuse(*train_args(straight, total))
+
+    proc = popen(train_args(killed, total))
+    stage = killed / "aux" / "aux-low"
+    wait_for_step(proc, stage, 60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (stage / "done.json").exists(), "the run finished before it was killed"
+    out = scorefuse(*train_args(killed, total)).stdout
+    assert "resumed from" in out
+
+    a, b = final_state(straight / "aux" / "aux-low"), final_state(stage)
+    assert a[0] == b[0] == "ckpt-000000300"
+    for x, y in zip(a[1:], b[1:]):
+        tx, ty = dict(flat_tensors(x)), dict(flat_tensors(y))
+        assert tx.keys() == ty.keys()
+        for k in tx:
+            assert torch.equal(tx[k], ty[k]), f"{k} differs after resume"
+    assert load_file(straight / "aux/aux-low/ema.safetensors").keys() == load_file(stage / "ema.safetensors").keys()
+    for k, v in load_file(straight / "aux/aux-low/ema.safetensors").items():
+        assert torch.equal(v, load_file(stage / "ema.safetensors")[k])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoints_and_exits_with_the_documented_code(digits_run, sig):
+    stage = digits_run / "aux" / "aux-low"
+    proc = popen(train_args(digits_run, total_kimg=1000, workers=0))
+    wait_for_step(proc, stage, 20)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, out
+    assert "stop requested" in out
+    stopped_at = newest_step(stage)
+    assert stopped_at > 20  # a fresh checkpoint at the step boundary, not just the periodic one
+    # The next start resumes from exactly there.
+    out = scorefuse(*train_args(digits_run, total_kimg=(stopped_at + 5) * 32 / 1000, workers=0)).stdout
+    assert f"step {stopped_at}" in out and "resumed from" in out
