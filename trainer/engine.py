@@ -139,7 +139,7 @@ class Engine:
         while self.nimg < self.total_nimg:
             if stop.requested:
                 acc.set_trigger()
-            if acc.check_trigger():
+            if acc.check_trigger():  # every rank stops at the same step, even if one was signalled
                 self.log(f"stop requested (signal {stop.signum}); checkpointing at step {self.step}")
                 self.checkpointer.save(self.step, self.state(), self.ema)
                 bar.close()
@@ -152,19 +152,23 @@ class Engine:
             finished = self.nimg >= self.total_nimg
             if self.nimg >= due["log"] or finished:
                 bar.set_postfix(loss=f"{self._log_window(window):.4f}")
-                due["log"] = self._next_due(spec.log_every_kimg)
-            paused = time.perf_counter()  # hooks and checkpoints do not count against images/s
-            for i, hook in enumerate(self.hooks):
-                if self.nimg >= due[f"hook{i}"] or finished:
-                    metrics = hook.fn(self)
-                    if metrics:
-                        self.write_metrics(metrics)
-                    due[f"hook{i}"] = self._next_due(hook.every_kimg)
-            if self.nimg >= due["checkpoint"] or finished:
-                self.checkpointer.save(self.step, self.state(), self.ema)
-                due["checkpoint"] = self._next_due(spec.checkpoint_every_kimg)
-            window["t"] += time.perf_counter() - paused
+            paused = time.perf_counter()
+            self._run_due(due, finished)
+            window["t"] += time.perf_counter() - paused  # hooks and checkpoints do not count against images/s
         bar.close()
+
+    def _run_due(self, due: dict, finished: bool) -> None:
+        """Hooks, then the checkpoint, whichever are due (all of them at the end)."""
+        for i, hook in enumerate(self.hooks):
+            if self.nimg >= due[f"hook{i}"] or finished:
+                metrics = hook.fn(self)
+                if metrics:
+                    self.write_metrics(metrics)
+        if self.nimg >= due["checkpoint"] or finished:
+            self.checkpointer.save(self.step, self.state(), self.ema)
+        for name, every in self._periodic().items():
+            if self.nimg >= due[name]:
+                due[name] = self._next_due(every)
 
     def _periodic(self) -> dict[str, float]:
         every = {"log": self.spec.log_every_kimg, "checkpoint": self.spec.checkpoint_every_kimg}
