@@ -162,19 +162,34 @@ class FrechetEvaluator:
                  num_samples: int, reference: tuple[np.ndarray, np.ndarray], seed: int = 0, rank: int = 0,
                  world_size: int = 1, gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> float:
         """Fréchet distance between `num_samples` samples of `sample_fn` and `reference` = (mu, sigma).
+        Call it on every rank (see sample_features); all return the same value."""
+        features = self.sample_features(sample_fn, image_shape, num_samples, seed, rank, world_size, gather)
+        return self.frechet(features, reference)
 
-        Call it on every rank; all return the same value. The sample set is cut into batch-sized chunks
-        dealt round-robin to the ranks, and every rank runs the same number of batches (the last ones may be
-        padding, discarded after the gather). So no rank idles at the collective while another still samples
-        (an idle rank at an all-gather is a classic source of NCCL timeouts), and a sampler whose forward is
-        itself collective (ZeRO-3 gathers parameters) stays in step across ranks. `gather(tensor) -> tensor`
-        concatenates the ranks' tensors along dim 0 in rank order (accelerator.gather); it is required when
-        world_size > 1. Samples are seeded per chunk, so the result does not depend on world_size.
+    @staticmethod
+    def frechet(features: torch.Tensor, reference: tuple[np.ndarray, np.ndarray]) -> float:
+        """Fréchet distance between the statistics of `features` [N, D] and reference = (mu, sigma)."""
+        mu, sigma = reference
+        statistics = fid_features_to_statistics(features)
+        return float(fid_statistics_to_metric(statistics, {"mu": mu, "sigma": sigma}, verbose=False)[KEY_METRIC_FID])
+
+    def sample_features(self, sample_fn: Callable[[torch.Tensor], torch.Tensor], image_shape: Sequence[int],
+                        num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """Features [num_samples, D] of `num_samples` samples of `sample_fn`, in sample order, on every rank.
+
+        The sample set is cut into batch-sized chunks dealt round-robin to the ranks, and every rank runs the
+        same number of batches (the last ones may be padding, discarded after the gather). So no rank idles at
+        the collective while another still samples (an idle rank at an all-gather is a classic source of NCCL
+        timeouts), and a sampler whose forward is itself collective (ZeRO-3 gathers parameters) stays in step
+        across ranks. `gather(tensor) -> tensor` concatenates the ranks' tensors along dim 0 in rank order
+        (accelerator.gather); it is required when world_size > 1. Samples are seeded per chunk, so the result
+        does not depend on world_size.
         """
         if num_samples < 2:
             raise ValueError(f"num_samples must be at least 2 for a covariance, got {num_samples}")
         if world_size > 1 and gather is None:
-            raise ValueError("distance() with world_size > 1 needs gather (e.g. accelerator.gather)")
+            raise ValueError("sample_features() with world_size > 1 needs gather (e.g. accelerator.gather)")
         generator = SampleGenerator(sample_fn, image_shape)
         b = self.batch_size
         chunks_per_rank = math.ceil(math.ceil(num_samples / b) / world_size)
@@ -190,7 +205,4 @@ class FrechetEvaluator:
         r, j, i = torch.meshgrid(torch.arange(world_size), torch.arange(chunks_per_rank), torch.arange(b),
                                  indexing="ij")
         sample_index = ((r + world_size * j) * b + i).reshape(-1)
-        features = features.cpu()[sample_index.argsort()[:num_samples]]
-        statistics = fid_features_to_statistics(features)
-        mu, sigma = reference
-        return float(fid_statistics_to_metric(statistics, {"mu": mu, "sigma": sigma}, verbose=False)[KEY_METRIC_FID])
+        return features.cpu()[sample_index.argsort()[:num_samples]]

@@ -2,7 +2,6 @@
 scripts all call these, so a stage behaves the same however it is started."""
 import json
 import os
-import time
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from trainer.edm import heun_sample
 from trainer.engine import Hook, make_accelerator
 from trainer.export import load_denoiser
 
-GRID_SEED = 2024  # the same latents for every grid, so grids of one model over time are comparable
+GRID_SEED = 2024
+ROLES = ["aux", "target", "reference"]  # the same latents for every grid, so grids of one model over time are comparable
 
 
 def prepare_stage(cfg: RunConfig, log=print) -> dict:
@@ -60,9 +60,8 @@ def _reference(evaluator: FrechetEvaluator, cfg: RunConfig, population: str):
 
 
 def _grid_latents(cfg: RunConfig, manifest: dict, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(GRID_SEED)
-    shape = (cfg.eval.grid_images, manifest["channels"], manifest["image_size"], manifest["image_size"])
-    return torch.randn(shape, generator=g).to(device)
+    shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
+    return _latents(cfg.eval.grid_images, shape, GRID_SEED, device)
 
 
 def training_hooks(cfg: RunConfig, stage_dir: Path, population: str, acc) -> tuple[Hook, ...]:
@@ -117,7 +116,10 @@ def train_aux_stage(cfg: RunConfig, name: str) -> None:
 
 
 def evaluate_stage(cfg: RunConfig, log=print) -> dict:
-    """Evaluate every finished model of the run; write report.md and report.json."""
+    """Evaluate every finished model of the run; write report.md and report.json.
+
+    Each model is sampled once (eval.num_samples, spread over the ranks) and those samples are compared
+    with its own population and with the held-out reference population of the target mixture."""
     rd = RunDir.of(cfg)
     manifest = load_manifest(rd.data)
     acc = make_accelerator(cfg.train, cfg.launch.timeout_minutes)
@@ -126,43 +128,56 @@ def evaluate_stage(cfg: RunConfig, log=print) -> dict:
     name = metric_name(evaluator.extractor, n)
     shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
     target_ref = _reference(evaluator, cfg, cfg.data.reference.name)
-    target_mix = _mixture_vector(cfg.data.target.mixture, manifest["class_names"])
+    classes = manifest["class_names"]
+    target_mix = _mixture_vector(cfg.data.target.mixture, classes)
     rows = []
     for pop in cfg.data.aux:
         stage_dir = rd.aux(pop.name)
         if not is_finished(stage_dir):
             log(f"{stage_dir}: not finished, left out of the report")
             continue
-        denoiser, meta = load_denoiser(stage_dir)
-        denoiser = denoiser.to(acc.device)
-        sample = _sampler(denoiser, cfg)
-        t0 = time.perf_counter()
-        row = {"model": f"aux/{pop.name}"}
-        row[f"{name} own population"] = evaluator.distance(
-            sample, shape, n, _reference(evaluator, cfg, pop.name), seed=cfg.train.seed,
-            rank=acc.process_index, world_size=acc.num_processes, gather=acc.gather)
-        row[f"{name} target"] = evaluator.distance(
-            sample, shape, n, target_ref, seed=cfg.train.seed + 1,
-            rank=acc.process_index, world_size=acc.num_processes, gather=acc.gather)
+        denoiser, _ = load_denoiser(stage_dir)
+        sample = _sampler(denoiser.to(acc.device), cfg)
+        done = _done(stage_dir)
+        features = evaluator.sample_features(sample, shape, n, seed=cfg.train.seed, rank=acc.process_index,
+                                             world_size=acc.num_processes, gather=acc.gather)
+        row = {"model": f"aux/{pop.name}", "kimg": done["kimg"], "train minutes": done["seconds"] / 60,
+               f"{name} own population": evaluator.frechet(features, _reference(evaluator, cfg, pop.name)),
+               f"{name} target": evaluator.frechet(features, target_ref)}
         if evaluator.extractor == "digit-classifier" and acc.is_main_process:
-            g = torch.Generator().manual_seed(cfg.train.seed)
-            images = sample(torch.randn((n, *shape), generator=g).to(acc.device))
+            images = sample(_latents(n, shape, cfg.train.seed, acc.device))
             props = class_proportions(rd.digit_classifier, images)
-            row["class TV to target"] = 0.5 * float(abs(props - target_mix).sum())
-            row["class proportions"] = " ".join(f"{p:.2f}" for p in props)
-            save_grid(images[: cfg.eval.grid_images], stage_dir / "samples.png", scale=_grid_scale(manifest))
-        row["eval seconds"] = time.perf_counter() - t0
-        row["kimg"] = _done(stage_dir).get("kimg")
+            row["class TV own"] = _total_variation(props, _mixture_vector(pop.mixture, classes))
+            row["class TV target"] = _total_variation(props, target_mix)
+            row["sample class proportions"] = _format_mixture(props)
         rows.append(row)
         log(f"{pop.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
     if acc.is_main_process:
-        notes = [f"{name}: Frechet distance over {n} samples with the {evaluator.extractor} features "
-                 f"({'not FID' if evaluator.extractor != 'inception' else 'FID'}); 'target' is the held-out "
-                 f"reference population `{cfg.data.reference.name}` drawn from the target mixture.",
-                 "target mixture: " + " ".join(f"{p:.2f}" for p in target_mix)]
-        write_report(rd.root, f"scorefuse report: {cfg.name}", [("Auxiliary models", rows)], notes)
+        data_rows = [{"population": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
+                      "class mixture": _format_mixture(_mixture_vector(e["mixture"], classes))}
+                     for p, e in sorted(manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
+        notes = [f"{name}: Fréchet distance over {n} samples ({cfg.edm.sampler_steps}-step Heun) in "
+                 f"{evaluator.extractor} feature space" + ("" if evaluator.extractor == "inception" else " (not FID)")
+                 + f"; 'target' is the held-out population `{cfg.data.reference.name}` of the target mixture.",
+                 "class TV: total variation distance between the digit classifier's class proportions of the "
+                 "samples and a population's mixture (0 = same, 1 = disjoint).",
+                 f"class order: {' '.join(classes)}; populations disjoint: {manifest['disjoint']}."]
+        write_report(rd.root, f"scorefuse report: {cfg.name}",
+                     [("Auxiliary models", rows), ("Populations", data_rows)], notes)
         log(f"wrote {rd.root / 'report.md'}")
     return {"rows": rows}
+
+
+def _latents(n: int, shape, seed: int, device) -> torch.Tensor:
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _total_variation(p, q) -> float:
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def _format_mixture(p) -> str:
+    return " ".join(f"{x:.2f}" for x in p)
 
 
 def _mixture_vector(mixture: dict, class_names: list[str]):

@@ -1,0 +1,56 @@
+"""The whole local pipeline through the CLI: prepare -> every auxiliary -> evaluate -> report."""
+import json
+
+import pytest
+
+from launch.local import gpu_groups
+from tests.conftest import DIGITS, SHORT_TRAIN, scorefuse
+
+FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "train.snapshot_every_kimg=0.32", "eval.num_samples=64",
+        "eval.grid_images=16", "edm.sampler_steps=4"]
+
+
+def test_run_writes_report_and_skips_finished_stages(tmp_path):
+    out = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST).stdout
+    run = tmp_path / "digits"
+    report = json.loads((run / "report.json").read_text())
+    models = {row["model"] for section in report["sections"] for row in section["rows"] if "model" in row}
+    assert models == {"aux/aux-low", "aux/aux-high", "aux/aux-even"}
+    md = (run / "report.md").read_text()
+    assert "fd_digits64 own population" in md and "fd_digits64 target" in md
+    for name in ("aux-low", "aux-high", "aux-even"):
+        assert (run / "aux" / name / "samples.png").is_file()
+        assert (run / "aux" / name / "ema.safetensors").is_file()
+    assert "wrote" in out
+
+    again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST)
+    assert "shards up to date" in again.stdout
+    assert again.stdout.count("already finished") + again.stderr.count("already finished") == 3
+
+
+def test_changed_populations_are_refused_not_overwritten(tmp_path):
+    scorefuse("prepare", "--config", DIGITS, f"root={tmp_path}")
+    manifest = (tmp_path / "digits" / "data" / "manifest.json").read_text()
+    proc = scorefuse("prepare", "--config", DIGITS, f"root={tmp_path}", "data.target.count=32", check=False)
+    assert proc.returncode == 2 and "different" in proc.stderr
+    assert (tmp_path / "digits" / "data" / "manifest.json").read_text() == manifest
+
+
+def test_train_aux_before_prepare_says_so(tmp_path):
+    proc = scorefuse("train-aux", "--config", DIGITS, f"root={tmp_path}", "aux=aux-low", check=False)
+    assert proc.returncode == 2 and "scorefuse prepare" in proc.stderr
+
+
+def test_unknown_aux_is_named(tmp_path):
+    proc = scorefuse("train-aux", "--config", DIGITS, f"root={tmp_path}", "aux=nope", check=False)
+    assert proc.returncode == 2 and "aux=nope" in proc.stderr and "aux-low" in proc.stderr
+
+
+@pytest.mark.parametrize("gpus, models, parallel, expected", [
+    (8, 3, 0, [[0, 1], [2, 3], [4, 5]]),
+    (8, 2, 0, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    (2, 3, 0, [[0], [1]]),
+    (8, 4, 1, [[0, 1, 2, 3, 4, 5, 6, 7]]),
+])
+def test_gpu_groups_are_disjoint_subsets(gpus, models, parallel, expected):
+    assert gpu_groups(gpus, models, parallel) == expected
