@@ -10,6 +10,7 @@ Target: overhead <= 5%.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # the engine's progress bar would interleave with the table
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
