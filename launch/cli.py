@@ -78,11 +78,20 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def _one_line(error: Exception) -> str:
+    """The message of a user error. One raised in a DataLoader worker reaches us re-raised with the
+    worker's traceback in its text; its last line is the original message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(run(sys.argv[1:] if argv is None else argv))
     except USER_ERRORS as e:
-        print(f"scorefuse: error: {e}", file=sys.stderr)
+        print(f"scorefuse: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 

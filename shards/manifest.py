@@ -4,6 +4,7 @@ The manifest is the only index of a data directory: readers take shard files, pe
 shape and class names from it and never list directories, so a half-written directory (no manifest yet)
 is never read.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def population_entry(manifest: dict, name: str) -> dict:
 def shard_paths(data_dir, manifest: dict, population: str) -> list:
     """Absolute paths of the population's shards, in manifest order."""
     return [str(Path(data_dir) / shard["file"]) for shard in population_entry(manifest, population)["shards"]]
+
+
+def sha256_file(path) -> str:
+    """The sha256 of a file, read in blocks: how shards (and checkpoints) are verified."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

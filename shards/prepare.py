@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.errors import DataError
-from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
+from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest, sha256_file
 from shards.populations import draw_populations, find_overlaps, ordered_populations
 from shards.sources import open_source
 from shards.spec import DataSpec
@@ -37,14 +37,6 @@ def canonical_json(value) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def plain(node):

@@ -54,3 +54,15 @@ def test_unknown_aux_is_named(tmp_path):
 ])
 def test_gpu_groups_are_disjoint_subsets(gpus, models, parallel, expected):
     assert gpu_groups(gpus, models, parallel) == expected
+
+
+def test_corrupt_shards_stop_training_with_one_line_naming_the_file(digits_run):
+    for shard in (digits_run / "data" / "aux-low").glob("*.tar"):
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 3])
+    proc = scorefuse("train-aux", "--config", DIGITS, f"root={digits_run.parent}", "aux=aux-low",
+                     *SHORT_TRAIN, "train.total_kimg=0.64", "data.workers=1", "data.max_bad_samples=2", check=False)
+    assert proc.returncode == 2, proc.stderr
+    error = [line for line in proc.stderr.splitlines() if "scorefuse: error:" in line]
+    assert len(error) == 1 and "aux-low" in error[0] and ".tar" in error[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -12,7 +12,6 @@ Files go to a temporary directory that is renamed into place only when complete,
 leaves the previous checkpoints untouched. On load, a newest checkpoint that fails verification is
 reported and the previous one is used.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -20,17 +19,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from shards.manifest import sha256_file
+
 
 class CheckpointError(Exception):
     """No usable checkpoint where one was required, or a checkpoint that cannot be used."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -66,7 +59,7 @@ class Checkpointer:
             _write_json(tmp / "state.json", state)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             _write_json(tmp / "checkpoint.json", {"step": step, "files": files})
             shutil.rmtree(final, ignore_errors=True)
@@ -89,7 +82,7 @@ class Checkpointer:
                 return f"{p} is missing"
             if p.stat().st_size != meta["size"]:
                 return f"{p} is truncated ({p.stat().st_size} of {meta['size']} bytes)"
-            if _sha256(p) != meta["sha256"]:
+            if sha256_file(p) != meta["sha256"]:
                 return f"{p} is corrupt (sha256 mismatch)"
         return None
 

@@ -12,6 +12,7 @@ learning rate is computed from nimg and written into the optimizer; no scheduler
 """
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,9 @@ class Engine:
         self.batches = batches
         self.hooks = hooks
         self.log = log or (lambda msg: accelerator.print(msg))
+        self.deepspeed = _is_deepspeed(accelerator)
+        if self.deepspeed:
+            _fill_deepspeed_config(accelerator, spec, modules, optimizers)
         self.ema = {name: make_ema(modules[name]) for name in ema}
         names, objs = list(modules) + list(optimizers), list(modules.values()) + list(optimizers.values())
         prepared = dict(zip(names, accelerator.prepare(*objs)))
@@ -124,16 +128,17 @@ class Engine:
         checkpoint when SIGTERM/SIGUSR1 arrived."""
         self.resume()
         stop = StopRequest()
+        bar = tqdm(total=self.total_nimg, initial=self.nimg, unit="img", unit_scale=True, smoothing=0.1,
+                   disable=not self.acc.is_main_process, desc=self.dir.name, dynamic_ncols=True)
         try:
-            self._loop(stop)
+            self._loop(stop, bar)
         finally:
+            bar.close()  # also on errors, so the message starts on a line of its own
             stop.restore()
 
-    def _loop(self, stop: StopRequest) -> None:
+    def _loop(self, stop: StopRequest, bar: tqdm) -> None:
         spec, acc = self.spec, self.acc
         stream = self.batches(self.step * spec.accum)
-        bar = tqdm(total=self.total_nimg, initial=self.nimg, unit="img", unit_scale=True, smoothing=0.1,
-                   disable=not acc.is_main_process, desc=self.dir.name, dynamic_ncols=True)
         window = {"loss": 0.0, "n": 0, "t": time.perf_counter(), "nimg": self.nimg}
         due = {name: self._next_due(every) for name, every in self._periodic().items()}
         while self.nimg < self.total_nimg:
@@ -142,7 +147,6 @@ class Engine:
             if acc.check_trigger():  # every rank stops at the same step, even if one was signalled
                 self.log(f"stop requested (signal {stop.signum}); checkpointing at step {self.step}")
                 self.checkpointer.save(self.step, self.state(), self.ema)
-                bar.close()
                 raise Preempted()
             window["loss"] = window["loss"] + sum(self._train_step(stream))
             window["n"] += 1
@@ -155,7 +159,6 @@ class Engine:
             paused = time.perf_counter()
             self._run_due(due, finished)
             window["t"] += time.perf_counter() - paused  # hooks and checkpoints do not count against images/s
-        bar.close()
 
     def _run_due(self, due: dict, finished: bool) -> None:
         """Hooks, then the checkpoint, whichever are due (all of them at the end)."""
@@ -209,11 +212,20 @@ class Engine:
 
     def _clip_and_step(self, module: nn.Module, opt) -> None:
         """Clip, then step unless the gradients are not finite. Under fp16 the dynamic loss scaler
-        decides (it skips the step and lowers the scale); otherwise we skip here and count it."""
+        decides (it skips the step and lowers the scale); otherwise we skip here and count it.
+
+        Under DeepSpeed, `acc.backward` has already clipped (config "gradient_clipping") and stepped at
+        this accumulation boundary; ZeRO skips a step whose gradient norm is NaN/Inf (fp32, fp16, and
+        bf16 with "check_grad_overflow") and says so in `step_was_skipped`; we only count it. The norm
+        `clip_grad_norm_` returns there is DeepSpeed's, of the step just taken (inf when skipped)."""
         max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else math.inf
         norm = self.acc.clip_grad_norm_(module.parameters(), max_norm)
         finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
-        if self.acc.scaler is not None:
+        if self.deepspeed:
+            # not finite yet not skipped: bf16 without check_grad_overflow applied it; count it anyway,
+            # so that max_nonfinite_steps still stops a run that has gone bad
+            skipped = opt.step_was_skipped or not finite
+        elif self.acc.scaler is not None:
             opt.step()
             skipped = opt.step_was_skipped
         else:
@@ -256,15 +268,62 @@ class Engine:
             path.write_text("".join(r + "\n" for r in rows))
 
 
+def _deepspeed_launch() -> bool:
+    """Started by `accelerate launch` with a DeepSpeed config (distributed_type: DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _fill_deepspeed_config(accelerator, spec: TrainSpec, modules: dict, optimizers: dict) -> None:
+    """Fill the DeepSpeed config's "auto" batch sizes and clipping from the run config, before prepare.
+
+    No DataLoader goes through prepare(), so Accelerate cannot infer the micro-batch; and it would turn
+    "gradient_clipping": "auto" into 1.0 where train.grad_clip=0 means no clipping under DDP. A value
+    the JSON fixes that disagrees with the run config is an error rather than a silently different run."""
+    if len(modules) != 1 or len(optimizers) != 1:
+        # Accelerate wraps one model with one optimizer per DeepSpeed engine, and backward() steps only
+        # the engine prepared last; several models need several DeepSpeed plugins (not supported here).
+        raise TrainingError(f"DeepSpeed: the engine supports one module and one optimizer, got modules "
+                            f"{list(modules)} and optimizers {list(optimizers)}")
+    plugin = accelerator.state.deepspeed_plugin
+    values = {"train_micro_batch_size_per_gpu": spec.batch // (accelerator.num_processes * spec.accum),
+              "train_batch_size": spec.batch, "gradient_accumulation_steps": spec.accum,
+              "gradient_clipping": float(spec.grad_clip) if spec.grad_clip > 0 else 0.0}
+    mismatches = []
+    for key, value in values.items():
+        plugin.fill_match(key, mismatches, must_match=True, **{key: value})
+    if mismatches:
+        raise TrainingError("the DeepSpeed config disagrees with the run config (set these to \"auto\"):\n"
+                            + "\n".join(mismatches))
+
+
 def make_accelerator(spec: TrainSpec, timeout_minutes: int = 60):
     """The Accelerator every stage trains with. The process group timeout is explicit and long, so
     that ranks waiting at a collective while others evaluate or checkpoint do not time out. Whether
-    it is DDP or DeepSpeed comes from `accelerate launch --config_file ...`."""
+    it is DDP or DeepSpeed comes from `accelerate launch --config_file ...`.
+
+    Without GPUs: DDP needs `cpu=True` (gloo). Under DeepSpeed, `cpu=True` would make Accelerate
+    silently ignore DeepSpeed and train with DDP, so there it is `cpu=False` with the gloo backend
+    named explicitly (Accelerate would otherwise find no backend and run each rank alone)."""
     from datetime import timedelta
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    if _deepspeed_launch():
+        import importlib.util
+        if importlib.util.find_spec("transformers") is None:
+            # Accelerate's DeepSpeedPlugin imports transformers' HfDeepSpeedConfig even for ZeRO-1/2
+            # (a bare PackageNotFoundError otherwise)
+            raise TrainingError("DeepSpeed through Accelerate needs the `transformers` package: "
+                                "pip install transformers")
+    no_gpu = not torch.cuda.is_available()
+    deepspeed_on_cpu = no_gpu and _deepspeed_launch()
+    init = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes),
+                                  **({"backend": "gloo"} if deepspeed_on_cpu else {}))
     return Accelerator(mixed_precision=spec.precision, gradient_accumulation_steps=spec.accum,
-                       cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))])
+                       cpu=no_gpu and not deepspeed_on_cpu, kwargs_handlers=[init])
