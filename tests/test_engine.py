@@ -146,3 +146,12 @@ def test_checkpoints_rotate_and_truncated_newest_falls_back(tmp_path, capsys):
 def test_batch_not_divisible_is_an_error(tmp_path):
     with pytest.raises(TrainingError, match="not divisible"):
         make_engine(tmp_path, accum=3, batch=8)
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+    e = make_engine(tmp_path, precision="bf16")
+    first = mse(e.modules, next(regression_batches(8)(0))).item()
+    e.run()
+    assert all(p.dtype == torch.float32 for p in e.modules["net"].parameters())
+    assert all(p.dtype == torch.float32 for p in e.ema["net"].parameters())
+    assert mse(e.modules, next(regression_batches(8)(0))).item() < first
