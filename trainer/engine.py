@@ -279,7 +279,8 @@ def _is_deepspeed(accelerator) -> bool:
 
 
 def _fill_deepspeed_config(accelerator, spec: TrainSpec, modules: dict, optimizers: dict) -> None:
-    """Fill the DeepSpeed config's "auto" batch sizes and clipping from the run config, before prepare.
+    """Fill the DeepSpeed config's "auto" batch sizes, clipping and autocast from the run config, before
+    prepare.
 
     No DataLoader goes through prepare(), so Accelerate cannot infer the micro-batch; and it would turn
     "gradient_clipping": "auto" into 1.0 where train.grad_clip=0 means no clipping under DDP. A value
@@ -290,9 +291,14 @@ def _fill_deepspeed_config(accelerator, spec: TrainSpec, modules: dict, optimize
         raise TrainingError(f"DeepSpeed: the engine supports one module and one optimizer, got modules "
                             f"{list(modules)} and optimizers {list(optimizers)}")
     plugin = accelerator.state.deepspeed_plugin
+    if spec.precision == "fp16" and plugin.get_value("torch_autocast.enabled") == "auto":
+        raise TrainingError("train.precision=fp16 under DeepSpeed ZeRO: torch autocast there has no loss "
+                            "scaler; use train.precision=bf16")
     values = {"train_micro_batch_size_per_gpu": spec.batch // (accelerator.num_processes * spec.accum),
               "train_batch_size": spec.batch, "gradient_accumulation_steps": spec.accum,
-              "gradient_clipping": float(spec.grad_clip) if spec.grad_clip > 0 else 0.0}
+              "gradient_clipping": float(spec.grad_clip) if spec.grad_clip > 0 else 0.0,
+              # fp32 weights and bf16 autocast, as under DDP (configs/accelerate/deepspeed_zero2.yaml)
+              "torch_autocast.enabled": spec.precision == "bf16", "torch_autocast.dtype": "bfloat16"}
     mismatches = []
     for key, value in values.items():
         plugin.fill_match(key, mismatches, must_match=True, **{key: value})
