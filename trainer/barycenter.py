@@ -1,0 +1,320 @@
+"""Fitting ScoreFusion's weights lambda: one pass of Gram statistics, then an exact simplex QP.
+
+The fused model's denoising loss on the target (docs/METHODS.md §1) is a quadratic in lambda,
+
+    L(lambda) = E[ w(sigma) || sum_i lambda_i D_i(x0 + sigma n; sigma) - x0 ||^2 / P ]
+              = lambda^T A lambda - 2 b^T lambda + c,
+    A_ij = E[w <D_i, D_j> / P],  b_i = E[w <D_i, x0> / P],  c = E[w ||x0||^2 / P],
+
+with w = trainer.edm.loss_weight and P the pixels per image (the per-pixel mean of
+trainer.edm.denoising_loss, so L is exactly the mean of that function over the same draws). A, b, c
+are means over the (image, sigma, noise) draws: one forward pass of every auxiliary per draw, no
+backpropagation, sums that ranks accumulate locally and all-reduce. Per sigma bin they are means over
+the draws whose sigma fell in the bin, so each bin's quadratic is that bin's mean loss and the bins
+are independent problems (a piecewise-constant lambda(sigma)).
+
+The optimum over the probability simplex is found exactly by enumerating supports (small K), and the
+paper's own method, lambda = softmax(logits) trained by SGD, is kept as a baseline (SoftmaxWeights,
+sgd_fit_parts through the engine, sgd_on_gram on the quadratic directly).
+"""
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from trainer.edm import loss_weight, sample_sigma
+from trainer.engine import Update
+from trainer.fusion import FusedDenoiser, FusionError
+
+MAX_EXACT_K = 12  # 2^12 - 1 supports, each a (|S| + 1)-dimensional linear solve: well under a second
+
+
+@dataclass
+class GramStats:
+    """Means over draws of the loss's quadratic form, per sigma bin (float64).
+
+    A [bins, K, K], b [bins, K], c [bins]; n [bins] the number of draws in each bin (a bin without
+    draws has A, b, c = 0); sigma_edges None (one bin) or the bins - 1 edges (bin j covers
+    [edges[j-1], edges[j])).
+    """
+    A: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    n: torch.Tensor
+    sigma_edges: torch.Tensor | None = None
+
+    def bin_losses(self, lam: torch.Tensor) -> torch.Tensor:
+        """Each bin's mean loss, [bins], for lam [K] (every bin) or [bins, K]."""
+        lam = torch.as_tensor(lam, dtype=torch.float64).expand_as(self.b)
+        quadratic = torch.einsum("bk,bkl,bl->b", lam, self.A, lam)
+        return quadratic - 2 * (self.b * lam).sum(dim=1) + self.c
+
+    def loss(self, lam: torch.Tensor) -> torch.Tensor:
+        """The mean loss over all draws (bins weighted by their draw counts), a 0-dim tensor."""
+        return (self.bin_losses(lam) * self.n).sum() / self.n.sum()
+
+    def pooled(self) -> "GramStats":
+        """The same draws as one bin: the statistics of a single lambda for every sigma."""
+        share = self.n / self.n.sum()
+        return GramStats((share[:, None, None] * self.A).sum(0, keepdim=True),
+                         (share[:, None] * self.b).sum(0, keepdim=True),
+                         (share * self.c).sum(0, keepdim=True), self.n.sum(0, keepdim=True))
+
+
+@torch.no_grad()
+def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: int, p_mean: float,
+                    p_std: float, sigma_data: float, sigma_edges=None,
+                    generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GramStats:
+    """One pass over the target images: GramStats of `fused`'s auxiliaries (its weights play no part).
+
+    batches: x0 tensors [B, C, H, W] in [-1, 1], or (x0, generator) pairs whose generator draws that
+        batch's noise; seeding it from the batch's global index makes the statistics independent of
+        how batches are split over ranks. Plain tensors draw from `generator` (None: torch's global RNG).
+    For each batch, `draws_per_image` times: sigma then noise are drawn exactly as
+    trainer.edm.denoising_loss draws them (sample_sigma, then randn of x0's shape), the K outputs
+    are computed (under torch.autocast(autocast_dtype) when given; D_i itself stays float32), and the
+    products are summed in float64.
+    sigma_edges: bins for a piecewise-constant lambda (None: one bin); independent of fused's own bins.
+    reduce: sums a tensor over ranks, e.g. `lambda t: accelerator.reduce(t, "sum")`; None for one process.
+    Every rank raises the same FusionError after the reduction, so none is left waiting in a collective.
+    """
+    if draws_per_image < 1:
+        raise ValueError(f"draws_per_image must be at least 1, got {draws_per_image}")
+    edges = None if sigma_edges is None else torch.as_tensor(sigma_edges, dtype=torch.float64).reshape(-1)
+    num_bins, k = 1 if edges is None else edges.numel() + 1, fused.num_models
+    device = fused.weights.device
+    sums = torch.zeros(num_bins, k * k + k + 2, dtype=torch.float64, device=device)  # A, b, c, n per bin
+    for item in batches:
+        x0, batch_generator = item if isinstance(item, (tuple, list)) else (item, generator)
+        x0 = x0.to(device=device, dtype=torch.float32)
+        batch, pixels = x0.shape[0], math.prod(x0.shape[1:])
+        target = x0.flatten(1).to(torch.float64)
+        for _ in range(draws_per_image):
+            sigma = sample_sigma(batch, batch_generator, p_mean, p_std, device=device)
+            noise = torch.randn(x0.shape, generator=batch_generator, device=device, dtype=torch.float32)
+            sigma = sigma.reshape(batch, 1, 1, 1)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                outputs = fused.all_outputs(x0 + sigma * noise, sigma)
+            outputs = outputs.flatten(2).to(torch.float64)  # [K, B, P]
+            weight = loss_weight(sigma.flatten().to(torch.float64), sigma_data) / pixels
+            per_draw = torch.cat([
+                torch.einsum("kbp,lbp->bkl", outputs, outputs).flatten(1),
+                torch.einsum("kbp,bp->bk", outputs, target),
+                target.square().sum(dim=1, keepdim=True)], dim=1) * weight[:, None]
+            per_draw = torch.cat([per_draw, torch.ones(batch, 1, dtype=torch.float64, device=device)], dim=1)
+            bins = (torch.zeros(batch, dtype=torch.long, device=device) if edges is None
+                    else torch.bucketize(sigma.flatten().to(torch.float64), edges.to(device), right=True))
+            sums.index_add_(0, bins, per_draw)
+    if reduce is not None:
+        sums = reduce(sums)
+    counts = sums[:, -1]
+    if counts.sum() == 0:
+        raise FusionError("no target images: the Gram pass saw no draws (empty target set or shard)")
+    means = sums / counts.clamp(min=1)[:, None]  # an empty bin stays all zero
+    A = means[:, :k * k].reshape(num_bins, k, k)
+    b = means[:, k * k:k * k + k]
+    diagonal = A.diagonal(dim1=1, dim2=2)
+    bad = [fused.names[i] for i in range(k)
+           if not (torch.isfinite(diagonal[:, i]).all() and torch.isfinite(b[:, i]).all())]
+    if bad:
+        raise FusionError(f"non-finite denoiser outputs from {', '.join(bad)} on the target data")
+    if not torch.isfinite(means[:, -2]).all():
+        raise FusionError("the target images are not finite")
+    return GramStats(A.cpu(), b.cpu(), means[:, -2].cpu(), counts.cpu(), None if edges is None else edges.cpu())
+
+
+def _objective(A: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    return lam @ A @ lam - 2 * b @ lam
+
+
+def _affine_optimum(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A stationary point of lam^T A lam - 2 b^T lam subject to sum(lam) = 1 (KKT system; least
+    squares, i.e. the minimum-norm solution, where A is singular)."""
+    k = A.shape[0]
+    kkt = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    kkt[:k, :k], kkt[:k, k], kkt[k, :k] = A, 1, 1
+    rhs = torch.cat([b, torch.ones(1, dtype=torch.float64)])
+    return (torch.linalg.pinv(kkt, hermitian=True) @ rhs)[:k]
+
+
+def unconstrained_optimum(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The minimiser under the sum-to-one constraint only (weights may be negative), [K]: the best
+    affine combination of the auxiliaries, which shows how much the sign constraint costs."""
+    return _affine_optimum(torch.as_tensor(A, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+
+
+def solve_simplex_qp(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """argmin lam^T A lam - 2 b^T lam over the probability simplex, float64 [K].
+
+    For K <= MAX_EXACT_K, exactly: the optimum is a stationary point of the problem restricted to the
+    affine hull of its support face, so the best of those stationary points that is feasible
+    (lam_S >= 0) over every non-empty support S is the global optimum (for PSD A, as Gram matrices
+    are). Larger K fall back to projected gradient descent (convex, so it converges to the same point).
+    """
+    A = torch.as_tensor(A, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    k = A.shape[0]
+    if k > MAX_EXACT_K:
+        return projected_gradient_qp(A, b)
+    scale = float(A.abs().max()) + float(b.abs().max()) + 1e-300
+    best, best_value = None, None
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            index = torch.tensor(support)
+            lam_s = _affine_optimum(A[index][:, index], b[index])
+            if (lam_s < -1e-10).any():
+                continue
+            lam = torch.zeros(k, dtype=torch.float64)
+            lam[index] = lam_s.clamp(min=0)
+            lam = lam / lam.sum()
+            value = float(_objective(A, b, lam))
+            # smaller supports come first and win ties, so an optimum at a vertex is returned as e_j
+            if best_value is None or value < best_value - 1e-14 * scale:
+                best, best_value = lam, value
+    return best
+
+
+def projected_gradient_qp(A: torch.Tensor, b: torch.Tensor, max_steps: int = 100_000,
+                          tolerance: float = 1e-13) -> torch.Tensor:
+    """The simplex QP by accelerated projected gradient (FISTA, step 1 / Lipschitz constant), for K
+    too large to enumerate supports. Stops when lam is a fixed point of one projected gradient step
+    to within `tolerance`, which (unlike a small move of the iterate) certifies optimality."""
+    A = torch.as_tensor(A, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    k = A.shape[0]
+    step = 1 / max(2 * float(torch.linalg.eigvalsh(A).max()), 1e-300)
+
+    def gradient_step(point):
+        return project_to_simplex(point - step * 2 * (A @ point - b))
+
+    lam = momentum_point = torch.full((k,), 1 / k, dtype=torch.float64)
+    t = 1.0
+    for _ in range(max_steps):
+        previous = lam
+        lam = gradient_step(momentum_point)
+        if float((gradient_step(lam) - lam).abs().max()) < tolerance:
+            break
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        momentum_point = lam + (t - 1) / t_next * (lam - previous)
+        t = t_next
+    return lam
+
+
+def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection onto the probability simplex (sort-based, Held et al. / Duchi et al.)."""
+    u, _ = torch.sort(v, descending=True)
+    cumulative = u.cumsum(0) - 1
+    ranks = torch.arange(1, v.numel() + 1, dtype=v.dtype)
+    rho = int((u - cumulative / ranks > 0).nonzero().max())
+    return (v - cumulative[rho] / (rho + 1)).clamp(min=0)
+
+
+def vertex_losses(stats: GramStats) -> torch.Tensor:
+    """Each auxiliary alone (lambda = e_j): loss per bin, [bins, K]."""
+    return stats.A.diagonal(dim1=1, dim2=2) - 2 * stats.b + stats.c[:, None]
+
+
+def fit_barycenter_weights(stats: GramStats, names: list[str] | None = None) -> dict:
+    """The exact simplex QP per sigma bin, with the numbers to judge it by.
+
+    Returns {"lambda": float64 tensor [bins, K], "report": json-able dict}. The report has, per bin
+    and over all draws: the fitted loss, each auxiliary's own loss (vertex), and the sum-to-one
+    optimum without the sign constraint and its loss; with several bins also the single-lambda fit on
+    the same draws. A bin without draws does not identify lambda; it gets the single-lambda fit.
+    """
+    k = stats.A.shape[-1]
+    names = names or [f"auxiliary {i}" for i in range(k)]
+    pooled = stats.pooled()
+    pooled_lam = solve_simplex_qp(pooled.A[0], pooled.b[0])
+    lam, free, bins = [], [], []
+    vertex = vertex_losses(stats)
+    for j in range(stats.A.shape[0]):
+        if stats.n[j] == 0:
+            lam.append(pooled_lam)
+            free.append(unconstrained_optimum(pooled.A[0], pooled.b[0]))
+        else:
+            lam.append(solve_simplex_qp(stats.A[j], stats.b[j]))
+            free.append(unconstrained_optimum(stats.A[j], stats.b[j]))
+    lam, free = torch.stack(lam), torch.stack(free)
+    fitted, free_losses = stats.bin_losses(lam), stats.bin_losses(free)
+    for j in range(stats.A.shape[0]):
+        bins.append({"draws": int(stats.n[j]), "lambda": lam[j].tolist(), "loss": float(fitted[j]),
+                     "vertex_losses": dict(zip(names, vertex[j].tolist())),
+                     "unconstrained_lambda": free[j].tolist(), "unconstrained_loss": float(free_losses[j])})
+    share = stats.n / stats.n.sum()
+    report = {"names": list(names), "loss": float(stats.loss(lam)),
+              "vertex_losses": dict(zip(names, (share[:, None] * vertex).sum(0).tolist())),
+              "unconstrained_loss": float(stats.loss(free)),
+              "sigma_edges": None if stats.sigma_edges is None else stats.sigma_edges.tolist(), "bins": bins}
+    if stats.A.shape[0] > 1:
+        report["single_lambda"] = {"lambda": pooled_lam.tolist(), "loss": float(pooled.loss(pooled_lam))}
+    return {"lambda": lam, "report": report}
+
+
+class SoftmaxWeights(nn.Module):
+    """The paper's parameterisation lambda = softmax(logits), one logit vector per sigma bin; zero
+    logits (uniform lambda) at the start. forward(sigma [B]) -> lambda of each sample, [B, K]."""
+
+    def __init__(self, num_models: int, sigma_edges=None):
+        super().__init__()
+        edges = None if sigma_edges is None else torch.as_tensor(sigma_edges, dtype=torch.float64).reshape(-1)
+        num_bins = 1 if edges is None else edges.numel() + 1
+        self.logits = nn.Parameter(torch.zeros(num_bins, num_models))
+        self.register_buffer("sigma_edges", edges)
+
+    def weights(self) -> torch.Tensor:
+        """lambda per bin, [bins, K]: what FusedDenoiser takes."""
+        return self.logits.softmax(dim=1)
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.reshape(-1).to(torch.float64)
+        bins = (torch.zeros_like(sigma, dtype=torch.long) if self.sigma_edges is None
+                else torch.bucketize(sigma, self.sigma_edges, right=True))
+        return self.weights()[bins]
+
+
+def sgd_fit_parts(fused: FusedDenoiser, p_mean: float, p_std: float, sigma_data: float,
+                  sigma_edges=None, lr: float = 0.1, momentum: float = 0.9,
+                  autocast_dtype: torch.dtype | None = None):
+    """(modules, optimizers, updates) for trainer.engine.Engine to fit SoftmaxWeights by SGD, the
+    paper's method: on a micro-batch x0, draw sigma and noise from torch's global RNG (seeded per rank
+    by the engine's caller, as in the diffusion stage), compute the K outputs without gradients, and
+    return the mean over the batch of w(sigma) * mean over pixels of (sum_i lambda_i D_i - x0)^2,
+    the GramStats normalisation. The engine writes its own learning rate (train.lr) into the
+    optimizer every step, so the paper's lr 0.1 must also be the run's train.lr."""
+    weights = SoftmaxWeights(fused.num_models, sigma_edges)
+    optimizer = torch.optim.SGD(weights.parameters(), lr=lr, momentum=momentum)
+
+    def loss(modules: dict, x0: torch.Tensor) -> torch.Tensor:
+        x0 = x0.to(torch.float32)
+        batch = x0.shape[0]
+        sigma = sample_sigma(batch, None, p_mean, p_std, device=x0.device).reshape(batch, 1, 1, 1)
+        noise = torch.randn_like(x0)
+        with torch.no_grad(), torch.autocast(x0.device.type, dtype=autocast_dtype,
+                                             enabled=autocast_dtype is not None):
+            outputs = fused.all_outputs(x0 + sigma * noise, sigma)
+        lam = modules["weights"](sigma.flatten()).to(torch.float32)  # through the DDP wrapper, if any
+        denoised = torch.einsum("bk,kbchw->bchw", lam, outputs)
+        error = (denoised - x0).square().flatten(1).mean(dim=1)
+        return (loss_weight(sigma.flatten(), sigma_data) * error).mean()
+
+    return {"weights": weights}, {"sgd": optimizer}, [Update("sgd", "weights", loss)]
+
+
+def sgd_on_gram(stats: GramStats, steps: int, lr: float = 0.1, momentum: float = 0.9):
+    """The paper's softmax-SGD run on the quadratic form itself, the expected value of the minibatch
+    loss (full-batch, so no sampling noise): (loss after each step, list of floats; lambda [bins, K])."""
+    logits = torch.zeros(stats.b.shape, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=lr, momentum=momentum)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = stats.loss(logits.softmax(dim=1))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(stats.loss(logits.detach().softmax(dim=1))))
+    return losses, logits.detach().softmax(dim=1)

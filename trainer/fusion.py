@@ -1,0 +1,252 @@
+"""ScoreFusion's fused denoiser D_lambda(x; sigma) = sum_i lambda_i(sigma) D_i(x; sigma), and checkpoint merging.
+
+Because the weights sum to one, fusing denoisers is the same as fusing scores
+(s = (D - x) / sigma^2 is affine in D), so sampling the KL barycenter of the auxiliaries is running the
+ordinary sampler on D_lambda (docs/METHODS.md §1). The weights are checked to sum to one but may be
+negative: the sum-to-one optimum without the sign constraint (trainer/barycenter.py) is a useful
+diagnostic model too. lambda is one vector for every sigma (the paper) or piecewise constant over
+sigma bins (one vector per bin, a natural extension).
+
+Known subtlety, kept on purpose: with auxiliaries of unequal variances the reverse process driven by
+sum_i lambda_i s_i is not exactly the sigma = 0 barycenter; that is the paper's method.
+
+Checkpoint merging (`merge_weights`) averages parameters instead of outputs: a different model, the
+SDXL baseline of the paper.
+"""
+import copy
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+
+class FusionError(ValueError):
+    """The auxiliaries cannot be fused as asked (mismatched images or architectures, non-finite
+    outputs, no target data); the message names the auxiliary at fault."""
+
+
+SUM_TOLERANCE = 1e-5  # a softmax in float32 sums to one within ~1e-7
+
+
+def check_weights(weights, num_models: int) -> torch.Tensor:
+    """Weights as a float64 [bins, K] tensor (a [K] vector is one bin), finite, each row summing to one."""
+    weights = torch.as_tensor(weights, dtype=torch.float64).detach().clone()
+    if weights.dim() == 1:
+        weights = weights[None]
+    if weights.dim() != 2 or weights.shape[1] != num_models:
+        raise FusionError(f"weights must have shape [{num_models}] or [bins, {num_models}], "
+                          f"got {list(weights.shape)}")
+    if not torch.isfinite(weights).all():
+        raise FusionError(f"weights are not finite: {weights.tolist()}")
+    sums = weights.sum(dim=1)
+    if ((sums - 1).abs() > SUM_TOLERANCE).any():
+        # D-fusion equals score fusion only for weights summing to one
+        raise FusionError(f"each weight vector must sum to one, got sums {sums.tolist()}")
+    return weights
+
+
+def architecture_difference(models: Sequence[nn.Module]) -> str | None:
+    """None if the models are the same network up to the values of their tensors, else the first
+    difference found. Same means: the same module tree (names and types), the same parameters and
+    buffers (names, shapes, dtypes), and the same plain settings of every submodule (ints, floats,
+    strings... such as Denoiser.sigma_data or Dropout.p), which the tensors alone would not reveal."""
+    def signature(model: nn.Module):
+        tensors = [(n, tuple(t.shape), t.dtype) for n, t in
+                   [*model.named_parameters(), *model.named_buffers()]]
+        modules = []
+        for name, module in model.named_modules():
+            settings = {k: v for k, v in vars(module).items()
+                        if not k.startswith("_") and k != "training"
+                        and isinstance(v, (bool, int, float, str, tuple, type(None)))}
+            modules.append((name, type(module).__name__, sorted(settings.items(), key=lambda kv: kv[0])))
+        return tensors, modules
+
+    reference = signature(models[0])
+    for index, model in enumerate(models[1:], start=1):
+        other = signature(model)
+        for kind, ref, got in zip(("tensors", "modules"), reference, other):
+            if ref != got:
+                first = next((f"{a} vs {b}" for a, b in zip(ref, got) if a != b),
+                             f"{len(ref)} vs {len(got)} entries")
+                return f"model 0 and model {index} differ in their {kind}: {first}"
+    return None
+
+
+class FusedDenoiser(nn.Module):
+    """D_lambda(x; sigma) = sum_i lambda_i(sigma) D_i(x; sigma), with the call signature of
+    trainer.edm.Denoiser (x [B, C, H, W]; sigma a number, [B] or [B, 1, 1, 1]); the result is float32.
+
+    weights: [K] (one lambda for every sigma) or [bins, K] with `sigma_edges` (bins - 1 increasing
+        values; bin j covers [edges[j-1], edges[j]), the first and last bins are open-ended).
+    names: how errors name the auxiliaries (default "auxiliary <i>").
+    batched: evaluate the K networks in one torch.func.vmap call when they share an architecture
+        (True), in a Python loop (False), or (None) batched on CUDA only: on CPU the vmapped
+        convolutions (grouped convolutions with per-model weights) measured 1-2x slower than the loop.
+
+    The auxiliaries are frozen in place (eval mode, requires_grad False) and stay in eval mode under
+    .train(), so that dropout never makes D_i random.
+
+    Exactness: where lambda(sigma) is a one-hot e_j, the output is D_j's bit for bit. When every
+    sample of a call falls on the same e_j (always so in the sampler, which calls with one sigma)
+    only model j runs; in a call that mixes one-hot and other rows, a one-hot row takes model j's
+    row of `all_outputs`, which the batched path computes equal to a lone call of D_j only up to
+    float rounding. Selecting rather than computing 1.0 * D_j + 0.0 * D_i also keeps a non-finite
+    D_i from leaking into a row that does not use it.
+
+    An auxiliary that exposes `image_shape` (C, H, W) is checked against the others at
+    construction; trainer.edm.Denoiser does not (a UNet runs at any resolution), so image-size
+    mismatches between such auxiliaries must be caught from their model.json. Channel mismatches
+    and failing auxiliaries are reported by name at the first call.
+    """
+
+    def __init__(self, denoisers: Sequence[nn.Module], weights, sigma_edges=None,
+                 names: Sequence[str] | None = None, batched: bool | None = None):
+        super().__init__()
+        if len(denoisers) == 0:
+            raise FusionError("no auxiliary denoisers to fuse")
+        self.names = list(names) if names is not None else [f"auxiliary {i}" for i in range(len(denoisers))]
+        if len(self.names) != len(denoisers):
+            raise FusionError(f"{len(self.names)} names for {len(denoisers)} denoisers")
+        _check_image_shapes(denoisers, self.names)
+        self.denoisers = nn.ModuleList(denoisers)
+        self.denoisers.eval().requires_grad_(False)
+        weights = check_weights(weights, len(denoisers))
+        self.register_buffer("weights", weights)
+        self.register_buffer("sigma_edges", _check_edges(sigma_edges, weights.shape[0]))
+        sigma_data = {getattr(d, "sigma_data", None) for d in denoisers}
+        # for trainer.edm.denoising_loss; None when the auxiliaries disagree (then pass it explicitly)
+        self.sigma_data = sigma_data.pop() if len(sigma_data) == 1 else None
+        self.same_architecture = architecture_difference(denoisers) is None
+        self.batched = batched
+        self._stacked = None  # (device, stacked tensors, meta-device template), built on first use
+
+    @property
+    def num_models(self) -> int:
+        return len(self.denoisers)
+
+    @property
+    def num_bins(self) -> int:
+        return self.weights.shape[0]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.denoisers.eval()
+        return self
+
+    def bin_index(self, sigma, batch: int) -> torch.Tensor:
+        """The sigma bin of each sample, int64 [batch]."""
+        sigma = torch.as_tensor(sigma, device=self.weights.device).to(torch.float64).reshape(-1)
+        sigma = sigma.expand(batch) if sigma.numel() == 1 else sigma
+        if self.sigma_edges is None:
+            return torch.zeros(batch, dtype=torch.long, device=sigma.device)
+        return torch.bucketize(sigma, self.sigma_edges, right=True)
+
+    def weights_for(self, sigma, batch: int) -> torch.Tensor:
+        """lambda(sigma) of each sample, float64 [batch, K]."""
+        return self.weights[self.bin_index(sigma, batch)]
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        lam = self.weights_for(sigma, x.shape[0])
+        one_hot = (lam == 1).any(dim=1) & ((lam == 0).sum(dim=1) == self.num_models - 1)
+        chosen = lam.argmax(dim=1)
+        if one_hot.all() and (chosen == chosen[0]).all():
+            return self._run_one(int(chosen[0]), x, sigma)
+        outputs = self.all_outputs(x, sigma)
+        lam = lam.to(device=outputs.device, dtype=outputs.dtype)
+        fused = (lam.T[:, :, None, None, None] * outputs).sum(dim=0)
+        selected = outputs[chosen.to(outputs.device), torch.arange(x.shape[0], device=outputs.device)]
+        return torch.where(one_hot.to(outputs.device)[:, None, None, None], selected, fused)
+
+    def all_outputs(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """Every auxiliary's D_i(x; sigma), float32 [K, B, C, H, W]."""
+        batched = self.batched if self.batched is not None else x.device.type == "cuda"
+        if batched and self.same_architecture and self.num_models > 1:
+            try:
+                return self._run_batched(x, sigma)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # an op without a vmap rule: the loop computes the same
+                warnings.warn(f"batched evaluation of the auxiliaries failed ({type(error).__name__}: "
+                              f"{error}); evaluating them one by one")
+                self.batched = False
+        return torch.stack([self._run_one(i, x, sigma) for i in range(self.num_models)])
+
+    def _run_one(self, index: int, x: torch.Tensor, sigma) -> torch.Tensor:
+        try:
+            output = self.denoisers[index](x, sigma)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            raise FusionError(f"{self.names[index]} failed on input of shape {list(x.shape)}: "
+                              f"{type(error).__name__}: {error}") from error
+        if output.shape != x.shape:
+            raise FusionError(f"{self.names[index]} returned shape {list(output.shape)} for input "
+                              f"{list(x.shape)}; the auxiliaries must model the target's image shape")
+        return output.to(torch.float32)
+
+    def _run_batched(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        device = self.weights.device
+        if self._stacked is None or self._stacked[0] != device:
+            # One copy of all K models' tensors, stacked along a new leading dim; rebuilt after .to().
+            params, buffers = stack_module_state(list(self.denoisers))
+            template = copy.deepcopy(self.denoisers[0]).to("meta")
+            self._stacked = (device, {**params, **buffers}, template)
+        _, tensors, template = self._stacked
+
+        def one_model(model_tensors, x, sigma):
+            return functional_call(template, model_tensors, (x, sigma))
+
+        return vmap(one_model, in_dims=(0, None, None))(tensors, x, sigma).to(torch.float32)
+
+
+def merge_weights(denoisers: Sequence[nn.Module], lam) -> dict[str, torch.Tensor]:
+    """Checkpoint merging: the state_dict sum_i lam_i theta_i over parameters and floating-point
+    buffers (summed in float64, stored in each tensor's own dtype); other buffers must be equal in
+    every model and are copied. lam is one vector [K] summing to one; a one-hot lam returns model j's
+    tensors exactly. Needs identical architectures (FusionError, a ValueError, otherwise)."""
+    if len(denoisers) == 0:
+        raise FusionError("no models to merge")
+    lam = check_weights(lam, len(denoisers))
+    if lam.shape[0] != 1:
+        raise FusionError(f"checkpoint merging takes one weight vector, got {lam.shape[0]}")
+    lam = lam[0]
+    difference = architecture_difference(denoisers)
+    if difference is not None:
+        raise FusionError(f"cannot merge checkpoints of different architectures: {difference}")
+    states = [d.state_dict() for d in denoisers]
+    nonzero = lam.nonzero().flatten()
+    if len(nonzero) == 1 and lam[nonzero[0]] == 1:
+        return {k: v.detach().clone() for k, v in states[int(nonzero[0])].items()}
+    merged = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            total = sum(float(w) * s[key].to(torch.float64) for w, s in zip(lam, states))
+            merged[key] = total.to(first.dtype)
+        else:
+            if any(not torch.equal(first, s[key]) for s in states[1:]):
+                raise FusionError(f"cannot merge non-float buffer {key!r}: it differs between models")
+            merged[key] = first.detach().clone()
+    return merged
+
+
+def _check_image_shapes(denoisers: Sequence[nn.Module], names: list[str]) -> None:
+    shapes = [(name, tuple(d.image_shape)) for name, d in zip(names, denoisers) if hasattr(d, "image_shape")]
+    for name, shape in shapes[1:]:
+        if shape != shapes[0][1]:
+            raise FusionError(f"{name} models images of shape {shape} but {shapes[0][0]} of "
+                              f"{shapes[0][1]}; all auxiliaries must model the target's image shape")
+
+
+def _check_edges(sigma_edges, num_bins: int) -> torch.Tensor | None:
+    if sigma_edges is None:
+        if num_bins != 1:
+            raise FusionError(f"{num_bins} weight vectors need {num_bins - 1} sigma_edges")
+        return None
+    edges = torch.as_tensor(sigma_edges, dtype=torch.float64).detach().clone().reshape(-1)
+    if edges.numel() != num_bins - 1:
+        raise FusionError(f"{num_bins} weight vectors need {num_bins - 1} sigma_edges, got {edges.numel()}")
+    if not torch.isfinite(edges).all() or (edges <= 0).any() or (edges.diff() <= 0).any():
+        raise FusionError(f"sigma_edges must be positive, finite and increasing, got {edges.tolist()}")
+    return edges
