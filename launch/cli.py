@@ -2,8 +2,9 @@
 
     scorefuse prepare   --config C [key=value ...]   populations -> WebDataset shards (+ digit classifier)
     scorefuse train-aux --config C aux=NAME|all [key=value ...]
+    scorefuse fuse      --config C [key=value ...]   fit the ScoreFusion weights lambda, build the baselines
     scorefuse evaluate  --config C [key=value ...]   every finished model -> report.md / report.json
-    scorefuse run       --config C [key=value ...]   prepare, train every auxiliary, evaluate
+    scorefuse run       --config C [key=value ...]   prepare, train every auxiliary, fuse, evaluate
 
 Every command resumes what an earlier call left unfinished and skips what is done. Errors a user can
 fix end with one line naming the culprit and exit code 2; a stage stopped by SIGTERM/SIGUSR1
@@ -17,8 +18,9 @@ from launch.config import ConfigError, RunConfig, load_config
 from shards.errors import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.engine import TrainingError
+from trainer.fusion import FusionError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, EvaluationError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, EvaluationError, TrainingError, FusionError)
 EXIT_USER_ERROR = 2
 
 
@@ -27,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("prepare", "write the populations as WebDataset shards"),
                         ("train-aux", "train auxiliary diffusion models (aux=NAME or aux=all)"),
+                        ("fuse", "fit the ScoreFusion weights on the target and build the baselines"),
                         ("evaluate", "evaluate every finished model and write the report"),
                         ("run", "the whole pipeline on this machine")]:
         s = sub.add_parser(name, help=help_)
@@ -63,18 +66,22 @@ def run(argv: list[str]) -> int:
     args, overrides = _split_command_args(ns.command, ns.overrides)
     cfg = load_config(ns.config, overrides)
     from launch import stages
+    from launch.evaluate import evaluate_stage
     if ns.command == "prepare":
         stages.prepare_stage(cfg)
     elif ns.command == "train-aux":
         return _train_aux(cfg, ns.config, overrides, args["aux"])
+    elif ns.command == "fuse":
+        stages.fuse_stage(cfg)
     elif ns.command == "evaluate":
-        stages.evaluate_stage(cfg)
+        evaluate_stage(cfg)
     elif ns.command == "run":
         stages.prepare_stage(cfg)
         code = _train_aux(cfg, ns.config, overrides, "all")
         if code:
             return code
-        stages.evaluate_stage(cfg)
+        stages.fuse_stage(cfg)
+        evaluate_stage(cfg)
     return 0
 
 

@@ -13,7 +13,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from evaluation.spec import EvalSpec
 from shards.spec import DataSpec
-from trainer.spec import EDMSpec, NetworkSpec, TrainSpec
+from trainer.spec import EDMSpec, FuseSpec, NetworkSpec, TrainSpec
+
+
+BASELINES = ("target-scratch", "target-finetune", "checkpoint-merge")
 
 
 class ConfigError(Exception):
@@ -38,6 +41,7 @@ class RunConfig:
     edm: EDMSpec = field(default_factory=EDMSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    fuse: FuseSpec = field(default_factory=FuseSpec)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
 
     @property
@@ -97,6 +101,17 @@ def _check(run: RunConfig) -> None:
         raise ConfigError("train.keep_checkpoints must be at least 2 (the newest may be half-written)")
     if run.train.batch <= 0 or run.train.accum <= 0 or run.train.batch % run.train.accum:
         raise ConfigError(f"train.batch ({run.train.batch}) must be a positive multiple of train.accum ({run.train.accum})")
+    fuse = run.fuse
+    if fuse.method not in ("exact", "sgd"):
+        raise ConfigError(f"fuse.method: {fuse.method!r} is not exact | sgd")
+    unknown = sorted(set(fuse.baselines) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f"fuse.baselines: unknown {unknown} (known: {', '.join(BASELINES)})")
+    edges = list(fuse.sigma_bins)
+    if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
+        raise ConfigError(f"fuse.sigma_bins must be positive and increasing, got {edges}")
+    if fuse.draws_per_image < 1 or fuse.batch < 1:
+        raise ConfigError("fuse.draws_per_image and fuse.batch must be at least 1")
     if not run.data.aux:
         raise ConfigError("data.aux: at least one auxiliary population is required")
     names = [p.name for p in run.data.aux]

@@ -3,6 +3,8 @@
     runs/<name>/config.yaml     the resolved config, written by the first stage
     runs/<name>/data/           shards + manifest.json (+ the digit classifier for digits runs)
     runs/<name>/aux/<k>/        one auxiliary model: checkpoints/, ema.safetensors, samples.png, metrics.jsonl
+    runs/<name>/fuse/           lambda.json, lambda.png, samples.png, sgd/ (the paper's SGD fit, checkpointed)
+    runs/<name>/baselines/<b>/  target-scratch, target-finetune (trained), checkpoint-merge (weights averaged)
     runs/<name>/eval_cache/     reference statistics, keyed by population hash
     runs/<name>/report.md/.json
 """
@@ -28,6 +30,16 @@ class RunDir:
 
     def aux(self, name: str) -> Path:
         return self.root / "aux" / name
+
+    def aux_dirs(self, cfg: RunConfig) -> dict[str, Path]:
+        return {p.name: self.aux(p.name) for p in cfg.data.aux}
+
+    @property
+    def fuse(self) -> Path:
+        return self.root / "fuse"
+
+    def baseline(self, name: str) -> Path:
+        return self.root / "baselines" / name
 
     @property
     def eval_cache(self) -> Path:

@@ -2,16 +2,16 @@
 scripts all call these, so a stage behaves the same however it is started."""
 import json
 import os
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from evaluation.digit_classifier import class_proportions, train_digit_classifier
+from evaluation.digit_classifier import train_digit_classifier
 from evaluation.frechet import FrechetEvaluator, metric_name
 from evaluation.grid import save_grid
-from evaluation.report import write_report
+from evaluation.plots import lambda_chart
 from launch.config import ConfigError, RunConfig, extractor_for
 from launch.rundir import RunDir
 from shards.manifest import load_manifest, population_entry
@@ -20,10 +20,11 @@ from shards.stream import read_population
 from trainer.diffusion import is_finished, train_diffusion
 from trainer.edm import heun_sample
 from trainer.engine import Hook, make_accelerator
-from trainer.export import load_denoiser
+from trainer.export import build_denoiser, export_denoiser, load_denoiser
+from trainer.fusion import merge_weights
+from trainer.scorefusion import fit_fusion, load_auxiliaries, load_fused
 
-GRID_SEED = 2024
-ROLES = ["aux", "target", "reference"]  # the same latents for every grid, so grids of one model over time are comparable
+GRID_SEED = 2024  # the same latents for every grid, so grids of one model over time are comparable
 
 
 def prepare_stage(cfg: RunConfig, log=print) -> dict:
@@ -40,28 +41,32 @@ def prepare_stage(cfg: RunConfig, log=print) -> dict:
     return manifest
 
 
-def _sampler(denoiser, cfg: RunConfig):
+def sampler(denoiser, cfg: RunConfig):
     e = cfg.edm
     return partial(heun_sample, denoiser, num_steps=e.sampler_steps, sigma_min=e.sigma_min,
                    sigma_max=e.sigma_max, rho=e.rho)
 
 
-def _evaluator(cfg: RunConfig, device) -> FrechetEvaluator:
+def frechet_evaluator(cfg: RunConfig, device) -> FrechetEvaluator:
     rd = RunDir.of(cfg)
     extractor = extractor_for(cfg)
     weights = str(rd.digit_classifier) if extractor == "digit-classifier" else cfg.eval.inception_weights
     return FrechetEvaluator(extractor, weights, rd.eval_cache, batch_size=cfg.eval.batch, device=device)
 
 
-def _reference(evaluator: FrechetEvaluator, cfg: RunConfig, population: str):
+def reference_statistics(evaluator: FrechetEvaluator, cfg: RunConfig, population: str):
     rd = RunDir.of(cfg)
     entry = population_entry(load_manifest(rd.data), population)
     return evaluator.reference_statistics(entry["hash"], lambda: read_population(rd.data, population)[0])
 
 
+def latents(n: int, shape, seed: int, device) -> torch.Tensor:
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def _grid_latents(cfg: RunConfig, manifest: dict, device) -> torch.Tensor:
     shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
-    return _latents(cfg.eval.grid_images, shape, GRID_SEED, device)
+    return latents(cfg.eval.grid_images, shape, GRID_SEED, device)
 
 
 def training_hooks(cfg: RunConfig, stage_dir: Path, population: str, acc) -> tuple[Hook, ...]:
@@ -69,13 +74,13 @@ def training_hooks(cfg: RunConfig, stage_dir: Path, population: str, acc) -> tup
     manifest = load_manifest(RunDir.of(cfg).data)
     hooks = []
     if cfg.train.eval_every_kimg > 0:
-        evaluator = _evaluator(cfg, acc.device)
-        reference = _reference(evaluator, cfg, population)
+        evaluator = frechet_evaluator(cfg, acc.device)
+        reference = reference_statistics(evaluator, cfg, population)
         name = metric_name(evaluator.extractor, cfg.train.eval_samples)
         shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
 
         def frechet(engine):
-            value = evaluator.distance(_sampler(engine.ema["net"], cfg), shape, cfg.train.eval_samples, reference,
+            value = evaluator.distance(sampler(engine.ema["net"], cfg), shape, cfg.train.eval_samples, reference,
                                        seed=cfg.train.seed, rank=acc.process_index,
                                        world_size=acc.num_processes, gather=acc.gather)
             engine.log(f"{stage_dir.name}: {name} = {value:.3f} at {engine.kimg:.1f} kimg")
@@ -84,13 +89,13 @@ def training_hooks(cfg: RunConfig, stage_dir: Path, population: str, acc) -> tup
     if cfg.train.snapshot_every_kimg > 0:
         def snapshot(engine):
             if acc.is_main_process:
-                images = _sampler(engine.ema["net"], cfg)(_grid_latents(cfg, manifest, acc.device))
-                save_grid(images, stage_dir / "samples.png", scale=_grid_scale(manifest))
+                images = sampler(engine.ema["net"], cfg)(_grid_latents(cfg, manifest, acc.device))
+                save_grid(images, stage_dir / "samples.png", scale=grid_scale(manifest))
         hooks.append(Hook(cfg.train.snapshot_every_kimg, snapshot))
     return tuple(hooks)
 
 
-def _grid_scale(manifest: dict) -> int:
+def grid_scale(manifest: dict) -> int:
     return max(1, 64 // manifest["image_size"])  # small images are upscaled so a person can see them
 
 
@@ -115,74 +120,78 @@ def train_aux_stage(cfg: RunConfig, name: str) -> None:
                     hooks=training_hooks(cfg, stage_dir, name, acc))
 
 
-def evaluate_stage(cfg: RunConfig, log=print) -> dict:
-    """Evaluate every finished model of the run; write report.md and report.json.
-
-    Each model is sampled once (eval.num_samples, spread over the ranks) and those samples are compared
-    with its own population and with the held-out reference population of the target mixture."""
+def fuse_stage(cfg: RunConfig, log=print) -> dict:
+    """Fit lambda (exact and the paper's SGD), draw its chart and the fused model's samples, then
+    build the baselines named in fuse.baselines."""
     rd = RunDir.of(cfg)
     manifest = load_manifest(rd.data)
     acc = make_accelerator(cfg.train, cfg.launch.timeout_minutes)
-    evaluator = _evaluator(cfg, acc.device)
-    n = cfg.eval.num_samples
-    name = metric_name(evaluator.extractor, n)
-    shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
-    target_ref = _reference(evaluator, cfg, cfg.data.reference.name)
-    classes = manifest["class_names"]
-    target_mix = _mixture_vector(cfg.data.target.mixture, classes)
-    rows = []
-    for pop in cfg.data.aux:
-        stage_dir = rd.aux(pop.name)
-        if not is_finished(stage_dir):
-            log(f"{stage_dir}: not finished, left out of the report")
-            continue
-        denoiser, _ = load_denoiser(stage_dir)
-        sample = _sampler(denoiser.to(acc.device), cfg)
-        done = _done(stage_dir)
-        features = evaluator.sample_features(sample, shape, n, seed=cfg.train.seed, rank=acc.process_index,
-                                             world_size=acc.num_processes, gather=acc.gather)
-        row = {"model": f"aux/{pop.name}", "kimg": done["kimg"], "train minutes": done["seconds"] / 60,
-               f"{name} own population": evaluator.frechet(features, _reference(evaluator, cfg, pop.name)),
-               f"{name} target": evaluator.frechet(features, target_ref)}
-        if evaluator.extractor == "digit-classifier" and acc.is_main_process:
-            images = sample(_latents(n, shape, cfg.train.seed, acc.device))
-            props = class_proportions(rd.digit_classifier, images)
-            row["class TV own"] = _total_variation(props, _mixture_vector(pop.mixture, classes))
-            row["class TV target"] = _total_variation(props, target_mix)
-            row["sample class proportions"] = _format_mixture(props)
-        rows.append(row)
-        log(f"{pop.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
-    if acc.is_main_process:
-        data_rows = [{"population": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
-                      "class mixture": _format_mixture(_mixture_vector(e["mixture"], classes))}
-                     for p, e in sorted(manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
-        notes = [f"{name}: Fréchet distance over {n} samples ({cfg.edm.sampler_steps}-step Heun) in "
-                 f"{evaluator.extractor} feature space" + ("" if evaluator.extractor == "inception" else " (not FID)")
-                 + f"; 'target' is the held-out population `{cfg.data.reference.name}` of the target mixture.",
-                 "class TV: total variation distance between the digit classifier's class proportions of the "
-                 "samples and a population's mixture (0 = same, 1 = disjoint).",
-                 f"class order: {' '.join(classes)}; populations disjoint: {manifest['disjoint']}."]
-        write_report(rd.root, f"scorefuse report: {cfg.name}",
-                     [("Auxiliary models", rows), ("Populations", data_rows)], notes)
-        log(f"wrote {rd.root / 'report.md'}")
-    return {"rows": rows}
+    lambda_json = rd.fuse / "lambda.json"
+    if lambda_json.is_file():
+        acc.print(f"{rd.fuse}: already finished, skipping the fit")
+        fit = json.loads(lambda_json.read_text())
+    else:
+        if acc.is_main_process:
+            rd.record_config(cfg)
+        fit = fit_fusion(acc, rd.fuse, rd.aux_dirs(cfg), rd.data, cfg.data.target.name, cfg.fuse, cfg.edm,
+                         cfg.train, log=acc.print)
+        if acc.is_main_process:
+            edges = fit["sigma_edges"]
+            labels = ["all sigma"] if not edges else _bin_labels(edges)
+            lambda_chart(fit[fit["method"]]["lambda"], fit["names"], labels, rd.fuse / "lambda.png",
+                         title=f"ScoreFusion lambda ({fit['method']} fit, n = {fit['target_images']})")
+            fused = load_fused(rd.fuse, rd.aux_dirs(cfg)).to(acc.device)
+            save_grid(sampler(fused, cfg)(_grid_latents(cfg, manifest, acc.device)), rd.fuse / "samples.png",
+                      scale=grid_scale(manifest))
+    for name in cfg.fuse.baselines:
+        BASELINES[name](cfg, fit, acc, log=acc.print)
+    return fit
 
 
-def _latents(n: int, shape, seed: int, device) -> torch.Tensor:
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+def _bin_labels(edges) -> list[str]:
+    bounds = [0.0, *edges, float("inf")]
+    return [f"{lo:g}-{hi:g}" if hi != float("inf") else f">= {lo:g}" for lo, hi in zip(bounds, bounds[1:])]
 
 
-def _total_variation(p, q) -> float:
-    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+def _target_scratch(cfg: RunConfig, fit: dict, acc, log=print) -> None:
+    """The auxiliary recipe trained on the n target images alone."""
+    stage = RunDir.of(cfg).baseline("target-scratch")
+    if is_finished(stage):
+        return log(f"{stage}: already finished, skipping")
+    train = replace(cfg.train, total_kimg=cfg.fuse.scratch_kimg)
+    train_diffusion(acc, stage, RunDir.of(cfg).data, cfg.data.target.name, cfg.data, cfg.network, cfg.edm,
+                    train, hooks=training_hooks(cfg, stage, cfg.data.reference.name, acc))
 
 
-def _format_mixture(p) -> str:
-    return " ".join(f"{x:.2f}" for x in p)
+def _target_finetune(cfg: RunConfig, fit: dict, acc, log=print) -> None:
+    """The auxiliary with the lowest target loss (a vertex of the fit), fine-tuned on the n target images."""
+    stage = RunDir.of(cfg).baseline("target-finetune")
+    if is_finished(stage):
+        return log(f"{stage}: already finished, skipping")
+    losses = fit["exact"]["vertex_losses"]
+    best = min(losses, key=losses.get)
+    log(f"target-finetune: starting from aux/{best} (target loss {losses[best]:.5f})")
+    init = load_denoiser(RunDir.of(cfg).aux(best))[0].state_dict()
+    train = replace(cfg.train, total_kimg=cfg.fuse.finetune_kimg, lr=cfg.fuse.finetune_lr, lr_rampup_kimg=0)
+    train_diffusion(acc, stage, RunDir.of(cfg).data, cfg.data.target.name, cfg.data, cfg.network, cfg.edm,
+                    train, hooks=training_hooks(cfg, stage, cfg.data.reference.name, acc), init=init)
 
 
-def _mixture_vector(mixture: dict, class_names: list[str]):
-    return np.array([float(mixture.get(c, 0.0)) for c in class_names])
+def _checkpoint_merge(cfg: RunConfig, fit: dict, acc, log=print) -> None:
+    """Weights averaged with the fitted lambda: a different model from the fused one (METHODS.md §1).
+    Needs one lambda: with sigma bins, the single-lambda fit on the same draws."""
+    stage = RunDir.of(cfg).baseline("checkpoint-merge")
+    if (stage / "model.json").is_file() or not acc.is_main_process:
+        return
+    rd = RunDir.of(cfg)
+    exact = fit["exact"]
+    lam = exact.get("single_lambda", {}).get("lambda") or exact["lambda"][0]
+    meta = load_denoiser(rd.aux(fit["names"][0]))[1]
+    merged = build_denoiser(meta)
+    merged.load_state_dict(merge_weights(load_auxiliaries(rd.aux_dirs(cfg)), lam))
+    export_denoiser(stage, merged, {**meta, "population": "checkpoint-merge", "lambda": lam})
+    log(f"checkpoint-merge: weights averaged with lambda {' '.join(f'{v:.3f}' for v in lam)} -> {stage}")
 
 
-def _done(stage_dir: Path) -> dict:
-    return json.loads((stage_dir / "done.json").read_text())
+BASELINES = {"target-scratch": _target_scratch, "target-finetune": _target_finetune,
+             "checkpoint-merge": _checkpoint_merge}

@@ -7,7 +7,8 @@ from launch.local import gpu_groups
 from tests.conftest import DIGITS, SHORT_TRAIN, scorefuse
 
 FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "train.snapshot_every_kimg=0.32", "eval.num_samples=64",
-        "eval.grid_images=16", "edm.sampler_steps=4"]
+        "eval.grid_images=16", "edm.sampler_steps=4", "fuse.scratch_kimg=0.32", "fuse.finetune_kimg=0.32",
+        "fuse.draws_per_image=4", "fuse.sgd_epochs=4", "fuse.test_draws_per_image=2"]
 
 
 def test_run_writes_report_and_skips_finished_stages(tmp_path):
@@ -15,9 +16,15 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
     run = tmp_path / "digits"
     report = json.loads((run / "report.json").read_text())
     models = {row["model"] for section in report["sections"] for row in section["rows"] if "model" in row}
-    assert models == {"aux/aux-low", "aux/aux-high", "aux/aux-even"}
+    assert models == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused (exact)", "fused (sgd)",
+                      "target-scratch", "target-finetune", "checkpoint-merge"}
     md = (run / "report.md").read_text()
-    assert "fd_digits64 own population" in md and "fd_digits64 target" in md
+    assert "fd_digits64 own population" in md and "fd_digits64 target" in md and "target test loss" in md
+    fit = json.loads((run / "fuse" / "lambda.json").read_text())
+    assert fit["method"] == "exact" and abs(sum(fit["exact"]["lambda"][0]) - 1) < 1e-9
+    assert fit["exact"]["loss"] <= min(fit["exact"]["vertex_losses"].values()) + 1e-12
+    assert fit["exact"]["loss"] <= fit["sgd"]["loss"] + 1e-12
+    assert (run / "fuse" / "lambda.png").is_file() and (run / "fuse" / "samples.png").is_file()
     for name in ("aux-low", "aux-high", "aux-even"):
         assert (run / "aux" / name / "samples.png").is_file()
         assert (run / "aux" / name / "ema.safetensors").is_file()
@@ -25,7 +32,8 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
 
     again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST)
     assert "shards up to date" in again.stdout
-    assert again.stdout.count("already finished") + again.stderr.count("already finished") == 3
+    # 3 auxiliaries, the fit, target-scratch and target-finetune
+    assert again.stdout.count("already finished") + again.stderr.count("already finished") == 6
 
 
 def test_changed_populations_are_refused_not_overwritten(tmp_path):

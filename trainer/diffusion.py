@@ -31,7 +31,10 @@ def model_meta(manifest: dict, network: NetworkSpec, edm: EDMSpec, population: s
 
 
 def train_diffusion(accelerator, stage_dir: Path, data_dir: Path, population: str, data: DataSpec,
-                    network: NetworkSpec, edm: EDMSpec, train: TrainSpec, hooks: tuple[Hook, ...] = ()) -> Engine:
+                    network: NetworkSpec, edm: EDMSpec, train: TrainSpec, hooks: tuple[Hook, ...] = (),
+                    init: dict | None = None) -> Engine:
+    """Train (or resume) one denoiser on `population`; `init` is a state dict to start from instead of
+    random weights (fine-tuning). A resumed run takes its weights from the checkpoint either way."""
     manifest = load_manifest(data_dir)
     population_entry(manifest, population)  # a clear error for an unknown population, before any work
     meta = model_meta(manifest, network, edm, population)
@@ -39,6 +42,8 @@ def train_diffusion(accelerator, stage_dir: Path, data_dir: Path, population: st
     set_seed(train.seed)  # the same initial weights (and EMA copy) on every rank
     denoiser = Denoiser(build_unet(network.preset, meta["image_size"], meta["channels"], network.dropout),
                         sigma_data=edm.sigma_data)
+    if init is not None:
+        denoiser.load_state_dict(init)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps)
     set_seed(train.seed, device_specific=True)  # noise and dropout differ between ranks
 

@@ -40,4 +40,6 @@ def load_denoiser(directory: Path) -> tuple[Denoiser, dict]:
     meta = json.loads(meta_path.read_text())
     denoiser = build_denoiser(meta)
     denoiser.load_state_dict(load_file(weights))
+    # What the model was trained on; the UNet itself runs at any size, so fusion checks this.
+    denoiser.image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
     return denoiser.eval().requires_grad_(False), meta

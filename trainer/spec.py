@@ -45,3 +45,21 @@ class TrainSpec:
     eval_samples: int = 1000
     snapshot_every_kimg: float = 0.0  # periodic sample grid; 0 disables
     max_nonfinite_steps: int = 100     # stop when this many steps in a row had NaN/Inf gradients
+
+
+@dataclass
+class FuseSpec:
+    """ScoreFusion: fit the barycenter weights lambda on the target population (METHODS.md §1)."""
+    method: str = "exact"            # exact (Gram statistics + simplex QP) | sgd (the paper's softmax SGD)
+    sigma_bins: List[float] = field(default_factory=list)  # sigma edges of piecewise-constant lambda; [] = one lambda
+    draws_per_image: int = 64        # (sigma, noise) draws per target image in the Gram pass
+    batch: int = 64                  # target images per forward batch (x K networks)
+    sgd_epochs: float = 128          # the paper's SGD fit: passes over the target images
+    sgd_lr: float = 0.1
+    sgd_momentum: float = 0.9
+    # Baselines trained or built in the same run: target-scratch | target-finetune | checkpoint-merge
+    baselines: List[str] = field(default_factory=lambda: ["target-scratch", "target-finetune", "checkpoint-merge"])
+    scratch_kimg: float = 60.0       # target-scratch: the auxiliary recipe on the n target images
+    finetune_kimg: float = 10.0      # target-finetune: the best auxiliary, fine-tuned on the n target images
+    finetune_lr: float = 2e-4
+    test_draws_per_image: int = 16   # draws per held-out image for the target test loss in the report
