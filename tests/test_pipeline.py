@@ -74,3 +74,10 @@ def test_corrupt_shards_stop_training_with_one_line_naming_the_file(digits_run):
     error = [line for line in proc.stderr.splitlines() if "scorefuse: error:" in line]
     assert len(error) == 1 and "aux-low" in error[0] and ".tar" in error[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fuse_without_auxiliaries_names_the_missing_one(digits_run):
+    proc = scorefuse("fuse", "--config", DIGITS, f"root={digits_run.parent}", check=False)
+    assert proc.returncode == 2
+    assert "auxiliary aux-low" in proc.stderr and "train-aux aux=aux-low" in proc.stderr
+    assert not (digits_run / "fuse" / "lambda.json").exists()

@@ -51,7 +51,7 @@ def load_fused(fuse_dir: Path, aux_dirs: dict[str, Path], which: str | None = No
                          sigma_edges=fit["sigma_edges"], names=list(aux_dirs))
 
 
-def _target_batches(images: torch.Tensor, batch: int, seed: int, rank: int, world: int):
+def target_batches(images: torch.Tensor, batch: int, seed: int, rank: int, world: int):
     """This rank's share of the target images as (x0, generator) pairs, batch i to rank i % world,
     each batch's draws seeded by its global index: the Gram sums do not depend on the world size."""
     x0 = images.float().div(127.5).sub(1)
@@ -75,7 +75,7 @@ def fit_fusion(accelerator, fuse_dir: Path, aux_dirs: dict[str, Path], data_dir:
     rank, world = accelerator.process_index, accelerator.num_processes
 
     t0 = time.perf_counter()
-    batches = ((x.to(device), g) for x, g in _target_batches(images, fuse.batch, train.seed, rank, world))
+    batches = ((x.to(device), g) for x, g in target_batches(images, fuse.batch, train.seed, rank, world))
     stats = accumulate_gram(fused, batches, fuse.draws_per_image, edm.p_mean, edm.p_std, edm.sigma_data,
                             sigma_edges=edges, autocast_dtype=autocast,
                             reduce=(lambda t: accelerator.reduce(t, "sum")) if world > 1 else None)
