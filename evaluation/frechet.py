@@ -163,7 +163,7 @@ class FrechetEvaluator:
                  world_size: int = 1, gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> float:
         """Fréchet distance between `num_samples` samples of `sample_fn` and `reference` = (mu, sigma).
         Call it on every rank (see sample_features); all return the same value."""
-        features = self.sample_features(sample_fn, image_shape, num_samples, seed, rank, world_size, gather)
+        features, _ = self.sample_features(sample_fn, image_shape, num_samples, seed, rank, world_size, gather)
         return self.frechet(features, reference)
 
     @staticmethod
@@ -175,8 +175,10 @@ class FrechetEvaluator:
 
     def sample_features(self, sample_fn: Callable[[torch.Tensor], torch.Tensor], image_shape: Sequence[int],
                         num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-        """Features [num_samples, D] of `num_samples` samples of `sample_fn`, in sample order, on every rank.
+                        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, keep_images: bool = False):
+        """(features [num_samples, D], samples or None) of `num_samples` samples of `sample_fn`, in sample
+        order, on every rank. With keep_images the samples themselves come back too (uint8
+        [num_samples, 3, H, W]), so that other measurements of the same samples need no second pass.
 
         The sample set is cut into batch-sized chunks dealt round-robin to the ranks, and every rank runs the
         same number of batches (the last ones may be padding, discarded after the gather). So no rank idles at
@@ -193,16 +195,21 @@ class FrechetEvaluator:
         generator = SampleGenerator(sample_fn, image_shape)
         b = self.batch_size
         chunks_per_rank = math.ceil(math.ceil(num_samples / b) / world_size)
-        local = []
+        local, images = [], []
         with torch.no_grad():
             for j in range(chunks_per_rank):
                 latents = chunk_latents(seed, rank + world_size * j, b, image_shape).to(self.device)
-                local.append(self.extract(generator(latents)))
+                batch = generator(latents)
+                local.append(self.extract(batch))
+                if keep_images:
+                    images.append(batch)
         features = torch.cat(local)
+        images = torch.cat(images) if keep_images else None
         if world_size > 1:
             features = gather(features)
+            images = gather(images) if keep_images else None
         # Row (r, j, i) of the gathered tensor is item i of chunk r + world_size * j: back to sample order.
         r, j, i = torch.meshgrid(torch.arange(world_size), torch.arange(chunks_per_rank), torch.arange(b),
                                  indexing="ij")
-        sample_index = ((r + world_size * j) * b + i).reshape(-1)
-        return features.cpu()[sample_index.argsort()[:num_samples]]
+        order = ((r + world_size * j) * b + i).reshape(-1).argsort()[:num_samples]
+        return features.cpu()[order], images.cpu()[order] if keep_images else None

@@ -18,7 +18,7 @@ from evaluation.report import write_report
 from evaluation.score_matching import denoising_test_loss
 from launch.config import RunConfig
 from launch.rundir import RunDir
-from launch.stages import frechet_evaluator, latents, reference_statistics, sampler
+from launch.stages import frechet_evaluator, reference_statistics, sampler
 from shards.manifest import load_manifest
 from shards.stream import read_population
 from trainer.diffusion import is_finished
@@ -73,8 +73,9 @@ def evaluate_stage(cfg: RunConfig, log=print) -> dict:
     for label, load, facts in finished_models(cfg):
         denoiser = load().to(acc.device)
         sample = sampler(denoiser, cfg)
-        features = evaluator.sample_features(sample, shape, n, seed=cfg.train.seed, rank=acc.process_index,
-                                             world_size=acc.num_processes, gather=acc.gather)
+        features, images = evaluator.sample_features(sample, shape, n, seed=cfg.train.seed, rank=acc.process_index,
+                                                     world_size=acc.num_processes, gather=acc.gather,
+                                                     keep_images=digits)
         row = {"model": label, "fit minutes": facts["minutes"], f"{name} target": evaluator.frechet(features, target_ref)}
         pop = facts.get("population")
         row[f"{name} own population"] = (evaluator.frechet(features, reference_statistics(evaluator, cfg, pop.name))
@@ -84,7 +85,7 @@ def evaluate_stage(cfg: RunConfig, log=print) -> dict:
                 denoiser, held_out, cfg.fuse.test_draws_per_image, cfg.edm.p_mean, cfg.edm.p_std,
                 cfg.edm.sigma_data, seed=cfg.train.seed, device=acc.device)
             if digits:
-                props = class_proportions(rd.digit_classifier, sample(latents(n, shape, cfg.train.seed, acc.device)))
+                props = class_proportions(rd.digit_classifier, images.float() / 127.5 - 1)
                 row["class TV target"] = _total_variation(props, target_mix)
                 row["class TV own"] = _total_variation(props, _mixture_vector(pop.mixture, classes)) if pop else None
                 row["sample class proportions"] = _format_mixture(props)

@@ -206,3 +206,16 @@ def test_metric_names():
     assert metric_name("digit-classifier", 2000) == "fd_digits2k"
     with pytest.raises(EvaluationError):
         metric_name("clip", 100)
+
+
+def test_kept_samples_are_the_ones_measured(tmp_path):
+    """keep_images returns exactly the samples whose features were measured, in sample order."""
+    from evaluation.frechet import FrechetEvaluator
+    import evaluation.frechet as frechet_module
+    evaluator = FrechetEvaluator.__new__(FrechetEvaluator)  # no extractor weights needed: features = pixels
+    evaluator.batch_size, evaluator.device = 4, torch.device("cpu")
+    evaluator.extract = lambda images: frechet_module.as_extractor_input(images).flatten(1).float()
+    features, images = evaluator.sample_features(lambda z: z.tanh(), (1, 4, 4), 10, keep_images=True)
+    assert images.shape == (10, 3, 4, 4) and images.dtype == torch.uint8
+    assert torch.equal(features, images.flatten(1).float())
+    assert evaluator.sample_features(lambda z: z.tanh(), (1, 4, 4), 10)[1] is None
