@@ -19,7 +19,7 @@ from evaluation.score_matching import denoising_test_loss
 from launch.config import RunConfig
 from launch.rundir import RunDir
 from launch.stages import frechet_evaluator, reference_statistics, sampler
-from shards.manifest import load_manifest
+from shards.manifest import image_shape, load_manifest
 from shards.stream import read_population
 from trainer.diffusion import is_finished
 from trainer.engine import make_accelerator
@@ -62,7 +62,7 @@ def evaluate_stage(cfg: RunConfig, log=print) -> dict:
     evaluator = frechet_evaluator(cfg, acc.device)
     n = cfg.eval.num_samples
     name = metric_name(evaluator.extractor, n)
-    shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
+    shape = image_shape(manifest)
     reference = cfg.data.reference.name
     target_ref = reference_statistics(evaluator, cfg, reference)
     held_out = read_population(rd.data, reference)[0]

@@ -14,7 +14,7 @@ from evaluation.grid import save_grid
 from evaluation.plots import lambda_chart
 from launch.config import ConfigError, RunConfig, extractor_for
 from launch.rundir import RunDir
-from shards.manifest import load_manifest, population_entry
+from shards.manifest import image_shape, load_manifest, population_entry
 from shards.prepare import prepare
 from shards.stream import read_population
 from trainer.diffusion import is_finished, train_diffusion
@@ -65,7 +65,7 @@ def latents(n: int, shape, seed: int, device) -> torch.Tensor:
 
 
 def _grid_latents(cfg: RunConfig, manifest: dict, device) -> torch.Tensor:
-    shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
+    shape = image_shape(manifest)
     return latents(cfg.eval.grid_images, shape, GRID_SEED, device)
 
 
@@ -77,7 +77,7 @@ def training_hooks(cfg: RunConfig, stage_dir: Path, population: str, acc) -> tup
         evaluator = frechet_evaluator(cfg, acc.device)
         reference = reference_statistics(evaluator, cfg, population)
         name = metric_name(evaluator.extractor, cfg.train.eval_samples)
-        shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
+        shape = image_shape(manifest)
 
         def frechet(engine):
             value = evaluator.distance(sampler(engine.ema["net"], cfg), shape, cfg.train.eval_samples, reference,

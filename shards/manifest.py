@@ -40,6 +40,11 @@ def shard_paths(data_dir, manifest: dict, population: str) -> list:
     return [str(Path(data_dir) / shard["file"]) for shard in population_entry(manifest, population)["shards"]]
 
 
+def image_shape(manifest: dict) -> tuple[int, int, int]:
+    """(C, H, W) of every image in the data directory."""
+    return manifest["channels"], manifest["image_size"], manifest["image_size"]
+
+
 def sha256_file(path) -> str:
     """The sha256 of a file, read in blocks: how shards (and checkpoints) are verified."""
     digest = hashlib.sha256()
