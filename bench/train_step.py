@@ -10,24 +10,28 @@ Target: overhead <= 5%.
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # the engine's progress bar would interleave with the table
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from trainer.edm import Denoiser, denoising_loss  # noqa: E402
 from trainer.ema import ema_beta, make_ema, update_ema  # noqa: E402
+import trainer.engine  # noqa: E402
 from trainer.engine import Engine, Update, make_accelerator  # noqa: E402
 from trainer.spec import TrainSpec  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402
+
+
+# The engine's progress bar would interleave with the table.
+trainer.engine.tqdm = partial(trainer.engine.tqdm, disable=True)
 
 
 def model(args):
