@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from evaluation.spec import EvalSpec
 from shards.spec import DataSpec
-from trainer.spec import EDMSpec, FuseSpec, NetworkSpec, TrainSpec
+from trainer.spec import DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
 
 
 BASELINES = ("target-scratch", "target-finetune", "checkpoint-merge")
@@ -42,6 +42,7 @@ class RunConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     fuse: FuseSpec = field(default_factory=FuseSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
 
     @property
@@ -117,6 +118,46 @@ def _check(run: RunConfig) -> None:
     names = [p.name for p in run.data.aux]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.aux: population names must be unique, got {names}")
+    _check_distill(run)
+
+
+def _check_distill(run: RunConfig) -> None:
+    d = run.distill
+    choices = {"init": ("warm", "scratch"), "warm_from": ("best", "merge"), "score_init": ("aux", "scratch"),
+               "teacher_fit": ("", "exact", "sgd")}
+    for key, allowed in choices.items():
+        if getattr(d, key) not in allowed:
+            raise ConfigError(f"distill.{key}: {getattr(d, key)!r} is not {' | '.join(map(repr, allowed))}")
+    from trainer.unet import PRESETS
+    for key in ("g_preset", "d_preset"):
+        if getattr(d, key) is not None and getattr(d, key) not in PRESETS:
+            raise ConfigError(f"distill.{key}: unknown preset {getattr(d, key)!r} ({' | '.join(PRESETS)})")
+    for key in ("g_preset", "d_preset"):
+        uses_teacher = d.init == "warm" if key == "g_preset" else d.score_init == "aux"
+        if uses_teacher and getattr(d, key) not in (None, run.network.preset):
+            raise ConfigError(f"distill.{key}={getattr(d, key)} cannot start from the teacher's weights "
+                              f"(network.preset={run.network.preset}); leave it unset or use scratch")
+    if d.teacher_samples < 2 or d.teacher_steps < 0:
+        raise ConfigError("distill.teacher_samples must be at least 2 and distill.teacher_steps at least 0")
+    if d.real_population is not None:
+        pops = [p.name for p in run.data.aux] + [run.data.target.name, run.data.reference.name]
+        if d.real_population not in pops:
+            raise ConfigError(f"distill.real_population: no population {d.real_population!r} (have: {', '.join(pops)})")
+        if d.init != "scratch" or d.score_init != "scratch" or d.real_mix:
+            raise ConfigError("distill.real_population trains without a teacher: set distill.init=scratch, "
+                              "distill.score_init=scratch and distill.real_mix=0")
+    if not 0 <= d.real_mix <= 1:
+        raise ConfigError(f"distill.real_mix must be in [0, 1], got {d.real_mix}")
+    if d.batch <= 0 or d.batch % run.train.accum:
+        raise ConfigError(f"distill.batch ({d.batch}) must be a positive multiple of train.accum ({run.train.accum})")
+    if d.lr <= 0 or (d.lr_d is not None and d.lr_d <= 0) or d.total_kimg <= 0 or d.ema_halflife_kimg <= 0:
+        raise ConfigError("distill.lr, distill.lr_d, distill.total_kimg and distill.ema_halflife_kimg must be positive")
+    if len(d.adam_betas) != 2 or not all(0 <= b < 1 for b in d.adam_betas):
+        raise ConfigError(f"distill.adam_betas must be two numbers in [0, 1), got {list(d.adam_betas)}")
+    if d.g_sigma is not None and d.g_sigma <= 0:
+        raise ConfigError(f"distill.g_sigma must be positive, got {d.g_sigma}")
+    if d.r1_gamma < 0 or d.r1_every < 0:
+        raise ConfigError("distill.r1_gamma and distill.r1_every must be at least 0")
 
 
 def extractor_for(run: RunConfig) -> str:

@@ -7,6 +7,7 @@ test loss (EDM denoising score matching on the held-out images, the same draws f
 class proportions of the samples (digit classifier) against the target mixture, and the time to fit.
 """
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,7 @@ from launch.stages import frechet_evaluator, reference_statistics, sampler
 from shards.manifest import image_shape, load_manifest
 from shards.stream import read_population
 from trainer.diffusion import is_finished
+from trainer.distill import load_generator
 from trainer.engine import make_accelerator
 from trainer.export import load_denoiser
 from trainer.scorefusion import load_fused
@@ -42,7 +44,10 @@ def finished_models(cfg: RunConfig) -> list[tuple[str, Callable, dict]]:
         fit = _json(rd.fuse / "lambda.json")
         for which in ("exact", "sgd"):
             models.append((f"fused ({which})", lambda w=which: load_fused(rd.fuse, rd.aux_dirs(cfg), w),
-                           {"minutes": fit[which]["seconds"] / 60, "lambda": fit[which]["lambda"]}))
+                           {"minutes": fit[which]["seconds"] / 60, "lambda": fit[which]["lambda"],
+                            # K networks per evaluation; a one-hot lambda runs only its one network
+                            "networks": 1 if (np.atleast_2d(fit[which]["lambda"]) != 0).any(0).sum() == 1
+                            else len(fit["names"])}))
     for name in ("target-scratch", "target-finetune"):
         stage = rd.baseline(name)
         if is_finished(stage):
@@ -52,6 +57,10 @@ def finished_models(cfg: RunConfig) -> list[tuple[str, Callable, dict]]:
     if (merge / "model.json").is_file():
         models.append(("checkpoint-merge", lambda: load_denoiser(merge)[0],
                        {"minutes": 0.0, "lambda": _json(merge / "model.json")["lambda"]}))
+    if is_finished(rd.root / "distill"):  # one call of G per sample, no denoiser (no test loss)
+        done = _json(rd.root / "distill" / "done.json")
+        models.append(("distill (one-step)", lambda: load_generator(rd.root / "distill")[0],
+                       {"kimg": done["kimg"], "minutes": done["seconds"] / 60, "one_step": True}))
     return models
 
 
@@ -72,16 +81,20 @@ def evaluate_stage(cfg: RunConfig, log=print) -> dict:
     rows = []
     for label, load, facts in finished_models(cfg):
         denoiser = load().to(acc.device)
-        sample = sampler(denoiser, cfg)
+        one_step = facts.get("one_step", False)
+        sample = denoiser if one_step else sampler(denoiser, cfg)
+        started = time.perf_counter()
         features, images = evaluator.sample_features(sample, shape, n, seed=cfg.train.seed, rank=acc.process_index,
                                                      world_size=acc.num_processes, gather=acc.gather,
                                                      keep_images=digits)
-        row = {"model": label, "fit minutes": facts["minutes"], f"{name} target": evaluator.frechet(features, target_ref)}
+        row = {"model": label, "fit minutes": facts["minutes"], f"{name} target": evaluator.frechet(features, target_ref),
+               "NFE/sample": 1 if one_step else (2 * cfg.edm.sampler_steps - 1) * facts.get("networks", 1),
+               "samples/s": n / (time.perf_counter() - started)}
         pop = facts.get("population")
         row[f"{name} own population"] = (evaluator.frechet(features, reference_statistics(evaluator, cfg, pop.name))
                                          if pop else None)
         if acc.is_main_process:
-            row["target test loss"] = denoising_test_loss(
+            row["target test loss"] = None if one_step else denoising_test_loss(
                 denoiser, held_out, cfg.fuse.test_draws_per_image, cfg.edm.p_mean, cfg.edm.p_std,
                 cfg.edm.sigma_data, seed=cfg.train.seed, device=acc.device)
             if digits:
@@ -109,6 +122,9 @@ def _write(cfg, rd, manifest, rows, name, extractor, classes):
              "target test loss: EDM-weighted denoising score matching on the held-out target-mixture images, "
              f"{cfg.fuse.test_draws_per_image} (sigma, noise) draws per image, the same draws for every model.",
              "fit minutes: training time for trained models; for fused models the time to fit lambda.",
+             "NFE/sample: network evaluations per sample: 2 x steps - 1 Heun evaluations, times K networks for a "
+             "fused model (every auxiliary runs at every evaluation), 1 for the one-step generator; samples/s: "
+             "sampling plus feature extraction, on this machine.",
              f"class order: {' '.join(classes)}; populations disjoint: {manifest['disjoint']}."]
     if extractor == "digit-classifier":
         notes.insert(2, "class TV: total variation distance between the digit classifier's class proportions of "

@@ -8,7 +8,9 @@ from tests.conftest import DIGITS, SHORT_TRAIN, scorefuse
 
 FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "train.snapshot_every_kimg=0.32", "eval.num_samples=64",
         "eval.grid_images=16", "edm.sampler_steps=4", "fuse.scratch_kimg=0.32", "fuse.finetune_kimg=0.32",
-        "fuse.draws_per_image=4", "fuse.sgd_epochs=4", "fuse.test_draws_per_image=2"]
+        "fuse.draws_per_image=4", "fuse.sgd_epochs=4", "fuse.test_draws_per_image=2",
+        "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.128",
+        "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064"]
 
 
 def test_run_writes_report_and_skips_finished_stages(tmp_path):
@@ -17,7 +19,7 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
     report = json.loads((run / "report.json").read_text())
     models = {row["model"] for section in report["sections"] for row in section["rows"] if "model" in row}
     assert models == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused (exact)", "fused (sgd)",
-                      "target-scratch", "target-finetune", "checkpoint-merge"}
+                      "target-scratch", "target-finetune", "checkpoint-merge", "distill (one-step)"}
     md = (run / "report.md").read_text()
     assert "fd_digits64 own population" in md and "fd_digits64 target" in md and "target test loss" in md
     fit = json.loads((run / "fuse" / "lambda.json").read_text())
@@ -32,8 +34,9 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
 
     again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST)
     assert "shards up to date" in again.stdout
-    # 3 auxiliaries, the fit, target-scratch and target-finetune
-    assert again.stdout.count("already finished") + again.stderr.count("already finished") == 6
+    assert (run / "distill" / "generator.safetensors").is_file() and (run / "distill" / "samples.png").is_file()
+    # 3 auxiliaries, the fit, target-scratch, target-finetune and distill
+    assert again.stdout.count("already finished") + again.stderr.count("already finished") == 7
 
 
 def test_changed_populations_are_refused_not_overwritten(tmp_path):

@@ -46,6 +46,9 @@ class Update:
     optimizer: str
     module: str
     loss: Callable[[dict, Any], torch.Tensor]
+    # Multiplies the engine's learning rate for this update (a score network stepping faster than a
+    # generator). Every Update takes its own `accum` micro-batches from the stream, in order.
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -110,7 +113,7 @@ class Engine:
         return {"step": self.step, "nimg": self.nimg, "skipped_steps": self.skipped,
                 "nonfinite_run": self.nonfinite_run, "seconds": round(self.seconds, 3),
                 # The data position: micro-batches this rank has taken from its stream.
-                "stream_batches": self.step * self.spec.accum}
+                "stream_batches": self.step * self.spec.accum * len(self.updates)}
 
     def resume(self) -> bool:
         state = self.checkpointer.load_latest(self.ema)
@@ -138,7 +141,7 @@ class Engine:
 
     def _loop(self, stop: StopRequest, bar: tqdm) -> None:
         spec, acc = self.spec, self.acc
-        stream = self.batches(self.step * spec.accum)
+        stream = self.batches(self.step * spec.accum * len(self.updates))
         window = {"loss": 0.0, "n": 0, "t": time.perf_counter(), "nimg": self.nimg}
         due = {name: self._next_due(every) for name, every in self._periodic().items()}
         while self.nimg < self.total_nimg:
@@ -193,7 +196,7 @@ class Engine:
         for update in self.updates:
             module, opt = self.modules[update.module], self.optimizers[update.optimizer]
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * update.lr_scale
             total = torch.zeros((), device=self.acc.device)
             for _ in range(self.spec.accum):
                 batch = next(stream)

@@ -63,3 +63,37 @@ class FuseSpec:
     finetune_kimg: float = 10.0      # target-finetune: the best auxiliary, fine-tuned on the n target images
     finetune_lr: float = 2e-4
     test_draws_per_image: int = 16   # draws per held-out image for the target test loss in the report
+
+
+@dataclass
+class DistillSpec:
+    """Score Mismatching (METHODS.md §2): a one-step generator G trained against a score network D,
+    with samples of the fused ScoreFusion teacher as the "real" data. Learning rates, betas and the
+    R1 settings default to the paper's; schedules are in kimg of generated images (one kimg = 1000 z)."""
+    teacher_samples: int = 2000      # N samples drawn once from the fused teacher (written as shards)
+    teacher_steps: int = 0           # Heun steps of the teacher sampler; 0 = edm.sampler_steps
+    teacher_fit: str = ""            # exact | sgd: which lambda; "" = fuse.method
+    real_mix: float = 0.0            # probability that a "real" sample is one of the n target images
+    # The paper's from-scratch setting: the "real" side is this prepared population (e.g. all CIFAR-10
+    # training images) instead of teacher samples; no teacher, no fuse stage (init/score_init scratch).
+    real_population: Optional[str] = None
+    init: str = "warm"               # G: warm (G(z) = D_teacher(sigma_max z; sigma_max)) | scratch
+    warm_from: str = "best"          # warm G from: best (lowest target loss auxiliary) | merge (lambda-merged weights)
+    score_init: str = "aux"          # D: aux (the warm_from weights as an eps-predictor) | scratch
+    g_preset: Optional[str] = None   # UNet preset of G; None = network.preset
+    # G(z) = Dn(g_sigma z; g_sigma); None = edm.sigma_max (the spec). A warm G at sigma_max starts as the
+    # teacher's first denoising step, about the data mean for every z; a smaller g_sigma starts it diverse.
+    g_sigma: Optional[float] = None
+    d_preset: Optional[str] = None   # UNet preset of D; None = network.preset
+    batch: int = 64                  # global batch of both steps (generated and real images per step)
+    lr: float = 0.002                # generator learning rate (paper: about 0.002)
+    lr_d: Optional[float] = None     # score network learning rate; None = lr
+    lr_rampup_kimg: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.0, 0.99])
+    r1_gamma: float = 0.01
+    r1_every: int = 16               # lazy R1: every r1_every D steps, scaled by r1_every; 0 disables
+    ema_halflife_kimg: float = 500.0
+    total_kimg: float = 20000.0
+    eval_every_kimg: Optional[float] = None      # None = train.eval_every_kimg (metric over train.eval_samples)
+    snapshot_every_kimg: Optional[float] = None  # None = train.snapshot_every_kimg
+    checkpoint_every_kimg: Optional[float] = None  # None = train.checkpoint_every_kimg

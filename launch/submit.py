@@ -1,0 +1,106 @@
+"""`scorefuse submit`: the whole pipeline as a chain of SLURM jobs.
+
+    prepare  ->  train-aux (an array job, one task per auxiliary population)  ->  fuse  ->  evaluate
+
+Each job is the batch script launch/slurm/stage.sbatch (or a copy of it, --script), started with
+`--dependency=afterok:<previous job>`, so a stage starts only when the one before it has finished. A
+preempted job requeues itself and resumes; its dependents wait for its final run.
+
+Cluster settings (partition, account, nodes, GPUs, time, the USR1 lead) live in the batch script's
+#SBATCH lines, the one place a user edits; `--sbatch=OPTION` adds sbatch options to every job and
+overrides those lines. They are deliberately not part of the run config: the run config decides what is
+trained and is recorded in the run directory, while the same run may move between clusters.
+"""
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.config import ConfigError, RunConfig, load_config
+
+SCRIPT = Path(__file__).parent / "slurm" / "stage.sbatch"
+
+
+@dataclass
+class Job:
+    stage: str          # also the shell variable the dry run assigns its id to
+    sbatch: list[str]   # sbatch options of this stage
+    args: list[str]     # the scorefuse command line the batch script runs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/digits.yaml")
+    p.add_argument("--script", default=str(SCRIPT), help="the batch script (your edited copy of "
+                   "launch/slurm/stage.sbatch); default: %(default)s")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="an sbatch option for every job, overriding the script's #SBATCH lines, "
+                        "e.g. --sbatch=--partition=debug (repeatable)")
+    p.add_argument("--array-parallel", type=int, default=0, metavar="N",
+                   help="at most N auxiliaries train at once (--array=...%%N); 0 = no limit")
+    p.add_argument("--after", metavar="JOBID", help="the first job waits for this job (afterok)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
+    p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
+
+
+def plan(cfg: RunConfig, config_path: str, overrides: list[str], ns) -> list[Job]:
+    """The jobs, in order; each depends on the one before it."""
+    run_args = ["--config", config_path, *overrides]
+    names = [p.name for p in cfg.data.aux]
+    array = f"0-{len(names) - 1}" + (f"%{ns.array_parallel}" if ns.array_parallel > 0 else "")
+    if any("," in n for n in names):
+        raise ConfigError(f"data.aux: a population name with a comma cannot be an array task: {names}")
+    return [
+        # One process writes the shards: one node is enough.
+        Job("prepare", ["--nodes=1"], ["prepare", *run_args]),
+        # The batch script turns aux=a,b,c into the name of its $SLURM_ARRAY_TASK_ID.
+        Job("train_aux", [f"--array={array}"], ["train-aux", *run_args, "aux=" + ",".join(names)]),
+        Job("fuse", [], ["fuse", *run_args]),
+        # distill (one-step generator, a later issue) goes here: Job("distill", [], ["distill", *run_args]),
+        Job("evaluate", [], ["evaluate", *run_args]),
+    ]
+
+
+def sbatch_command(job: Job, cfg: RunConfig, ns, after: str | None) -> list[str]:
+    logs = Path(cfg.run_dir).absolute() / "slurm"
+    # an array task's log is named by the array's id and the task's index (%A_%a), not its own job id
+    name = "%x-%A_%a.out" if any(o.startswith("--array") for o in job.sbatch) else "%x-%j.out"
+    cmd = ["sbatch", "--parsable", f"--job-name={cfg.name}-{job.stage.replace('_', '-')}",
+           f"--output={logs}/{name}", f"--export=ALL,SCOREFUSE_PYTHON={sys.executable}"]
+    if after:
+        cmd.append(f"--dependency=afterok:{after}")
+    # Later options win: the user's --sbatch options override ours and the script's #SBATCH lines.
+    return [*cmd, *job.sbatch, *ns.sbatch, ns.script, *job.args]
+
+
+def submit(ns) -> int:
+    cfg = load_config(ns.config, ns.overrides)  # a config error stops here, before anything is queued
+    if not Path(ns.script).is_file():
+        raise ConfigError(f"--script: {ns.script} does not exist")
+    jobs = plan(cfg, ns.config, ns.overrides, ns)
+    if ns.dry_run:
+        previous = ns.after
+        for job in jobs:
+            cmd = sbatch_command(job, cfg, ns, previous)
+            # a shell script: each job id goes into a variable the next command expands
+            line = " ".join(f'"{c}"' if "$" in c else shlex.quote(c) for c in cmd)
+            print(f"{job.stage}=$({line})")
+            previous = f"${job.stage}"
+        return 0
+    if shutil.which("sbatch") is None:
+        raise ConfigError("sbatch not found: submit from a SLURM login node (or use --dry-run)")
+    (Path(cfg.run_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # sbatch does not create it
+    previous = ns.after
+    for job in jobs:
+        cmd = sbatch_command(job, cfg, ns, previous)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"scorefuse: error: {shlex.join(cmd)}\n{proc.stderr.strip()}", file=sys.stderr)
+            return proc.returncode
+        previous = proc.stdout.strip().split(";")[0]
+        print(f"{job.stage}: job {previous}", flush=True)
+    print(f"logs: {Path(cfg.run_dir).absolute() / 'slurm'}/ (squeue --me shows the chain)")
+    return 0
