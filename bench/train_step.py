@@ -14,7 +14,6 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +30,8 @@ from trainer.unet import build_unet  # noqa: E402
 
 
 # The engine's progress bar would interleave with the table.
-trainer.engine.tqdm = partial(trainer.engine.tqdm, disable=True)
+_tqdm = trainer.engine.tqdm
+trainer.engine.tqdm = lambda *args, **kwargs: _tqdm(*args, **{**kwargs, "disable": True})
 
 
 def model(args):
