@@ -31,18 +31,14 @@ Three parts:
   term is the official one divided by the same constant B*C*H*W. Relative weights (L_real : L_fake : R1)
   are therefore exactly the official ones, and Adam is invariant to the common scale.
 """
-import copy
 import hashlib
-import json
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from evaluation.frechet import chunk_latents
@@ -50,9 +46,9 @@ from evaluation.grid import to_uint8
 from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest, sha256_file
 from shards.prepare import canonical_json, write_manifest, write_shard
 from shards.stream import train_loader
-from trainer.checkpoint import CheckpointError
 from trainer.edm import Denoiser, heun_sample
-from trainer.engine import Engine, Hook, Update
+from trainer.engine import Engine, Update
+from trainer.export import build_denoiser, read_model, write_model
 from trainer.spec import DistillSpec, EDMSpec, TrainSpec
 from trainer.unet import build_unet
 
@@ -284,26 +280,15 @@ def check_shapes(G: nn.Module, D: nn.Module, shape, device="cpu") -> None:
 # ---- the exported generator --------------------------------------------------------------------------
 
 def export_generator(directory: Path, G: OneStepGenerator, meta: dict) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "generator.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, tmp)
-    os.replace(tmp, directory / "generator.safetensors")
-    (directory / "generator.json.tmp").write_text(json.dumps(meta, indent=1))
-    os.replace(directory / "generator.json.tmp", directory / "generator.json")
+    write_model(directory, G, meta, "generator.safetensors", "generator.json")
 
 
 def load_generator(directory: Path) -> tuple[OneStepGenerator, dict]:
     """The EMA one-step generator of a finished distill stage (eval mode, no grad) and generator.json."""
-    directory = Path(directory)
-    meta_path, weights = directory / "generator.json", directory / "generator.safetensors"
-    if not meta_path.is_file() or not weights.is_file():
-        raise CheckpointError(f"{directory} holds no finished generator (generator.json + "
-                              "generator.safetensors); run `scorefuse distill` first")
-    meta = json.loads(meta_path.read_text())
-    net = build_unet(meta["preset"], meta["image_size"], meta["channels"], meta.get("dropout"))
-    G = OneStepGenerator(Denoiser(net, sigma_data=meta["sigma_data"]), meta["sigma_max"])
-    G.load_state_dict(load_file(weights))
+    state, meta = read_model(directory, "generator.safetensors", "generator.json", "generator",
+                             "run `scorefuse distill` first")
+    G = OneStepGenerator(build_denoiser(meta), meta["sigma_max"])
+    G.load_state_dict(state)
     G.image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
     return G.eval().requires_grad_(False), meta
 
