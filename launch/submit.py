@@ -12,7 +12,6 @@ overrides those lines. They are deliberately not part of the run config: the run
 trained and is recorded in the run directory, while the same run may move between clusters.
 """
 import argparse
-import os
 import shlex
 import shutil
 import subprocess
