@@ -88,10 +88,17 @@ def distill_hooks(cfg: RunConfig, stage_dir: Path, acc):
     return build
 
 
+# Accelerate gives each DeepSpeed engine one model and one optimizer, and backward() steps the engine
+# prepared last; G and D would need two DeepSpeed plugins and R1's double backward through ZeRO's
+# gradient hooks, neither of which is reliable. G and D are small next to the teacher, which ZeRO does
+# not shard anyway (it is frozen), so DDP loses little.
+DDP_BECAUSE = "distillation trains two models with two optimizers"
+
+
 def distill_stage(cfg: RunConfig, log=None) -> None:
     rd = RunDir.of(cfg)
     stage_dir = distill_dir(cfg)
-    acc = make_accelerator(cfg.train, cfg.launch.timeout_minutes)
+    acc = make_accelerator(cfg.train, cfg.launch.timeout_minutes, ddp_because=DDP_BECAUSE)
     log = log or acc.print
     if (stage_dir / "done.json").is_file():
         return log(f"{stage_dir}: already finished, skipping")

@@ -1,6 +1,6 @@
 """`scorefuse submit`: the whole pipeline as a chain of SLURM jobs.
 
-    prepare  ->  train-aux (an array job, one task per auxiliary population)  ->  fuse  ->  evaluate
+    prepare  ->  train-aux (an array job, one task per auxiliary population)  ->  fuse  ->  distill  ->  evaluate
 
 Each job is the batch script launch/slurm/stage.sbatch (or a copy of it, --script), started with
 `--dependency=afterok:<previous job>`, so a stage starts only when the one before it has finished. A
@@ -58,7 +58,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], ns) -> list[Job
         # The batch script turns aux=a,b,c into the name of its $SLURM_ARRAY_TASK_ID.
         Job("train_aux", [f"--array={array}"], ["train-aux", *run_args, "aux=" + ",".join(names)]),
         Job("fuse", [], ["fuse", *run_args]),
-        # distill (one-step generator, a later issue) goes here: Job("distill", [], ["distill", *run_args]),
+        Job("distill", [], ["distill", *run_args]),
         Job("evaluate", [], ["evaluate", *run_args]),
     ]
 

@@ -78,3 +78,23 @@ def test_zero2_trains_resumes_and_matches_ddp(digits_run, tmp_path):
     assert ema_zero2.keys() == ema_ddp.keys()
     for name in ema_ddp:
         assert (ema_zero2[name] - ema_ddp[name]).abs().max().item() <= 1e-5, name
+
+
+def test_distill_under_zero2_falls_back_to_ddp_with_a_message(tmp_path):
+    """Two models and two optimizers: the launcher's DeepSpeed config is set aside for DDP, said once,
+    and the stage trains to the end on both processes (no hang, no ZeRO shards)."""
+    from tests.test_distill import STAGE, fake_run
+    run = fake_run(tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO2), "--num_processes", "2",
+           "--main_process_port", "29537", "-m", "launch.cli", "distill", "--config", str(DIGITS),
+           f"root={tmp_path}", *STAGE, "distill.total_kimg=0.032"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-10000:]
+    assert proc.stderr.count("DeepSpeed is not used here (distillation trains two models") == 1, proc.stderr
+    stage = run / "distill"
+    assert json.loads((stage / "done.json").read_text())["steps"] == 4  # 32 images, batch 8
+    ckpt = sorted((stage / "checkpoints").glob("ckpt-*"))[-1]
+    assert {p.name for p in ckpt.glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert not list(ckpt.rglob("zero_pp_rank_*"))
+    assert (stage / "generator.safetensors").is_file()

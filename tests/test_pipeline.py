@@ -4,13 +4,7 @@ import json
 import pytest
 
 from launch.local import gpu_groups
-from tests.conftest import DIGITS, SHORT_TRAIN, scorefuse
-
-FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "train.snapshot_every_kimg=0.32", "eval.num_samples=64",
-        "eval.grid_images=16", "edm.sampler_steps=4", "fuse.scratch_kimg=0.32", "fuse.finetune_kimg=0.32",
-        "fuse.draws_per_image=4", "fuse.sgd_epochs=4", "fuse.test_draws_per_image=2",
-        "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.128",
-        "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064"]
+from tests.conftest import DIGITS, FAST, scorefuse
 
 
 def test_run_writes_report_and_skips_finished_stages(tmp_path):

@@ -13,16 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from launch.submit import SCRIPT
-from tests.conftest import DIGITS, ROOT, SHORT_TRAIN, scorefuse
+from tests.conftest import DIGITS, FAST as PIPELINE_FAST, ROOT, SHORT_TRAIN, scorefuse
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 from trainer.preemption import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-# test_pipeline.FAST without the sample grids during training
-FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "eval.num_samples=64", "eval.grid_images=16", "edm.sampler_steps=4",
-        "fuse.scratch_kimg=0.32", "fuse.finetune_kimg=0.32", "fuse.draws_per_image=4", "fuse.sgd_epochs=4",
-        "fuse.test_draws_per_image=2"]
+# conftest.FAST without the sample grids during training
+FAST = [f for f in PIPELINE_FAST if f != "train.snapshot_every_kimg=0.32"]
 # One CPU per job: the node has 2, so two array tasks run at once.
 SBATCH = ["--cpus-per-task=1", "--time=00:30:00"]
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -74,14 +72,15 @@ def test_submit_runs_the_whole_pipeline_with_an_array_job(slurm_cluster, tmp_pat
     cluster = slurm_cluster
     args = ["submit", "--config", DIGITS, *[f"--sbatch={a}" for a in SBATCH], f"root={tmp_path}", *FAST]
     dry = scorefuse(*args, "--dry-run").stdout
-    assert dry.count("$(sbatch ") == 4 and "--array=0-2" in dry and "aux=aux-low,aux-high,aux-even" in dry
+    assert dry.count("$(sbatch ") == 5 and "--array=0-2" in dry and "aux=aux-low,aux-high,aux-even" in dry
     assert not (tmp_path / "digits").exists()  # a dry run submits and writes nothing
 
     out = scorefuse(*args).stdout
     ids = dict(re.findall(r"^(\w+): job (\d+)", out, re.M))
-    assert list(ids) == ["prepare", "train_aux", "fuse", "evaluate"], out
+    assert list(ids) == ["prepare", "train_aux", "fuse", "distill", "evaluate"], out
     logs = tmp_path / "digits" / "slurm"
     assert cluster.job(ids["fuse"])["Dependency"].startswith(f"afterok:{ids['train_aux']}")
+    assert cluster.job(ids["evaluate"])["Dependency"].startswith(f"afterok:{ids['distill']}")
     wait_state(cluster, ids["evaluate"], "COMPLETED", logs, timeout=600)
 
     tasks = cluster.jobs(ids["train_aux"])
@@ -94,7 +93,7 @@ def test_submit_runs_the_whole_pipeline_with_an_array_job(slurm_cluster, tmp_pat
     run = tmp_path / "digits"
     report = json.loads((run / "report.json").read_text())
     models = {row["model"] for section in report["sections"] for row in section["rows"] if "model" in row}
-    assert {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused (exact)"} <= models
+    assert {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused (exact)", "distill (one-step)"} <= models
     assert (run / "report.md").is_file()
 
 

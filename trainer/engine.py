@@ -13,6 +13,7 @@ learning rate is computed from nimg and written into the optimizer; no scheduler
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,10 +311,11 @@ def _fill_deepspeed_config(accelerator, spec: TrainSpec, modules: dict, optimize
                             + "\n".join(mismatches))
 
 
-def make_accelerator(spec: TrainSpec, timeout_minutes: int = 60):
+def make_accelerator(spec: TrainSpec, timeout_minutes: int = 60, ddp_because: str = ""):
     """The Accelerator every stage trains with. The process group timeout is explicit and long, so
     that ranks waiting at a collective while others evaluate or checkpoint do not time out. Whether
-    it is DDP or DeepSpeed comes from `accelerate launch --config_file ...`.
+    it is DDP or DeepSpeed comes from `accelerate launch --config_file ...`; a stage that cannot run
+    under DeepSpeed passes `ddp_because` (why) and gets DDP on the same processes, with a message.
 
     Without GPUs: DDP needs `cpu=True` (gloo). Under DeepSpeed, `cpu=True` would make Accelerate
     silently ignore DeepSpeed and train with DDP, so there it is `cpu=False` with the gloo backend
@@ -323,6 +325,13 @@ def make_accelerator(spec: TrainSpec, timeout_minutes: int = 60):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    if _deepspeed_launch() and ddp_because:
+        # The launcher only sets environment variables (torchrun's ranks and rendezvous are the same
+        # for DDP); Accelerate reads this one to decide, when the first Accelerator is created.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"scorefuse: DeepSpeed is not used here ({ddp_because}); training with DDP on the same "
+                  f"{os.environ.get('WORLD_SIZE', '1')} processes", file=sys.stderr, flush=True)
     if _deepspeed_launch():
         import importlib.util
         if importlib.util.find_spec("transformers") is None:
