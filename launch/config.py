@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from evaluation.spec import EvalSpec
@@ -60,12 +60,27 @@ def load_config(path: str | Path, overrides: List[str] = ()) -> RunConfig:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
         schema = OmegaConf.structured(RunConfig)
-        cfg = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        overrides = [_as_string_if_declared(schema, item) for item in overrides]
+        cfg = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
     _check(run)
     return run
+
+
+def _as_string_if_declared(schema, item: str) -> str:
+    """`train.precision=no` stays the string "no": the YAML parser behind overrides reads no/yes/on/off
+    as booleans, which a string field would then hold as "False"."""
+    key, value = item.split("=", 1)
+    node = schema
+    for part in key.split("."):
+        node = node._get_node(part) if isinstance(node, DictConfig) else None
+        if node is None:
+            return item  # an unknown key: the merge names it
+    if isinstance(node, StringNode) and value.lower() in ("no", "yes", "on", "off", "true", "false"):
+        return f"{key}='{value}'"
+    return item
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -17,6 +17,11 @@ def test_digits_config_loads_with_overrides():
     assert cfg.data.target.count == 64
 
 
+def test_yaml_boolean_words_stay_strings_in_string_fields():
+    cfg = load_config(DIGITS, ["train.precision=bf16", "train.precision=no", "name=off", "data.workers=1"])
+    assert cfg.train.precision == "no" and cfg.name == "off"
+
+
 @pytest.mark.parametrize("override, needle", [
     ("train.bacth=3", "train.bacth"),
     ("nosuchsection.x=1", "nosuchsection"),
