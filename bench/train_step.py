@@ -105,7 +105,7 @@ def main():
     e, q = statistics.median(eng), statistics.median(plain)
     print(f"\npreset={args.preset} batch={args.batch} precision={args.precision} device={device} "
           f"steps/round={args.steps} rounds={args.rounds}")
-    print(f"| loop | images/s (median) | min | max |\n|---|---|---|---|")
+    print("| loop | images/s (median) | min | max |\n|---|---|---|---|")
     print(f"| plain PyTorch | {q:.1f} | {min(plain):.1f} | {max(plain):.1f} |")
     print(f"| scorefuse Engine | {e:.1f} | {min(eng):.1f} | {max(eng):.1f} |")
     print(f"engine overhead: {100 * (q / e - 1):+.1f}% (target <= 5%)")

@@ -22,8 +22,8 @@ from torch_fidelity.utils import create_feature_extractor
 
 from evaluation.digit_classifier import EXTRACTOR_NAME as DIGIT_CLASSIFIER  # importing it registers it
 from evaluation.errors import EvaluationError
-from evaluation.grid import to_uint8
 from evaluation.report import write_atomically
+from trainer.samples import chunk_latents, to_uint8
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -109,17 +109,6 @@ class SampleGenerator(nn.Module):
         if tuple(images.shape) != (len(z), *self.image_shape):
             raise ValueError(f"sample_fn returned {tuple(images.shape)}, expected {(len(z), *self.image_shape)}")
         return as_extractor_input(to_uint8(images))
-
-
-def chunk_latents(seed: int, chunk: int, batch_size: int, image_shape: Sequence[int]) -> torch.Tensor:
-    """The latents of one batch-sized chunk of the sample set, from a generator seeded by (seed, chunk).
-
-    Seeding by chunk rather than by rank makes the sample set independent of the world size: the same
-    seed gives the same samples, hence the same distance, on 1 or 8 GPUs.
-    """
-    chunk_seed = int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0])
-    generator = torch.Generator().manual_seed(chunk_seed)
-    return torch.randn((batch_size, *image_shape), generator=generator)
 
 
 class FrechetEvaluator:

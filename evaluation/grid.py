@@ -1,8 +1,5 @@
-"""Sample grids as PNG, so a person can look at what a model draws.
-
-`to_uint8` is the one quantisation from model output ([-1, 1] floats) to pixels; the FID generator
-wrapper uses it too, so a grid shows exactly the pixels the metric saw.
-"""
+"""Sample grids as PNG, so a person can look at what a model draws (pixels by trainer.samples.to_uint8,
+as for the Fréchet distance)."""
 import io
 import math
 from pathlib import Path
@@ -12,13 +9,9 @@ import torch
 from PIL import Image
 
 from evaluation.report import write_atomically
+from trainer.samples import to_uint8
 
 PADDING = 1  # pixels between cells, before scaling
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 [0, 255], clamped and rounded (not truncated, which would bias dark)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, scale: int = 1) -> None:

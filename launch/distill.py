@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from evaluation.frechet import metric_name
-from evaluation.grid import save_grid, to_uint8
+from evaluation.grid import save_grid
 from launch.config import ConfigError, RunConfig
 from launch.rundir import RunDir
 from launch.stages import (_grid_latents, frechet_evaluator, grid_scale, latents, reference_statistics,
@@ -18,6 +18,7 @@ from trainer.distill import DistillError, load_generator, train_distill
 from trainer.engine import Hook, make_accelerator
 from trainer.export import load_denoiser
 from trainer.fusion import merge_weights
+from trainer.samples import to_uint8
 from trainer.scorefusion import load_auxiliaries, load_fused
 
 

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
-from trainer.checkpoint import CheckpointError, Checkpointer
+from trainer.checkpoint import CheckpointError
 from trainer.ema import ema_beta
 from trainer.engine import Engine, TrainingError, Update, lr_at
 from trainer.spec import TrainSpec

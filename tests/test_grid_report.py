@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.grid import PADDING, save_grid, to_uint8
+from evaluation.grid import PADDING, save_grid
 from evaluation.report import write_report
+from trainer.samples import to_uint8
 
 
 @pytest.mark.parametrize("b, c, nrow, scale, cells", [

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from launch.local import gpu_groups
-from tests.conftest import DIGITS, FAST, scorefuse
+from tests.conftest import DIGITS, FAST, SHORT_TRAIN, scorefuse
 
 
 def test_run_writes_report_and_skips_finished_stages(tmp_path):

@@ -1,7 +1,6 @@
 """The pipeline on a real SLURM cluster (one node, real daemons, tests/slurm_cluster.py): `scorefuse
 submit` end to end, requeue in the middle of training, and USR1 ahead of a time limit."""
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -41,14 +41,13 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from evaluation.frechet import chunk_latents
-from evaluation.grid import to_uint8
 from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest, sha256_file
 from shards.prepare import canonical_json, write_manifest, write_shard
 from shards.stream import train_loader
 from trainer.edm import Denoiser, heun_sample
 from trainer.engine import Engine, Update
 from trainer.export import build_denoiser, read_model, write_model
+from trainer.samples import chunk_latents, to_uint8
 from trainer.spec import DistillSpec, EDMSpec, TrainSpec
 from trainer.unet import build_unet
 
