@@ -25,7 +25,7 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from evaluation.errors import EvaluationError
-from evaluation.report import write_atomically
+from shards.files import write_atomically
 
 EXTRACTOR_NAME = "digit-classifier"
 NUM_CLASSES = 10

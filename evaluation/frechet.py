@@ -7,7 +7,6 @@ extractor is built by torch-fidelity's own factory and the distance by its own s
 the numbers are torch-fidelity's numbers; this module adds sampling from our models, the reference cache
 and the spreading of the work over ranks.
 """
-import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from evaluation.digit_classifier import EXTRACTOR_NAME as DIGIT_CLASSIFIER  # importing it registers it
 from evaluation.errors import EvaluationError
-from evaluation.report import write_atomically
+from shards.files import sha256_file, write_atomically
 from trainer.samples import chunk_latents, to_uint8
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -77,11 +76,7 @@ def weights_fingerprint(weights_path: Optional[str]) -> str:
     """sha256 of the weights file: cached reference statistics are only valid for the weights that made them."""
     if weights_path is None:
         return "torch-fidelity-default"
-    digest = hashlib.sha256()
-    with open(weights_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(weights_path)
 
 
 def as_extractor_input(images: torch.Tensor) -> torch.Tensor:

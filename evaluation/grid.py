@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from evaluation.report import write_atomically
+from shards.files import write_atomically
 from trainer.samples import to_uint8
 
 PADDING = 1  # pixels between cells, before scaling

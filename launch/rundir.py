@@ -8,11 +8,12 @@
     runs/<name>/eval_cache/     reference statistics, keyed by population hash
     runs/<name>/report.md/.json
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from launch.config import ConfigError, RunConfig, to_yaml
+from shards.files import write_atomically
+from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.prepare import data_fingerprint
 
 
@@ -53,13 +54,10 @@ class RunDir:
         """Write config.yaml once. A later stage may change training, evaluation or reader settings,
         but not what decides the populations: a run directory holds one set of them."""
         path = self.root / "config.yaml"
-        manifest = self.data / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text())["fingerprint"] != data_fingerprint(cfg.data):
+        if (self.data / MANIFEST_NAME).is_file() and load_manifest(self.data)["fingerprint"] != data_fingerprint(cfg.data):
             raise ConfigError(f"{self.root}: its shards were prepared from a different `data` section "
                               "(populations or source); use another run name (name=...) or delete the directory")
         if path.exists():
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(to_yaml(cfg))
-        tmp.replace(path)
+        write_atomically(path, to_yaml(cfg).encode())

@@ -4,7 +4,6 @@ The manifest is the only index of a data directory: readers take shard files, pe
 shape and class names from it and never list directories, so a half-written directory (no manifest yet)
 is never read.
 """
-import hashlib
 import json
 from pathlib import Path
 
@@ -41,14 +40,5 @@ def shard_paths(data_dir, manifest: dict, population: str) -> list:
 
 
 def image_shape(manifest: dict) -> tuple[int, int, int]:
-    """(C, H, W) of every image in the data directory."""
+    """(C, H, W) of the images a manifest (or a model's model.json) describes."""
     return manifest["channels"], manifest["image_size"], manifest["image_size"]
-
-
-def sha256_file(path) -> str:
-    """The sha256 of a file, read in blocks: how shards (and checkpoints) are verified."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

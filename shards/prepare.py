@@ -6,7 +6,6 @@ again is safe: an identical config with intact shards writes nothing; a damaged 
 different config is refused rather than overwriting data another run may be using.
 """
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -20,7 +19,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.errors import DataError
-from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest, sha256_file
+from shards.files import sha256_file, sha256_text, write_atomically
+from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
 from shards.populations import draw_populations, find_overlaps, ordered_populations
 from shards.sources import open_source
 from shards.spec import DataSpec
@@ -33,10 +33,6 @@ SHARD_ORDER_STREAM = 1
 
 def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def plain(node):
@@ -130,9 +126,7 @@ def population_hash(entry: dict) -> str:
 
 
 def write_manifest(data_dir: Path, manifest: dict) -> None:
-    temporary = data_dir / (MANIFEST_NAME + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, data_dir / MANIFEST_NAME)
+    write_atomically(Path(data_dir) / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def prepare(spec: DataSpec, data_dir, log=print) -> dict:

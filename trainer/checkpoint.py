@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from shards.manifest import sha256_file
+from shards.files import sha256_file, write_atomically
 
 
 class CheckpointError(Exception):
@@ -27,9 +27,7 @@ class CheckpointError(Exception):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(obj, indent=1).encode())
 
 
 class Checkpointer:
