@@ -88,8 +88,7 @@ def main():
         rates[f"fused teacher, Euler-Maruyama {a.em_steps} steps ({a.em_steps} x K NFE)"] = timed(
             run(lambda x: euler_maruyama(fused, x, a.em_steps, e.sigma_min, e.sigma_max, e.rho, g)), z)
     gen = rates["one-step generator (1 NFE)"]
-    # FusedDenoiser runs all K networks per evaluation, except for a one-hot lambda (only that network)
-    active = 1 if int((fused.weights != 0).any(0).sum()) == 1 else fused.num_models
+    active = fused.networks_per_call
     print(f"fused teacher: K = {fused.num_models}, {active} network(s) run per evaluation")
     result = {"device": str(device), "batch": a.batch, "K": fused.num_models, "networks_per_evaluation": active,
               "samples_per_s": rates,

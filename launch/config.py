@@ -16,9 +16,6 @@ from shards.spec import DataSpec
 from trainer.spec import DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
 
 
-BASELINES = ("target-scratch", "target-finetune", "checkpoint-merge")
-
-
 class ConfigError(Exception):
     """A config problem a user can fix; the message names the key or path."""
 
@@ -120,6 +117,7 @@ def _check(run: RunConfig) -> None:
     fuse = run.fuse
     if fuse.method not in ("exact", "sgd"):
         raise ConfigError(f"fuse.method: {fuse.method!r} is not exact | sgd")
+    from launch.stages import BASELINES  # the builders; a lazy import, stages imports this module
     unknown = sorted(set(fuse.baselines) - set(BASELINES))
     if unknown:
         raise ConfigError(f"fuse.baselines: unknown {unknown} (known: {', '.join(BASELINES)})")

@@ -1,6 +1,7 @@
 """`scorefuse distill` and `scorefuse sample`: the one-step generator stage (trainer/distill.py) as a
 function of the run config, and sampling any finished model of a run into PNGs or an .npz."""
 import json
+import math
 import re
 from pathlib import Path
 
@@ -11,15 +12,14 @@ from evaluation.frechet import metric_name
 from evaluation.grid import save_grid
 from launch.config import ConfigError, RunConfig
 from launch.rundir import RunDir
-from launch.stages import (_grid_latents, frechet_evaluator, grid_scale, latents, reference_statistics,
-                           sampler)
+from launch.stages import _grid_latents, frechet_evaluator, grid_scale, reference_statistics, sampler
 from shards.manifest import image_shape, load_manifest
 from trainer.distill import DistillError, load_generator, train_distill
 from trainer.engine import Hook, make_accelerator
 from trainer.export import load_denoiser
 from trainer.fusion import merge_weights
-from trainer.samples import to_uint8
-from trainer.scorefusion import load_auxiliaries, load_fused
+from trainer.samples import chunk_latents, to_uint8
+from trainer.scorefusion import best_auxiliary, load_fused, single_lambda
 
 
 def distill_dir(cfg: RunConfig) -> Path:
@@ -43,18 +43,15 @@ def teacher_parts(cfg: RunConfig):
     d = cfg.distill
     warm = None
     if d.init == "warm" or d.score_init == "aux":
+        # from the teacher's own (already loaded) auxiliaries
         if d.warm_from == "best":
-            losses = fit["exact"]["vertex_losses"]
-            best = min(losses, key=losses.get)
-            warm = load_denoiser(rd.aux(best))[0].state_dict()
+            best = best_auxiliary(fit)
+            warm = teacher.denoisers[teacher.names.index(best)].state_dict()
             info["warm"] = f"aux/{best}"
         else:
-            exact = fit["exact"]
-            lam = exact.get("single_lambda", {}).get("lambda") or exact["lambda"][0]
-            warm = merge_weights(load_auxiliaries(rd.aux_dirs(cfg)), lam)
+            lam = single_lambda(fit)
+            warm = merge_weights(list(teacher.denoisers), lam)
             info["warm"] = f"merge {[round(v, 4) for v in lam]}"
-    shape = tuple(teacher.denoisers[0].image_shape) if hasattr(teacher.denoisers[0], "image_shape") else None
-    teacher.image_shape = shape
     return teacher, warm, info
 
 
@@ -149,18 +146,19 @@ def model_sampler(cfg: RunConfig, model: str, device):
 
 
 def sample_command(cfg: RunConfig, model: str, n: int, out: str | None, batch: int | None = None) -> Path:
-    """n samples of `model` (latents seeded by train.seed) -> PNGs in a directory, or one .npz holding
-    `images` (uint8 [n, H, W, C])."""
+    """n samples of `model` -> PNGs in a directory, or one .npz holding `images` (uint8 [n, H, W, C]).
+    The latents are those `evaluate` draws (train.seed, chunks of eval.batch): with the default batch,
+    these are the images the report scored."""
     if n < 1:
         raise ConfigError(f"n={n}: need at least one sample")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fn, shape = model_sampler(cfg, model, device)
-    z = latents(n, shape, cfg.train.seed, "cpu")
+    b = batch or cfg.eval.batch
     parts = []
     with torch.no_grad():
-        for chunk in z.split(batch or cfg.eval.batch):
-            parts.append(to_uint8(fn(chunk.to(device))).cpu())
-    images = torch.cat(parts).permute(0, 2, 3, 1).numpy()  # NHWC
+        for i in range(math.ceil(n / b)):
+            parts.append(to_uint8(fn(chunk_latents(cfg.train.seed, i, b, shape).to(device))).cpu())
+    images = torch.cat(parts)[:n].permute(0, 2, 3, 1).numpy()  # NHWC
     path = Path(out) if out else RunDir.of(cfg).root / "samples" / re.sub(r"[^\w.-]", "_", model)
     if path.suffix == ".npz":
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from evaluation.digit_classifier import class_proportions
+from evaluation.digit_classifier import EXTRACTOR_NAME as DIGIT_CLASSIFIER, class_proportions
 from evaluation.frechet import metric_name
 from evaluation.report import write_report
 from evaluation.score_matching import denoising_test_loss
@@ -44,10 +44,7 @@ def finished_models(cfg: RunConfig) -> list[tuple[str, Callable, dict]]:
         fit = _json(rd.fuse / "lambda.json")
         for which in ("exact", "sgd"):
             models.append((f"fused ({which})", lambda w=which: load_fused(rd.fuse, rd.aux_dirs(cfg), w),
-                           {"minutes": fit[which]["seconds"] / 60, "lambda": fit[which]["lambda"],
-                            # K networks per evaluation; a one-hot lambda runs only its one network
-                            "networks": 1 if (np.atleast_2d(fit[which]["lambda"]) != 0).any(0).sum() == 1
-                            else len(fit["names"])}))
+                           {"minutes": fit[which]["seconds"] / 60, "lambda": fit[which]["lambda"]}))
     for name in ("target-scratch", "target-finetune"):
         stage = rd.baseline(name)
         if is_finished(stage):
@@ -77,7 +74,7 @@ def evaluate_stage(cfg: RunConfig, log=print) -> dict:
     held_out = read_population(rd.data, reference)[0]
     classes = manifest["class_names"]
     target_mix = _mixture_vector(cfg.data.target.mixture, classes)
-    digits = evaluator.extractor == "digit-classifier"
+    digits = evaluator.extractor == DIGIT_CLASSIFIER
     rows = []
     for label, load, facts in finished_models(cfg):
         denoiser = load().to(acc.device)
@@ -88,7 +85,7 @@ def evaluate_stage(cfg: RunConfig, log=print) -> dict:
                                                      world_size=acc.num_processes, gather=acc.gather,
                                                      keep_images=digits)
         row = {"model": label, "fit minutes": facts["minutes"], f"{name} target": evaluator.frechet(features, target_ref),
-               "NFE/sample": 1 if one_step else (2 * cfg.edm.sampler_steps - 1) * facts.get("networks", 1),
+               "NFE/sample": 1 if one_step else (2 * cfg.edm.sampler_steps - 1) * getattr(denoiser, "networks_per_call", 1),
                "samples/s": n / (time.perf_counter() - started)}
         pop = facts.get("population")
         row[f"{name} own population"] = (evaluator.frechet(features, reference_statistics(evaluator, cfg, pop.name))
@@ -123,10 +120,10 @@ def _write(cfg, rd, manifest, rows, name, extractor, classes):
              f"{cfg.fuse.test_draws_per_image} (sigma, noise) draws per image, the same draws for every model.",
              "fit minutes: training time for trained models; for fused models the time to fit lambda.",
              "NFE/sample: network evaluations per sample: 2 x steps - 1 Heun evaluations, times K networks for a "
-             "fused model (every auxiliary runs at every evaluation), 1 for the one-step generator; samples/s: "
+             "fused model (every auxiliary runs at every evaluation unless lambda is one-hot), 1 for the one-step generator; samples/s: "
              "sampling plus feature extraction, on this machine.",
              f"class order: {' '.join(classes)}; populations disjoint: {manifest['disjoint']}."]
-    if extractor == "digit-classifier":
+    if extractor == DIGIT_CLASSIFIER:
         notes.insert(2, "class TV: total variation distance between the digit classifier's class proportions of "
                         "the samples and a population's mixture (0 = the same, 1 = disjoint).")
     if (rd.fuse / "lambda.png").is_file():

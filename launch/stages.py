@@ -22,7 +22,7 @@ from trainer.edm import heun_sample
 from trainer.engine import Hook, make_accelerator
 from trainer.export import build_denoiser, export_denoiser, load_denoiser
 from trainer.fusion import merge_weights
-from trainer.scorefusion import fit_fusion, load_auxiliaries, load_fused
+from trainer.scorefusion import best_auxiliary, fit_fusion, load_auxiliaries, load_fused, single_lambda
 
 GRID_SEED = 2024  # the same latents for every grid, so grids of one model over time are comparable
 
@@ -60,13 +60,9 @@ def reference_statistics(evaluator: FrechetEvaluator, cfg: RunConfig, population
     return evaluator.reference_statistics(entry["hash"], lambda: read_population(rd.data, population)[0])
 
 
-def latents(n: int, shape, seed: int, device) -> torch.Tensor:
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-
-
 def _grid_latents(cfg: RunConfig, manifest: dict, device) -> torch.Tensor:
-    shape = image_shape(manifest)
-    return latents(cfg.eval.grid_images, shape, GRID_SEED, device)
+    shape = (cfg.eval.grid_images, *image_shape(manifest))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(GRID_SEED)).to(device)
 
 
 def training_hooks(cfg: RunConfig, stage_dir: Path, population: str, acc) -> tuple[Hook, ...]:
@@ -168,9 +164,8 @@ def _target_finetune(cfg: RunConfig, fit: dict, acc, log=print) -> None:
     stage = RunDir.of(cfg).baseline("target-finetune")
     if is_finished(stage):
         return log(f"{stage}: already finished, skipping")
-    losses = fit["exact"]["vertex_losses"]
-    best = min(losses, key=losses.get)
-    log(f"target-finetune: starting from aux/{best} (target loss {losses[best]:.5f})")
+    best = best_auxiliary(fit)
+    log(f"target-finetune: starting from aux/{best} (target loss {fit['exact']['vertex_losses'][best]:.5f})")
     init = load_denoiser(RunDir.of(cfg).aux(best))[0].state_dict()
     train = replace(cfg.train, total_kimg=cfg.fuse.finetune_kimg, lr=cfg.fuse.finetune_lr, lr_rampup_kimg=0)
     train_diffusion(acc, stage, RunDir.of(cfg).data, cfg.data.target.name, cfg.data, cfg.network, cfg.edm,
@@ -184,8 +179,7 @@ def _checkpoint_merge(cfg: RunConfig, fit: dict, acc, log=print) -> None:
     if (stage / "model.json").is_file() or not acc.is_main_process:
         return
     rd = RunDir.of(cfg)
-    exact = fit["exact"]
-    lam = exact.get("single_lambda", {}).get("lambda") or exact["lambda"][0]
+    lam = single_lambda(fit)
     meta = load_denoiser(rd.aux(fit["names"][0]))[1]
     merged = build_denoiser(meta)
     merged.load_state_dict(merge_weights(load_auxiliaries(rd.aux_dirs(cfg)), lam))

@@ -13,6 +13,7 @@ from trainer.barycenter import accumulate_gram
 from trainer.edm import heun_sample
 from trainer.export import build_denoiser
 from trainer.fusion import FusedDenoiser, FusionError, merge_weights
+from trainer.scorefusion import target_batches
 
 META = dict(preset="tiny", image_size=16, channels=1, sigma_data=0.5)
 EDM = dict(p_mean=-1.2, p_std=1.2, sigma_data=0.5)
@@ -123,18 +124,12 @@ def test_bf16_autocast_gram_is_close_to_float32():
 IMAGES, BATCH, DRAWS, EDGES = 12, 2, 2, [0.5]
 
 
-def seeded_batches(rank: int, world: int):
-    """This rank's share of the target batches, each with a generator seeded by its global index, so
-    that the draws of a batch do not depend on which rank takes it."""
-    data = torch.rand(IMAGES, 1, 16, 16, generator=torch.Generator().manual_seed(7)) * 2 - 1
-    for index, x0 in enumerate(data.split(BATCH)):
-        if index % world == rank:
-            yield x0, torch.Generator().manual_seed(1000 + index)
-
-
 def gram_stats(rank: int, world: int, reduce=None):
+    """The fuse stage's Gram pass over this rank's share of the target images (trainer.scorefusion.target_batches)."""
+    images = torch.randint(0, 256, (IMAGES, 1, 16, 16), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
     fused = FusedDenoiser([tiny(seed) for seed in range(3)], torch.full((3,), 1 / 3))
-    return accumulate_gram(fused, seeded_batches(rank, world), DRAWS, **EDM, sigma_edges=EDGES, reduce=reduce)
+    batches = target_batches(images, BATCH, seed=0, rank=rank, world=world)
+    return accumulate_gram(fused, batches, DRAWS, **EDM, sigma_edges=EDGES, reduce=reduce)
 
 
 def all_reduce_sum(tensor):

@@ -31,7 +31,6 @@ Three parts:
   term is the official one divided by the same constant B*C*H*W. Relative weights (L_real : L_fake : R1)
   are therefore exactly the official ones, and Adam is invariant to the common scale.
 """
-import hashlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +40,8 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest, sha256_file
+from shards.files import sha256_file, sha256_text
+from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, image_shape, load_manifest
 from shards.prepare import canonical_json, write_manifest, write_shard
 from shards.stream import train_loader
 from trainer.edm import Denoiser, heun_sample
@@ -176,7 +176,7 @@ def g_step_loss(D, G, batch: int, shape, device) -> torch.Tensor:
 # ---- teacher data ------------------------------------------------------------------------------------
 
 def teacher_fingerprint(info: dict) -> str:
-    return hashlib.sha256(canonical_json(info).encode()).hexdigest()
+    return sha256_text(canonical_json(info))
 
 
 def sample_teacher(acc, teacher, out_dir: Path, n: int, shape, steps: int, edm: EDMSpec, seed: int,
@@ -220,7 +220,6 @@ def sample_teacher(acc, teacher, out_dir: Path, n: int, shape, steps: int, edm: 
                            "sha256": sha256_file(path)})
         manifest = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "teacher": info,
                     "image_size": shape[-1], "channels": shape[0], "class_names": class_names,
-                    "disjoint": True, "overlaps": [],
                     "populations": {TEACHER_POPULATION: {"role": "teacher", "split": "generated", "count": n,
                                                          "mixture": {}, "class_histogram": {},
                                                          "shards": shards}}}
@@ -288,7 +287,7 @@ def load_generator(directory: Path) -> tuple[OneStepGenerator, dict]:
                              "run `scorefuse distill` first")
     G = OneStepGenerator(build_denoiser(meta), meta["sigma_max"])
     G.load_state_dict(state)
-    G.image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    G.image_shape = image_shape(meta)
     return G.eval().requires_grad_(False), meta
 
 
@@ -314,7 +313,7 @@ def train_distill(acc, stage_dir: Path, teacher, warm_state: dict | None, teache
     `hooks(train_spec) -> tuple[Hook]` builds the periodic evaluation hooks."""
     stage_dir = Path(stage_dir)
     manifest = load_manifest(data_dir)
-    shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
+    shape = image_shape(manifest)
     teacher_shape = getattr(teacher, "image_shape", None)
     if teacher_shape is not None and tuple(teacher_shape) != shape:
         raise DistillError(f"distill: the teacher was trained on {tuple(teacher_shape)} images, the data are {shape}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from shards.manifest import image_shape
 from trainer.checkpoint import CheckpointError
 from trainer.edm import Denoiser
 from trainer.unet import build_unet
@@ -49,5 +50,5 @@ def load_denoiser(directory: Path) -> tuple[Denoiser, dict]:
     denoiser = build_denoiser(meta)
     denoiser.load_state_dict(state)
     # What the model was trained on; the UNet itself runs at any size, so fusion checks this.
-    denoiser.image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    denoiser.image_shape = image_shape(meta)
     return denoiser.eval().requires_grad_(False), meta

@@ -96,7 +96,7 @@ class FusedDenoiser(nn.Module):
     D_i from leaking into a row that does not use it.
 
     An auxiliary that exposes `image_shape` (C, H, W) is checked against the others at
-    construction; trainer.edm.Denoiser does not (a UNet runs at any resolution), so image-size
+    construction, and the fused model exposes it too; trainer.edm.Denoiser does not (a UNet runs at any resolution), so image-size
     mismatches between such auxiliaries must be caught from their model.json. Channel mismatches
     and failing auxiliaries are reported by name at the first call.
     """
@@ -109,7 +109,9 @@ class FusedDenoiser(nn.Module):
         self.names = list(names) if names is not None else [f"auxiliary {i}" for i in range(len(denoisers))]
         if len(self.names) != len(denoisers):
             raise FusionError(f"{len(self.names)} names for {len(denoisers)} denoisers")
-        _check_image_shapes(denoisers, self.names)
+        shape = _common_image_shape(denoisers, self.names)
+        if shape is not None:
+            self.image_shape = shape
         self.denoisers = nn.ModuleList(denoisers)
         self.denoisers.eval().requires_grad_(False)
         weights = check_weights(weights, len(denoisers))
@@ -125,6 +127,13 @@ class FusedDenoiser(nn.Module):
     @property
     def num_models(self) -> int:
         return len(self.denoisers)
+
+    @property
+    def networks_per_call(self) -> int:
+        """Networks one call at one sigma runs (as in the sampler), the most over the sigma bins: 1 where
+        that bin's lambda is one-hot (forward runs only that model), else K."""
+        one_hot = (self.weights == 1).any(dim=1) & ((self.weights == 0).sum(dim=1) == self.num_models - 1)
+        return 1 if bool(one_hot.all()) else self.num_models
 
     @property
     def num_bins(self) -> int:
@@ -231,12 +240,14 @@ def merge_weights(denoisers: Sequence[nn.Module], lam) -> dict[str, torch.Tensor
     return merged
 
 
-def _check_image_shapes(denoisers: Sequence[nn.Module], names: list[str]) -> None:
+def _common_image_shape(denoisers: Sequence[nn.Module], names: list[str]) -> tuple | None:
+    """The (C, H, W) every auxiliary that exposes one models; None when none does."""
     shapes = [(name, tuple(d.image_shape)) for name, d in zip(names, denoisers) if hasattr(d, "image_shape")]
     for name, shape in shapes[1:]:
         if shape != shapes[0][1]:
             raise FusionError(f"{name} models images of shape {shape} but {shapes[0][0]} of "
                               f"{shapes[0][1]}; all auxiliaries must model the target's image shape")
+    return shapes[0][1] if shapes else None
 
 
 def _check_edges(sigma_edges, num_bins: int) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
-"""What every sample set is made of: its latents, seeded per chunk, and the one quantisation from model
-output to pixels. The Fréchet distance, the sample grids, `scorefuse sample` and the distillation
-teacher's shards all use these two, so the same seed gives the same images everywhere, on any number of
-ranks, and a grid shows exactly the pixels the metric saw."""
+"""What a sample set is made of: its latents, seeded per chunk, and the one quantisation from model
+output to pixels. The Fréchet distance, `scorefuse sample` and the distillation teacher's shards draw
+their latents with `chunk_latents`, so the same seed gives the same images on any number of ranks (and
+`sample` the images `evaluate` scored); every PNG and shard quantises with `to_uint8`."""
 from typing import Sequence
 
 import numpy as np

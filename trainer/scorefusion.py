@@ -10,13 +10,13 @@ Both are written to fuse/lambda.json; fuse.method says which one is *the* fused 
 judged on the same Gram statistics, so their losses compare exactly.
 """
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from shards.files import write_atomically
 from shards.stream import read_population, train_loader
 from trainer.barycenter import accumulate_gram, fit_barycenter_weights, sgd_fit_parts
 from trainer.checkpoint import CheckpointError
@@ -49,6 +49,20 @@ def load_fused(fuse_dir: Path, aux_dirs: dict[str, Path], which: str | None = No
     lam = fit[which or fit["method"]]["lambda"]
     return FusedDenoiser(load_auxiliaries(aux_dirs), torch.tensor(lam, dtype=torch.float64),
                          sigma_edges=fit["sigma_edges"], names=list(aux_dirs))
+
+
+def best_auxiliary(fit: dict) -> str:
+    """The auxiliary with the lowest target loss on its own (the best vertex of the exact fit), from
+    lambda.json."""
+    losses = fit["exact"]["vertex_losses"]
+    return min(losses, key=losses.get)
+
+
+def single_lambda(fit: dict) -> list[float]:
+    """One lambda for every sigma, from lambda.json: the exact fit's, or with sigma bins the single-lambda
+    fit on the same draws."""
+    exact = fit["exact"]
+    return exact.get("single_lambda", {}).get("lambda") or exact["lambda"][0]
 
 
 def target_batches(images: torch.Tensor, batch: int, seed: int, rank: int, world: int):
@@ -92,8 +106,6 @@ def fit_fusion(accelerator, fuse_dir: Path, aux_dirs: dict[str, Path], data_dir:
     modules, optimizers, updates = sgd_fit_parts(fused, edm.p_mean, edm.p_std, edm.sigma_data,
                                                  sigma_edges=edges, momentum=fuse.sgd_momentum,
                                                  autocast_dtype=autocast)
-    for group in optimizers["sgd"].param_groups:
-        group["lr"] = fuse.sgd_lr
     micro = fuse.batch // world
 
     def target_stream(start_batch):
@@ -116,9 +128,7 @@ def fit_fusion(accelerator, fuse_dir: Path, aux_dirs: dict[str, Path], data_dir:
               "exact": {"lambda": exact["lambda"].tolist(), "seconds": exact_seconds, **exact["report"]},
               "sgd": sgd}
     if accelerator.is_main_process:
-        tmp = fuse_dir / "lambda.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, fuse_dir / "lambda.json")  # last: its presence means the stage finished
+        write_atomically(fuse_dir / "lambda.json", json.dumps(result, indent=1).encode())  # last: it marks the stage finished
     accelerator.wait_for_everyone()
     return result
 
