@@ -2,10 +2,11 @@
 
 Prepares the embedded digits in a temporary directory, then measures
   - images/s of the training stream (shards.stream.train_loader) with 0, 1 and 2 DataLoader workers;
-  - images/s of one `tiny` training step (forward, backward, Adam) at the same batch;
+  - images/s of one `tiny` training step (forward, backward, the stages' fused Adam) at the same batch;
 and prints the ratio. Target: the loader is at least 10x faster than the tiny training step.
 
-    python bench/data.py [--batch 128] [--batches 200]
+    python bench/data.py [--batch 128] [--batches 200] [--train-steps 20] [--rounds 3]
+    python bench/data.py --tiny      # smoke test: a few batches and steps, 1 round, no target judged
 """
 import argparse
 import statistics
@@ -17,10 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from launch.config import load_config  # noqa: E402
 from shards.prepare import prepare  # noqa: E402
 from shards.stream import train_loader  # noqa: E402
+from trainer.config import load_config  # noqa: E402
 from trainer.edm import Denoiser, denoising_loss  # noqa: E402
+from trainer.engine import adam  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402
 
 CONFIG = Path(__file__).parents[1] / "configs" / "digits.yaml"
@@ -37,10 +39,10 @@ def loader_rate(data_dir, population, batch, batches, workers) -> float:
     return batch * batches / (time.perf_counter() - t0)
 
 
-def train_rate(batch, steps, image_size, channels) -> float:
+def train_rate(cfg, batch, steps, image_size, channels) -> float:
     torch.manual_seed(0)
-    den = Denoiser(build_unet("tiny", image_size, channels))
-    opt = torch.optim.Adam(den.parameters(), lr=1e-4)
+    den = Denoiser(build_unet("tiny", image_size, channels), sigma_data=cfg.edm.sigma_data)
+    opt = adam(den.parameters(), 1e-4, cfg.train.adam_betas, cfg.train.adam_eps)
     x0 = torch.rand(batch, channels, image_size, image_size) * 2 - 1
 
     def step():
@@ -60,7 +62,10 @@ def main():
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="smoke test: batch 32, 4 batches, 2 steps, 1 round")
     args = p.parse_args()
+    if args.tiny:
+        args.batch, args.batches, args.train_steps, args.rounds = 32, 4, 2, 1
     cfg = load_config(CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = prepare(cfg.data, Path(tmp), log=lambda m: None)
@@ -70,10 +75,11 @@ def main():
         for _ in range(args.rounds):  # interleaved, so drift in machine speed hits all alike
             for w in rates:
                 rates[w].append(loader_rate(Path(tmp), pop, args.batch, args.batches, w))
-            train.append(train_rate(args.batch, args.train_steps, manifest["image_size"], manifest["channels"]))
+            train.append(train_rate(cfg, args.batch, args.train_steps, manifest["image_size"], manifest["channels"]))
     t = statistics.median(train)
     print(f"\ndigits {manifest['image_size']}x{manifest['image_size']}x{manifest['channels']} PNG shards, "
-          f"batch {args.batch}, median of {args.rounds} rounds, torch threads {torch.get_num_threads()}")
+          f"batch {args.batch}, median of {args.rounds} rounds, torch threads {torch.get_num_threads()}"
+          + (" (--tiny: a smoke test, not a measurement)" if args.tiny else ""))
     print("| what | images/s | x tiny training step |\n|---|---|---|")
     for w, r in rates.items():
         print(f"| train_loader, {w} workers | {statistics.median(r):,.0f} | {statistics.median(r) / t:.1f}x |")

@@ -7,9 +7,11 @@ The rate is taken from the stage's metrics.jsonl between its first and last logg
 
     python bench/scaling.py                        # tiny preset on the digits shards; CPU: DS_ACCELERATOR=cpu is set
     python bench/scaling.py --processes 1 --precision bf16 network.preset=ddpmpp-cifar10   # one GPU: DDP vs ZeRO-2
+    python bench/scaling.py --launchers DDP        # DDP only (no DeepSpeed warm-up)
+    python bench/scaling.py --tiny                 # smoke test: DDP, 1 process, 10 steps, 1 round
 
-On CPU each process gets cores / processes threads, so 2 processes use the same cores as 1. Extra
-arguments are run-config overrides.
+On CPU each process gets cores / processes threads (--threads sets it), so 2 processes use the same
+cores as 1. Extra arguments are run-config overrides.
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 ZERO2 = ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+LAUNCHERS = ("DDP", "ZeRO-2")
 
 
 def launcher(kind: str, processes: int, port: int) -> list[str]:
@@ -51,10 +54,10 @@ def run_case(args, run_root: Path, kind: str, processes: int) -> float:
                  f"train.log_every_kimg={kimg * args.log_every}", "train.eval_every_kimg=0",
                  "train.snapshot_every_kimg=0", "train.checkpoint_every_kimg=0", "train.lr_rampup_kimg=0",
                  "data.workers=0", *args.overrides]
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // processes)
     cmd = [*launcher(kind, processes, args.port), "--num_cpu_threads_per_process", str(threads),
            "-m", "launch.cli", "train-aux", "--config", args.config, *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # stderr is a pipe: progress comes as plain lines
     if not _has_gpu():
         env["DS_ACCELERATOR"] = "cpu"
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -79,16 +82,28 @@ def main():
     p.add_argument("--log-every", type=int, default=20, help="steps per logged row")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--port", type=int, default=29561)
+    p.add_argument("--threads", type=int, default=0, help="threads per process (default: cores / processes)")
+    p.add_argument("--launchers", nargs="+", default=list(LAUNCHERS), choices=LAUNCHERS)
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke test: DDP only, 1 process of 1 thread, batch 16, 10 steps logged every 3, 1 round, "
+                        "no warm-up")
     p.add_argument("overrides", nargs="*", help="run-config overrides, key=value")
     args = p.parse_args()
+    if args.tiny:
+        args.launchers, args.processes, args.threads = ["DDP"], [1], 1
+        args.batch, args.steps, args.log_every, args.rounds = 16, 10, 3, 1
 
-    cases = [(kind, n) for kind in ("DDP", "ZeRO-2") for n in args.processes]
+    kinds = [kind for kind in LAUNCHERS if kind in args.launchers]
+    cases = [(kind, n) for kind in kinds for n in args.processes]
     rates = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "launch.cli", "prepare", "--config", args.config, f"root={tmp}",
-                        *[o for o in args.overrides if o.startswith("data.")]],
-                       cwd=ROOT, check=True, capture_output=True)
-        run_case(args, Path(tmp), "ZeRO-2", args.processes[0])  # warm-up: DeepSpeed's op build, page cache
+        prepared = subprocess.run([sys.executable, "-m", "launch.cli", "prepare", "--config", args.config,
+                                   f"root={tmp}", *[o for o in args.overrides if o.startswith("data.")]],
+                                  cwd=ROOT, capture_output=True, text=True)
+        if prepared.returncode != 0:
+            raise SystemExit(f"prepare failed:\n{prepared.stdout[-3000:]}\n{prepared.stderr[-5000:]}")
+        if "ZeRO-2" in kinds:
+            run_case(args, Path(tmp), "ZeRO-2", args.processes[0])  # warm-up: DeepSpeed's op build, page cache
         for r in range(args.rounds):
             for case in cases:
                 rates[case].append(run_case(args, Path(tmp), *case))
@@ -103,11 +118,11 @@ def main():
     for case in cases:
         m = statistics.median(rates[case])
         print(f"| {case[0]} | {case[1]} | {m:.1f} | {min(rates[case]):.1f} | {max(rates[case]):.1f} | {m / base:.2f}x |")
-    for kind in ("DDP", "ZeRO-2"):
+    for kind in kinds:
         if len(args.processes) > 1:
             a, b = (statistics.median(rates[(kind, n)]) for n in args.processes[:2])
             print(f"{kind}: {args.processes[1]} processes / {args.processes[0]}: {b / a:.2f}x")
-    for n in args.processes:
+    for n in args.processes if len(kinds) == 2 else ():
         z, d = statistics.median(rates[("ZeRO-2", n)]), statistics.median(rates[("DDP", n)])
         print(f"{n} process{'es' if n > 1 else ''}: ZeRO-2 / DDP: {z / d:.2f}x")
 

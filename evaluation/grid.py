@@ -1,41 +1,38 @@
-"""Sample grids as PNG, so a person can look at what a model draws (pixels by trainer.samples.to_uint8,
-as for the Fréchet distance)."""
+"""Pictures a person looks at: grids of images as PNG (pixels by shards.pixels.to_uint8, the quantisation the
+Fréchet distance sees), laid out by torchvision's make_grid."""
 import io
-import math
 from pathlib import Path
 from typing import Optional
 
+import math
 import torch
 from PIL import Image
+from torchvision.utils import make_grid
 
-from shards.files import write_atomically
-from trainer.samples import to_uint8
+from shards.atomic import write_atomically
+from shards.pixels import to_uint8
 
 PADDING = 1  # pixels between cells, before scaling
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, scale: int = 1) -> None:
-    """Tile images [B, C, H, W] in [-1, 1] (C = 1 or 3) into a PNG with `nrow` images per row.
-
-    nrow defaults to ceil(sqrt(B)) (a near-square grid). `scale` enlarges with nearest-neighbour so 16x16
-    digits stay sharp. The file is replaced atomically.
-    """
+def save_png(images: torch.Tensor, path: Path, nrow: Optional[int] = None, scale: int = 1) -> None:
+    """Tile uint8 images [B, C, H, W] (C = 1 or 3) into a PNG with `nrow` images per row (default: a
+    near-square grid), enlarged `scale` times with nearest-neighbour so that 16x16 digits stay sharp.
+    Written atomically; one-channel images stay one channel (mode L)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images [B, 1|3, H, W], got {tuple(images.shape)}")
-    b, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    ncol_cells, nrow_cells = min(nrow, b), math.ceil(b / nrow)
-    pixels = to_uint8(images).cpu()
-    canvas = torch.zeros(c, nrow_cells * (h + PADDING) + PADDING, ncol_cells * (w + PADDING) + PADDING,
-                         dtype=torch.uint8)
-    for i in range(b):
-        y = PADDING + (i // nrow) * (h + PADDING)
-        x = PADDING + (i % nrow) * (w + PADDING)
-        canvas[:, y:y + h, x:x + w] = pixels[i]
-    array = canvas.permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[:, :, 0] if c == 1 else array)  # 2-D -> "L", H x W x 3 -> "RGB"
+    channels = images.shape[1]
+    nrow = min(nrow or math.ceil(math.sqrt(len(images))), len(images))
+    grid = make_grid(images.cpu(), nrow=nrow, padding=PADDING, pad_value=0)[:channels]  # make_grid makes grey RGB
+    array = grid.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array)
     if scale != 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     write_atomically(Path(path), buffer.getvalue())
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None, scale: int = 1) -> None:
+    """save_png of model outputs in [-1, 1]."""
+    save_png(to_uint8(images), path, nrow, scale)

@@ -1,25 +1,33 @@
 """The run report: one Markdown file a person reads first, and the same numbers as JSON for programs.
 
 The caller decides what the rows are (FID per model, lambda, timings...); this module only lays them out,
-so a new metric never needs a change here. Both files are replaced atomically: an interrupted write leaves
-the previous report intact instead of a truncated one.
+so a new metric never needs a change here. A section is a table (a list of row dicts) or text (a list of
+sentences). Cells keep their numbers in the JSON: an estimate with its uncertainty is a dict, {"mean", "se"}
+or {"mean", "std"} (shown "m ± s") or {"value", "low", "high"} (shown "v [low, high]"). Both files are replaced
+atomically: an interrupted write leaves the previous report intact instead of a truncated one.
 """
 import json
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from shards.files import write_atomically
+from shards.atomic import write_atomically
 
 MISSING_CELL = "—"
 
 
 def format_cell(value) -> str:
-    """Floats to 4 significant digits (FID 3.771, lambda 0.2500 -> 0.25); None as a dash; pipes escaped."""
+    """Floats to 4 significant digits (FID 3.771, lambda 0.2500 -> 0.25); None as a dash; estimates with their
+    uncertainty as "m ± s" or "v [low, high]"; pipes escaped."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING_CELL
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, dict) and {"value", "low", "high"} <= value.keys():
+        return f"{value['value']:.4g} [{value['low']:.4g}, {value['high']:.4g}]"
+    if isinstance(value, dict) and "mean" in value and ("se" in value or "std" in value):
+        spread = value.get("se", value.get("std"))
+        return f"{value['mean']:.4g} ± {spread:.2g}"
     return str(value).replace("|", "\\|")
 
 
@@ -37,20 +45,25 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, title: str, sections: list[tuple[str, list[dict]]],
+def write_report(path: Path, title: str, sections: list[tuple[str, list]],
                  notes: Iterable[str] = ()) -> None:
-    """Write `run_dir/report.md` (a table per section, then notes) and `run_dir/report.json` (raw values)."""
-    run_dir = Path(run_dir)
+    """Write the Markdown report `path` (per section a table, or text, then notes) and the same with .json
+    (raw values)."""
+    path = Path(path)
     notes = list(notes)
     parts = [f"# {title}", ""]
     for name, rows in sections:
-        parts += [f"## {name}", "", markdown_table(rows) if rows else "(no rows)", ""]
+        if rows and all(isinstance(row, str) for row in rows):
+            parts += [f"## {name}", "", *[f"- {sentence}" for sentence in rows], ""]
+        else:
+            parts += [f"## {name}", "", markdown_table(rows) if rows else "(no rows)", ""]
     if notes:
         parts += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     document = {
         "title": title,
-        "sections": [{"name": name, "rows": rows} for name, rows in sections],
+        "sections": [{"name": name, "text": rows} if rows and all(isinstance(r, str) for r in rows)
+                     else {"name": name, "rows": rows} for name, rows in sections],
         "notes": notes,
     }
-    write_atomically(run_dir / "report.json", (json.dumps(document, indent=2) + "\n").encode())
-    write_atomically(run_dir / "report.md", "\n".join(parts).encode())
+    write_atomically(path.with_suffix(".json"), (json.dumps(document, indent=2) + "\n").encode())
+    write_atomically(path, "\n".join(parts).encode())

@@ -5,9 +5,18 @@ from typing import Optional
 
 @dataclass
 class EvalSpec:
-    # auto: the digit classifier for the embedded digits, Inception (FID) for everything else.
-    extractor: str = "auto"        # auto | inception | digit-classifier
-    inception_weights: Optional[str] = None  # local pt_inception-2015-12-05-6726825d.pth
+    # auto: the feature classifier for the embedded digits, Inception (FID) for everything else.
+    extractor: str = "auto"        # auto | inception | classifier
+    inception_weights: Optional[str] = None  # local weights-inception-2015-12-05-6726825d.pth
     num_samples: int = 2000        # samples per model in `scorefuse evaluate`
     batch: int = 256
     grid_images: int = 64
+    # Negative log-likelihood by the probability-flow ODE (evaluation/likelihood.py) on held-out images.
+    nll_images: int = 200          # held-out reference images it is measured on (0: no NLL)
+    nll_steps: int = 64            # Heun steps of the ODE (64: within ~0.01 bits/dim of the exact integral)
+    nll_probes: int = 1            # Rademacher probes of the Hutchinson trace estimator per image
+    # Uncertainty (evaluation/intervals.py) and memorisation (evaluation/memorisation.py).
+    bootstrap: int = 200           # bootstrap rounds of the Fréchet distance's 95% interval
+    kid_subsets: int = 100         # KID: mean and std over this many subsets ...
+    kid_subset_size: int = 1000    # ... of this size (capped at the smaller set)
+    copy_threshold: float = 0.333  # a sample copies its nearest training image when d1 < threshold x d2

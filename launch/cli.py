@@ -1,73 +1,113 @@
-"""`scorefuse`: the command line.
+"""`scorefuse`: the command line. `scorefuse --help` lists the commands, `scorefuse COMMAND --help` their
+arguments and examples; launch/pipeline.py is the table they come from.
 
-    scorefuse prepare   --config C [key=value ...]   populations -> WebDataset shards (+ digit classifier)
-    scorefuse train-aux --config C aux=NAME|all [key=value ...]
-    scorefuse fuse      --config C [key=value ...]   fit the ScoreFusion weights lambda, build the baselines
-    scorefuse distill   --config C [key=value ...]   one-step generator by Score Mismatching (fused teacher)
-    scorefuse sample    --config C model=M n=N [out=DIR|FILE.npz]   samples of a finished model
-    scorefuse evaluate  --config C [key=value ...]   every finished model -> report.md / report.json
-    scorefuse run       --config C [key=value ...]   prepare, train every auxiliary, fuse, distill, evaluate
-    scorefuse submit    --config C [--dry-run] [key=value ...]   the same as chained SLURM jobs
-
-Every command resumes what an earlier call left unfinished and skips what is done. Errors a user can
-fix end with one line naming the culprit and exit code 2; a stage stopped by SIGTERM/SIGUSR1
-checkpoints and exits with code 75 (trainer/preemption.py).
+Every command resumes what an earlier call left unfinished and skips what is done. A problem the user can
+fix ends with one line naming the culprit and exit code 2; a stage stopped by SIGTERM/SIGUSR1 checkpoints
+and exits with 75 (requeue), by Ctrl-C with 130.
 """
 import argparse
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-from evaluation.errors import EvaluationError
-from launch.config import ConfigError, RunConfig, load_config
-from shards.errors import DataError
-from trainer.checkpoint import CheckpointError
-from trainer.distill import DistillError
-from trainer.engine import TrainingError
-from trainer.fusion import FusionError
+from launch.pipeline import COMMANDS, PIPELINE, stages_to_run
+from shards.errors import ConfigError, UserError
+from trainer.config import load_config, to_yaml
+from trainer.preemption import EXIT_INTERRUPTED
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, EvaluationError, TrainingError, FusionError, DistillError)
+DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "digits.yaml"
 EXIT_USER_ERROR = 2
+OVERRIDES_HELP = ("config overrides as dotted key=value (train.total_kimg=20, data.aux.0.count=300, "
+                  "data.target.mixture={\"0\": 0.5, \"1\": 0.5}); `scorefuse config` prints every key")
+
+
+def _version() -> str:
+    try:
+        return version("scorefuse")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scorefuse", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in [("prepare", "write the populations as WebDataset shards"),
-                        ("train-aux", "train auxiliary diffusion models (aux=NAME or aux=all)"),
-                        ("fuse", "fit the ScoreFusion weights on the target and build the baselines"),
-                        ("distill", "train the one-step generator (Score Mismatching, fused teacher)"),
-                        ("sample", "samples of a finished model: model=NAME n=N [out=DIR|FILE.npz]"),
-                        ("evaluate", "evaluate every finished model and write the report"),
-                        ("run", "the whole pipeline on this machine")]:
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("--config", required=True, help="YAML run config, e.g. configs/digits.yaml")
-        s.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
+    p = argparse.ArgumentParser(
+        prog="scorefuse", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Diffusion models for a target population with few images: train auxiliary models, fuse "
+                    "them with ScoreFusion, distill the fused model into a one-step generator, evaluate.",
+        epilog=f"The pipeline: {' -> '.join(PIPELINE)} (`scorefuse run` runs it; `scorefuse submit` queues it on "
+               "SLURM).\nThe default config is configs/digits.yaml (the embedded digits).")
+    p.add_argument("--version", action="version", version=f"scorefuse {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS.values():
+        lines = [f"  {name}=VALUE  {meaning}" for name, meaning in command.arguments.items()]
+        epilog = ("arguments:\n" + "\n".join(lines) + "\n\n" if lines else "") + \
+            "examples:\n" + "\n".join(f"  {e}" for e in command.examples)
+        s = sub.add_parser(command.name, help=command.summary, description=command.summary, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.add_argument("--config", default=str(DEFAULT_CONFIG),
+                       help="YAML run config (default: %(default)s)")
+        s.add_argument("items", nargs="*", metavar="key=value",
+                       help=(f"{', '.join(f'{a}=...' for a in command.arguments)} and " if command.arguments else "")
+                       + OVERRIDES_HELP)
     from launch.submit import add_arguments
-    add_arguments(sub.add_parser("submit", help="the whole pipeline as chained SLURM jobs (launch/submit.py)"))
+    add_arguments(sub.add_parser("submit", help="the pipeline as chained SLURM jobs",
+                                 description="the pipeline as chained SLURM jobs (launch/submit.py)"),
+                  str(DEFAULT_CONFIG), OVERRIDES_HELP)
     return p
 
 
-def _split_command_args(command: str, overrides: list[str]) -> tuple[dict, list[str]]:
-    """`aux=...` belongs to train-aux, not to the config."""
-    args, rest = {}, []
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if command == "train-aux" and key == "aux" or command == "sample" and key in ("model", "n", "out"):
-            args[key] = item.split("=", 1)[1]
+def split_arguments(command: str, items: list[str]) -> tuple[dict, list[str]]:
+    """The command's own name=value arguments, and the config overrides."""
+    known = COMMANDS[command].arguments
+    args, overrides = {}, []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{item!r} is not of the form key=value (scorefuse {command} --help)")
+        key, value = item.split("=", 1)
+        if key in known:
+            args[key] = value
         else:
-            rest.append(item)
-    if command == "train-aux" and "aux" not in args:
-        raise ConfigError("train-aux needs aux=NAME (one auxiliary population) or aux=all")
-    if command == "sample" and ("model" not in args or not args.get("n", "").isdigit()):
-        raise ConfigError("sample needs model=NAME (aux/NAME, fused, distill, ...) and n=<number of samples>")
-    return args, rest
+            overrides.append(item)
+    missing = [name for name in COMMANDS[command].required if name not in args]
+    if missing:
+        raise ConfigError(f"{command} needs {' and '.join(f'{m}=...' for m in missing)} "
+                          f"({'; '.join(f'{m}: {known[m]}' for m in missing)})")
+    return args, overrides
 
 
-def _train_aux(cfg: RunConfig, config_path: str, overrides: list[str], aux: str) -> int:
-    from launch.local import train_all
-    from launch.stages import train_aux_stage
-    if aux == "all":
-        return train_all(cfg, config_path, overrides)
-    train_aux_stage(cfg, aux)
+def run_stage(stage: str, cfg, args: dict, config_path: str, overrides: list[str]) -> int:
+    """One command on a loaded config; the stage bodies are imported here so that --help stays fast."""
+    if stage == "prepare":
+        from trainer.stages import prepare
+        prepare.run(cfg)
+    elif stage == "train-aux":
+        from launch.local import train_all
+        from trainer.stages import train_aux
+        if args["aux"] == "all":
+            return train_all(cfg, config_path, overrides)
+        for name in args["aux"].split(","):
+            train_aux.run(cfg, name)
+    elif stage == "fuse":
+        from trainer.stages import fuse
+        fuse.run(cfg)
+    elif stage == "distill":
+        from trainer.stages import distill
+        distill.run(cfg)
+    elif stage == "evaluate":
+        from trainer.stages import evaluate
+        evaluate.run(cfg)
+    elif stage == "sample":
+        from trainer.stages import sample
+        if not args["n"].isdigit():
+            raise ConfigError(f"n={args['n']}: the number of images must be a positive whole number")
+        sample.run(cfg, args["model"], int(args["n"]), args.get("out"))
+    elif stage == "run":
+        for name in stages_to_run(args.get("stages")):
+            code = run_stage(name, cfg, {"aux": "all"}, config_path, overrides)
+            if code:
+                return code
+    elif stage == "config":
+        print(to_yaml(cfg), end="")
     return 0
 
 
@@ -76,34 +116,12 @@ def run(argv: list[str]) -> int:
     if ns.command == "submit":
         from launch.submit import submit
         return submit(ns)
-    args, overrides = _split_command_args(ns.command, ns.overrides)
+    args, overrides = split_arguments(ns.command, ns.items)
     cfg = load_config(ns.config, overrides)
-    from launch import stages
-    from launch.evaluate import evaluate_stage
-    if ns.command == "prepare":
-        stages.prepare_stage(cfg)
-    elif ns.command == "train-aux":
-        return _train_aux(cfg, ns.config, overrides, args["aux"])
-    elif ns.command == "fuse":
-        stages.fuse_stage(cfg)
-    elif ns.command == "distill":
-        from launch.distill import distill_stage
-        distill_stage(cfg)
-    elif ns.command == "sample":
-        from launch.distill import sample_command
-        sample_command(cfg, args["model"], int(args["n"]), args.get("out"))
-    elif ns.command == "evaluate":
-        evaluate_stage(cfg)
-    elif ns.command == "run":
-        stages.prepare_stage(cfg)
-        code = _train_aux(cfg, ns.config, overrides, "all")
-        if code:
-            return code
-        stages.fuse_stage(cfg)
-        from launch.distill import distill_stage
-        distill_stage(cfg)
-        evaluate_stage(cfg)
-    return 0
+    import torch
+    if not torch.cuda.is_available():  # DeepSpeed would say "Setting accelerator to CPU" in every stage
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return run_stage(ns.command, cfg, args, ns.config, overrides)
 
 
 def _one_line(error: Exception) -> str:
@@ -118,9 +136,12 @@ def _one_line(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(run(sys.argv[1:] if argv is None else argv))
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"scorefuse: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:  # outside a training loop (which checkpoints first)
+        print("scorefuse: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ preemption does not take the others down, and each resumes on its own.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-from launch.config import RunConfig
+from trainer.config import RunConfig
+from trainer.rundir import RunDir
 
 
 def gpu_groups(num_gpus: int, num_models: int, parallel: int) -> list[list[int]]:
@@ -20,6 +20,17 @@ def gpu_groups(num_gpus: int, num_models: int, parallel: int) -> list[list[int]]
     slots = min(parallel or num_gpus, num_gpus, num_models)
     size = num_gpus // slots
     return [list(range(i * size, (i + 1) * size)) for i in range(slots)]
+
+
+def physical_gpu_ids(group: list[int], visible: str | None) -> list[str]:
+    """The ids to hand `accelerate launch --gpu_ids` for a group of indices into this process's visible GPUs.
+    Accelerate writes --gpu_ids straight into the child's CUDA_VISIBLE_DEVICES, so under a parent restricted
+    to CUDA_VISIBLE_DEVICES=4,5,6,7 (a SLURM allocation) index 0 must become "4", not "0" (another job's GPU).
+    Entries may be GPU UUIDs; they are passed through."""
+    if not visible:
+        return [str(i) for i in group]
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    return [ids[i] for i in group]
 
 
 def aux_commands(cfg: RunConfig, config_path: str, overrides: list[str]) -> tuple[list[tuple[str, list[str], dict]], int]:
@@ -32,8 +43,9 @@ def aux_commands(cfg: RunConfig, config_path: str, overrides: list[str]) -> tupl
         groups = gpu_groups(num_gpus, len(names), cfg.launch.aux_parallel)
         for i, name in enumerate(names):
             gpus = groups[i % len(groups)]
+            ids = physical_gpu_ids(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(len(gpus)),
-                   "--gpu_ids", ",".join(map(str, gpus)), "--main_process_port", str(29500 + i % len(groups)),
+                   "--gpu_ids", ",".join(ids), "--main_process_port", str(29500 + i % len(groups)),
                    "--mixed_precision", cfg.train.precision, "--dynamo_backend", "no"]
             if len(gpus) > 1:
                 cmd.append("--multi_gpu")
@@ -67,7 +79,7 @@ def train_all(cfg: RunConfig, config_path: str, overrides: list[str], log=print)
         logf = None
         stdout = None
         if parallel > 1:  # interleaved progress bars are unreadable: one log file per model
-            path = Path(cfg.run_dir) / "aux" / name / "train.log"
+            path = RunDir.of(cfg).train_log(name)
             path.parent.mkdir(parents=True, exist_ok=True)
             logf = stdout = open(path, "a")
             log(f"aux {name}: training, log in {path}")

@@ -1,4 +1,4 @@
-"""`scorefuse submit`: the whole pipeline as a chain of SLURM jobs.
+"""`scorefuse submit`: the pipeline (launch/pipeline.py) as a chain of SLURM jobs.
 
     prepare  ->  train-aux (an array job, one task per auxiliary population)  ->  fuse  ->  distill  ->  evaluate
 
@@ -19,7 +19,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.config import ConfigError, RunConfig, load_config
+from launch.pipeline import COMMANDS, stages_to_run
+from shards.errors import ConfigError
+from trainer.config import RunConfig, load_config
+from trainer.rundir import RunDir
 
 SCRIPT = Path(__file__).parent / "slurm" / "stage.sbatch"
 
@@ -31,8 +34,8 @@ class Job:
     args: list[str]     # the scorefuse command line the batch script runs
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/digits.yaml")
+def add_arguments(p: argparse.ArgumentParser, default_config: str, overrides_help: str) -> None:
+    p.add_argument("--config", default=default_config, help="YAML run config (default: %(default)s)")
     p.add_argument("--script", default=str(SCRIPT), help="the batch script (your edited copy of "
                    "launch/slurm/stage.sbatch); default: %(default)s")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
@@ -42,29 +45,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most N auxiliaries train at once (--array=...%%N); 0 = no limit")
     p.add_argument("--after", metavar="JOBID", help="the first job waits for this job (afterok)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
-    p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
+    p.add_argument("--stages", metavar="A,B", help="the stages to queue, in pipeline order (default: all)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
 
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], ns) -> list[Job]:
-    """The jobs, in order; each depends on the one before it."""
+    """The jobs, in pipeline order; each depends on the one before it."""
     run_args = ["--config", config_path, *overrides]
     names = [p.name for p in cfg.data.aux]
-    array = f"0-{len(names) - 1}" + (f"%{ns.array_parallel}" if ns.array_parallel > 0 else "")
     if any("," in n for n in names):
         raise ConfigError(f"data.aux: a population name with a comma cannot be an array task: {names}")
-    return [
-        # One process writes the shards: one node is enough.
-        Job("prepare", ["--nodes=1"], ["prepare", *run_args]),
-        # The batch script turns aux=a,b,c into the name of its $SLURM_ARRAY_TASK_ID.
-        Job("train_aux", [f"--array={array}"], ["train-aux", *run_args, "aux=" + ",".join(names)]),
-        Job("fuse", [], ["fuse", *run_args]),
-        Job("distill", [], ["distill", *run_args]),
-        Job("evaluate", [], ["evaluate", *run_args]),
-    ]
+    jobs = []
+    for stage in stages_to_run(ns.stages):
+        if stage == "prepare":  # one process writes the shards: one node is enough
+            jobs.append(Job(stage, ["--nodes=1"], [stage, *run_args]))
+        elif COMMANDS[stage].array_over_aux:  # the batch script turns aux=a,b,c into its task's name
+            array = f"0-{len(names) - 1}" + (f"%{ns.array_parallel}" if ns.array_parallel > 0 else "")
+            jobs.append(Job(stage.replace("-", "_"), [f"--array={array}"], [stage, *run_args, "aux=" + ",".join(names)]))
+        else:
+            jobs.append(Job(stage, [], [stage, *run_args]))
+    return jobs
 
 
 def sbatch_command(job: Job, cfg: RunConfig, ns, after: str | None) -> list[str]:
-    logs = Path(cfg.run_dir).absolute() / "slurm"
+    logs = RunDir.of(cfg).slurm_logs.absolute()
     # an array task's log is named by the array's id and the task's index (%A_%a), not its own job id
     name = "%x-%A_%a.out" if any(o.startswith("--array") for o in job.sbatch) else "%x-%j.out"
     cmd = ["sbatch", "--parsable", f"--job-name={cfg.name}-{job.stage.replace('_', '-')}",
@@ -91,15 +95,18 @@ def submit(ns) -> int:
         return 0
     if shutil.which("sbatch") is None:
         raise ConfigError("sbatch not found: submit from a SLURM login node (or use --dry-run)")
-    (Path(cfg.run_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # sbatch does not create it
+    logs = RunDir.of(cfg).slurm_logs
+    logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create it
     previous = ns.after
     for job in jobs:
         cmd = sbatch_command(job, cfg, ns, previous)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"scorefuse: error: {shlex.join(cmd)}\n{proc.stderr.strip()}", file=sys.stderr)
-            return proc.returncode
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            reason = lines[-1].removeprefix("sbatch: error: ") if lines else f"exit code {proc.returncode}"
+            done = f" ({', '.join(j.stage for j in jobs[:jobs.index(job)])} already queued)" if job is not jobs[0] else ""
+            raise ConfigError(f"sbatch refused the {job.stage} job: {reason}{done}")
         previous = proc.stdout.strip().split(";")[0]
         print(f"{job.stage}: job {previous}", flush=True)
-    print(f"logs: {Path(cfg.run_dir).absolute() / 'slurm'}/ (squeue --me shows the chain)")
+    print(f"logs: {logs.absolute()}/ (squeue --me shows the chain)")
     return 0

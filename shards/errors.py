@@ -1,9 +1,27 @@
-"""The one exception type for data problems a user can cause and fix.
+"""The errors a user can cause and fix, and nothing else.
 
-A missing dataset, a bad mixture, a corrupt shard: each raises DataError with a single message that names
-the file, key or population involved, so the CLI can print it and exit non-zero without a traceback.
+Each carries one message that names the key, file, population or model at fault, so the CLI prints it on
+one line and exits with code 2, without a traceback. They live in the bottom package (shards imports none
+of the others) so that every package can raise them; the CLI catches the base class.
 """
 
 
-class DataError(Exception):
-    """A user-caused data problem; the message alone must tell the user what to fix."""
+class UserError(Exception):
+    """A problem the user can fix; the message alone must say what to do."""
+
+
+class ConfigError(UserError):
+    """A config key, a command-line argument or a file a key names."""
+
+
+class DataError(UserError):
+    """A source, a population, a shard or a manifest."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or a saved model that is missing or cannot be used."""
+
+
+class ModelError(UserError):
+    """Models that cannot be trained, fused or distilled as asked (mismatched shapes, non-finite outputs or
+    gradients, a stage that needs another stage's model first)."""

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.errors import DataError
-from shards.files import sha256_file, sha256_text, write_atomically
+from shards.atomic import sha256_file, sha256_text, write_atomically
 from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
 from shards.populations import draw_populations, find_overlaps, ordered_populations
 from shards.sources import open_source

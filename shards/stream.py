@@ -14,6 +14,7 @@ stops with a DataError once there are more than `max_bad_samples` of them.
 """
 import io
 import math
+import signal
 import sys
 from functools import partial
 from itertools import count as count_from, islice
@@ -28,6 +29,7 @@ from webdataset.tariterators import tarfile_samples
 
 from shards.errors import DataError
 from shards.manifest import load_manifest, population_entry, shard_paths
+from shards.pixels import to_unit
 
 
 class BadSampleCounter:
@@ -156,7 +158,7 @@ class TrainStream(IterableDataset):
         samples = self._samples(role, skip_batches * self.batch_size, counter)
         while True:
             batch = list(islice(samples, self.batch_size))
-            images = torch.from_numpy(np.stack([image for image, _ in batch])).float() / 127.5 - 1.0
+            images = to_unit(torch.from_numpy(np.stack([image for image, _ in batch])))
             labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
             yield images, labels
 
@@ -178,14 +180,22 @@ class TrainStream(IterableDataset):
 
 
 def train_loader(data_dir, population, batch_size, seed, rank, world_size, num_workers, start_batch=0,
-                 max_bad_samples=10) -> DataLoader:
-    """A DataLoader over a TrainStream; batches are made inside the workers (batch_size=None here)."""
+                 max_bad_samples=10, pin_memory=False) -> DataLoader:
+    """A DataLoader over a TrainStream; batches are made inside the workers (batch_size=None here).
+    pin_memory for a GPU consumer, so that its non_blocking copies really overlap."""
     stream = TrainStream(data_dir, population, batch_size, seed, rank, world_size, num_workers,
                          start_batch=start_batch, max_bad_samples=max_bad_samples)
     # The stream is seeded by itself; a private generator keeps the DataLoader from drawing its base
     # seed from the global RNG, which would make the training noise depend on when the loader started.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory,
+                      worker_init_fn=_leave_interrupts_to_the_trainer)
+
+
+def _leave_interrupts_to_the_trainer(_worker_id: int) -> None:
+    """Ctrl-C reaches the workers too; they ignore it and the training process checkpoints (a worker killed
+    by it would end the run with 'worker exited unexpectedly' instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def split_by_rank(urls, rank: int, world_size: int):

@@ -17,7 +17,8 @@ FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "train.snapshot_every_kimg=0.32",
         "eval.grid_images=16", "edm.sampler_steps=4", "fuse.scratch_kimg=0.32", "fuse.finetune_kimg=0.32",
         "fuse.draws_per_image=4", "fuse.sgd_epochs=4", "fuse.test_draws_per_image=2",
         "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.128",
-        "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064"]
+        "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064",
+        "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=20", "eval.kid_subsets=5", "eval.batch=32"]
 
 
 def scorefuse(*args, check=True, **kw) -> subprocess.CompletedProcess:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ConfigError, load_config
+from shards.errors import ConfigError
+from trainer.config import load_config
 
 DIGITS = Path(__file__).parents[1] / "configs" / "digits.yaml"
 

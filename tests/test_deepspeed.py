@@ -61,7 +61,7 @@ def test_zero2_trains_resumes_and_matches_ddp(digits_run, tmp_path):
     # A finished stage is skipped; to train on, drop its marker and ask for more images.
     (stage / "done.json").unlink()
     proc = _launch(["--config_file", str(ZERO2)], 29535, digits_run.parent, "train.total_kimg=1.28")
-    assert "resumed from" in proc.stdout and "ckpt-000000020" in proc.stdout
+    assert "resumed from" in proc.stderr and "ckpt-000000020" in proc.stderr
     assert json.loads((stage / "done.json").read_text())["steps"] == 40
     assert (stage / "model.json").is_file()
 

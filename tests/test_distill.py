@@ -1,27 +1,51 @@
-"""The distill stage (Score Mismatching with the fused teacher, trainer/distill.py): the losses' gradient
-isolation and noise independence, Gaussian toys, teacher shards made once, bit-identical resume, and
-the user errors. Small on purpose: a fake fused stage of three untrained tiny auxiliaries."""
+"""Score Mismatching (trainer/score_mismatch.py) and the distill stage (trainer/stages/distill.py): gradient
+isolation, the fake target's independence, R1's official relative weight and its double backward, Gaussian
+toys, teacher shards made once, bit-identical resume, and the user errors. Small on purpose: a fake fused
+stage of three untrained tiny auxiliaries."""
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from torch import nn
 
-import trainer.distill as distill
-from launch.config import load_config
+from shards.errors import ModelError
 from shards.prepare import data_fingerprint, write_manifest, write_shard
 from tests.conftest import DIGITS, scorefuse
-from trainer.distill import (DistillError, OneStepGenerator, ScoreNet, check_shapes, d_step_loss, fake_loss,
-                             g_step_loss, generator_loss, r1_penalty, real_loss, smm_sigmas)
+from trainer.config import load_config
 from trainer.edm import Denoiser
+from trainer.engine import Engine, Update
 from trainer.export import export_denoiser
+from trainer.rundir import RunDir, mark_finished
+from trainer.score_mismatch import (OneStepGenerator, ScoreNet, check_shapes, d_noise, d_step_loss, g_step_loss,
+                                    lazy_adam_scaling, r1_step_loss, smm_sigmas)
+from trainer.spec import TrainSpec
 from trainer.unet import build_unet
 
 SHAPE = (1, 16, 16)
 AUX = ["aux-low", "aux-high", "aux-even"]
+
+
+# ---- the losses as METHODS.md §2 writes them, each on its own (the oracles of the batched stage code) ----
+
+def _sigma(D, t, ndim):
+    return D.sigmas[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+def real_loss(D, x0, t, eps):
+    return (D(x0 + _sigma(D, t, x0.dim()) * eps, t) - eps).square().mean()
+
+
+def fake_loss(D, x_fake, t, eps, eps_target):
+    return (D(x_fake + _sigma(D, t, x_fake.dim()) * eps, t) - eps_target).square().mean()
+
+
+def generator_loss(D, x_fake, t, eps):
+    return (D(x_fake + _sigma(D, t, x_fake.dim()) * eps, t) - eps).square().mean()
 
 
 def tiny_pair(seed=0):
@@ -36,37 +60,51 @@ def test_smm_levels_match_methods():
     assert np.allclose(smm_sigmas().numpy(), expected, atol=1.5e-3)
 
 
-def test_gradient_isolation():
+def test_each_update_trains_only_its_network(tmp_path):
+    """Through the engine, as the stage runs them: D's and R1's steps leave G alone, G's step leaves D alone
+    (D frozen while G's graph is built), and each network's parameters change only in its own steps."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     G, D = tiny_pair()
-    opt_g = torch.optim.Adam(G.parameters(), lr=1e-2, betas=(0.0, 0.99))
-    opt_d = torch.optim.Adam(D.parameters(), lr=1e-2, betas=(0.0, 0.99))
-    real = torch.rand(4, *SHAPE) * 2 - 1
-    g_before = {k: v.clone() for k, v in G.state_dict().items()}
-    # D's step (with R1): G's parameters and gradients untouched
-    d_step_loss(D, G, real, gamma=0.01, r1_scale=16.0).backward()
-    opt_d.step()
-    assert all(p.grad is None for p in G.parameters())
-    assert all(torch.equal(v, G.state_dict()[k]) for k, v in g_before.items())
-    opt_d.zero_grad(set_to_none=True)
-    # G's step: only G changes; D gets no gradient and keeps requires_grad
-    d_before = {k: v.clone() for k, v in D.state_dict().items()}
-    g_step_loss(D, G, 4, SHAPE, "cpu").backward()
-    assert all(p.grad is None for p in D.parameters())
-    assert all(p.requires_grad for p in D.parameters())
-    assert sum(float(p.grad.abs().sum()) for p in G.parameters() if p.grad is not None) > 0
-    opt_g.step()
-    assert all(torch.equal(v, D.state_dict()[k]) for k, v in d_before.items())
-    assert any(not torch.equal(v, G.state_dict()[k]) for k, v in g_before.items())
+    frozen_seen = {"G in D step": [], "D in G step": []}
+
+    def loss_d(m, real, step):
+        frozen_seen["G in D step"].append(any(p.requires_grad for p in m["G"].parameters()))
+        return d_step_loss(m["D"], m["G"], real)
+
+    def loss_r1(m, real, step):
+        return r1_step_loss(m["D"], real, gamma=0.01, global_batch=4, gain=2)
+
+    def loss_g(m, _, step):
+        frozen_seen["D in G step"].append(any(p.requires_grad for p in m["D"].parameters()))
+        return g_step_loss(m["D"], m["G"], 4, SHAPE, "cpu")
+
+    def real_images(start):
+        g = torch.Generator().manual_seed(start)
+        while True:
+            yield torch.rand(4, *SHAPE, generator=g) * 2 - 1
+    spec = TrainSpec(batch=4, lr=1e-2, lr_rampup_kimg=0, total_kimg=0.012, checkpoint_every_kimg=0)
+    engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules={"G": G, "D": D},
+                    optimizers={"g": torch.optim.Adam(G.parameters(), lr=1e-2), "d": torch.optim.Adam(D.parameters(), lr=1e-2)},
+                    updates=[Update("d", "D", loss_d), Update("d", "D", loss_r1, every=2), Update("g", "G", loss_g, takes_batch=False)],
+                    batches=real_images, log=lambda m: None)
+    before = {k: v.clone() for k, v in {**G.state_dict(), **{f"D.{k}": v for k, v in D.state_dict().items()}}.items()}
+    engine.run()
+    assert frozen_seen == {"G in D step": [False] * 3, "D in G step": [False] * 3}
+    assert all(p.requires_grad for p in [*G.parameters(), *D.parameters()])
+    after = {**G.state_dict(), **{f"D.{k}": v for k, v in D.state_dict().items()}}
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("D."))
+    assert any(not torch.equal(before[k], after[k]) for k in after if not k.startswith("D."))
 
 
 def test_fake_target_is_fresh_noise():
     G, D = tiny_pair()
     torch.manual_seed(1)
     real = torch.rand(16, *SHAPE) * 2 - 1
-    draws = distill.d_noise(real, 10)
+    draws = d_noise(real, 10)
     corr = np.corrcoef(draws[3].flatten().numpy(), draws[4].flatten().numpy())[0, 1]
     assert abs(corr) < 0.05, corr  # 4096 pairs: the standard error is about 0.016
-    # the batched D step computes exactly L_real + L_fake (+ R1) of the separate formulas
+    # the batched D step computes exactly L_real + L_fake of the separate formulas
     with torch.no_grad():
         fake = G(torch.zeros_like(real))  # the same fake as inside: G's input does not matter here...
 
@@ -76,15 +114,70 @@ def test_fake_target_is_fresh_noise():
     t_real, t_fake, eps_real, eps_fake, eps_target = draws
     with torch.no_grad():
         expected = real_loss(D, real, t_real, eps_real) + fake_loss(D, fake, t_fake, eps_fake, eps_target)
-        got = d_step_loss(D, g_const, real, gamma=0.0, r1_scale=0.0, noise=fixed)
+        got = d_step_loss(D, g_const, real, noise=fixed)
     assert torch.allclose(got, expected, rtol=1e-5), (got, expected)
-    x_t = real + D.sigmas[t_real].reshape(-1, 1, 1, 1) * eps_real
-    expected_r1 = expected + 16 * r1_penalty(D, x_t, t_real, 0.01)
-    assert torch.allclose(d_step_loss(D, g_const, real, 0.01, 16.0, noise=fixed), expected_r1, rtol=1e-5)
     replaced = lambda real_, levels: (t_real, t_fake, eps_real, eps_fake, eps_fake)
     with torch.no_grad():
         plain = real_loss(D, real, t_real, eps_real) + real_loss(D, fake, t_fake, eps_fake)
-        assert torch.allclose(d_step_loss(D, g_const, real, 0.0, 0.0, noise=replaced), plain, rtol=1e-5)
+        assert torch.allclose(d_step_loss(D, g_const, real, noise=replaced), plain, rtol=1e-5)
+
+
+class LinearScore(nn.Module):
+    """eps(x, t) = a * x: the input gradient of sum eps is a everywhere, so R1 is known exactly."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.register_buffer("sigmas", smm_sigmas())
+
+    def forward(self, x, t):
+        return self.a * x
+
+
+def test_r1_has_the_official_weight_relative_to_the_data_terms():
+    """Official (METHODS.md §2): L_real summed over batch and pixels; R1 = (gamma/2) x mean over the batch of
+    the per-image pixel sum of g^2, times the lazy interval. Ours divides every term by B*P; the ratio must
+    be the official one."""
+    B, gamma, every, a = 8, 0.01, 16, 0.7
+    D = LinearScore(a)
+    real = torch.rand(B, *SHAPE) * 2 - 1
+    P = real[0].numel()
+    torch.manual_seed(0)
+    ours_r1 = r1_step_loss(D, real, gamma, global_batch=B, gain=every)
+    t, eps = torch.randint(10, (B,)), torch.randn_like(real)
+    ours_real = real_loss(D, real, t, eps)
+    official_r1 = every * gamma / 2 * (a ** 2 * P)            # the mean over images of the sum over pixels of a^2
+    official_real = ours_real * B * P                        # the same squared errors, summed
+    assert float(ours_r1.detach() / ours_real.detach()) == pytest.approx(official_r1 / float(official_real.detach()), rel=1e-5)
+    assert float(ours_r1.detach()) == pytest.approx(official_r1 / (B * P), rel=1e-5)
+    assert lazy_adam_scaling(16) == pytest.approx(16 / 17) and lazy_adam_scaling(0) == 1.0
+
+
+def test_r1_double_backward_runs_on_the_math_attention_kernel():
+    """The UNet's attention inputs are contiguous, so a fused kernel runs by default, and it has no double
+    backward; R1 selects the math kernel, so its gradient penalty trains D."""
+    _, D = tiny_pair()
+    for p in D.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)  # no zero-initialised layer that would cut the graph
+    real = torch.rand(4, *SHAPE) * 2 - 1
+    x = real.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(D(x, torch.zeros(4, dtype=torch.long)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for .*attention.* is not implemented"):
+        g.square().sum().backward()  # the default kernel: what R1 would hit without the math kernel
+    D.zero_grad()
+    r1_step_loss(D, real, gamma=0.01, global_batch=4, gain=16).backward()
+    attention = D.denoiser.net.encoder[-1].attention.qkv.weight.grad
+    assert attention is not None and attention.abs().sum() > 0
+
+
+def test_r1_input_gradient_is_unscaled_after_the_loss_scale():
+    _, D = tiny_pair()
+    real = torch.rand(4, *SHAPE) * 2 - 1
+    torch.manual_seed(3)
+    plain = r1_step_loss(D, real, 0.01, 4, 16)
+    torch.manual_seed(3)
+    scaled = r1_step_loss(D, real, 0.01, 4, 16, grad_scale=2.0 ** 16)
+    torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=0)
 
 
 # ---- Gaussian toys ---------------------------------------------------------------------------------
@@ -128,7 +221,9 @@ def toy(mismatch, dim=1, steps=800, d_steps=4, mean=0.5, std=0.25, lr_g=1e-3, lr
             opt_d.step()
         fake = G(torch.randn(batch, dim))
         opt_g.zero_grad()
+        D.requires_grad_(False)  # as the engine freezes the other networks during an update
         generator_loss(D, fake, torch.randint(10, (batch,)), torch.randn_like(fake)).backward()
+        D.requires_grad_(True)
         opt_g.step()
         if step >= steps // 2 and step % 20 == 0:
             with torch.no_grad():
@@ -170,7 +265,7 @@ def fake_run(root):
     """A digits run directory with tiny random data, three untrained auxiliaries and a lambda.json: all a
     distill run needs, without training anything."""
     cfg = load_config(DIGITS, [f"root={root}"])
-    run = cfg.run_dir
+    run = RunDir.of(cfg).root
     rng = np.random.default_rng(0)
     populations = {}
     for name, count in [("target", 16), ("reference", 16)]:
@@ -191,21 +286,23 @@ def fake_run(root):
         export_denoiser(run / "aux" / name, Denoiser(net, 0.5),
                         {"preset": "tiny", "dropout": None, "image_size": 16, "channels": 1, "sigma_data": 0.5,
                          "population": name})
-        (run / "aux" / name / "done.json").write_text(json.dumps({"kimg": 0, "steps": 0, "skipped_steps": 0, "seconds": 0}))
-    (run / "fuse").mkdir()
+        mark_finished(run / "aux" / name, {"kimg": 0, "steps": 0, "skipped_steps": 0, "seconds": 0})
     lam = [0.5, 0.3, 0.2]
-    (run / "fuse" / "lambda.json").write_text(json.dumps(
+    RunDir.of(cfg).lambda_file.parent.mkdir()
+    RunDir.of(cfg).lambda_file.write_text(json.dumps(
         {"method": "exact", "names": AUX, "sigma_edges": None, "target": "target", "target_images": 16,
-         "exact": {"lambda": [lam], "vertex_losses": {"aux-low": 0.3, "aux-high": 0.2, "aux-even": 0.4}},
-         "sgd": {"lambda": [lam]}}))
+         "exact": {"lambda": [lam], "vertex_losses": {"aux-low": 0.3, "aux-high": 0.2, "aux-even": 0.4}, "seconds": 0},
+         "sgd": {"lambda": [lam], "seconds": 0}}))
+    mark_finished(RunDir.of(cfg).fuse, {"seconds": 0})
     return run
 
 
-def run_distill(root, *overrides):
-    from launch.distill import distill_stage
-    logs = []
-    distill_stage(load_config(DIGITS, [f"root={root}", *STAGE, *overrides]), log=logs.append)
-    return logs
+def run_distill(root, capfd, *overrides):
+    from trainer.stages.distill import run
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    run(load_config(DIGITS, [f"root={root}", *STAGE, *overrides]))
+    return capfd.readouterr().err.splitlines()
 
 
 def checkpoint_tensors(stage):
@@ -219,21 +316,21 @@ def checkpoint_tensors(stage):
     return out
 
 
-def test_teacher_shards_once_and_resume_bit_identical(tmp_path):
+def test_teacher_shards_once_and_resume_bit_identical(tmp_path, capfd):
     straight = fake_run(tmp_path / "a")
     shutil.copytree(straight, tmp_path / "b" / "digits")
     resumed = tmp_path / "b" / "digits"
     total = "distill.total_kimg=0.048"  # 6 steps of 8 images
-    run_distill(tmp_path / "a", total)
+    run_distill(tmp_path / "a", capfd, total)
     stage = resumed / "distill"
-    logs = run_distill(tmp_path / "b", "distill.total_kimg=0.024")  # 3 steps, then "interrupted"
+    logs = run_distill(tmp_path / "b", capfd, "distill.total_kimg=0.024")  # 3 steps, then "interrupted"
     manifest = json.loads((stage / "teacher" / "manifest.json").read_text())
     assert manifest["populations"]["teacher"]["count"] == 24
     shard = stage / "teacher" / "shard-000000.tar"
     mtime = shard.stat().st_mtime_ns
     for name in ("done.json", "generator.json", "generator.safetensors"):
         (stage / name).unlink()
-    logs = run_distill(tmp_path / "b", total)
+    logs = run_distill(tmp_path / "b", capfd, total)
     assert shard.stat().st_mtime_ns == mtime
     assert any("reusing 24" in line for line in logs), logs
     assert any("resumed from" in line for line in logs), logs
@@ -248,15 +345,15 @@ def test_teacher_shards_once_and_resume_bit_identical(tmp_path):
     meta = json.loads((stage / "generator.json").read_text())
     assert meta["init"] == "warm" and meta["sigma_max"] == 1.0 and meta["teacher"]["warm"] == "aux/aux-high"
     # loadable without training state, and `sample` writes uint8 NHWC
-    from launch.distill import sample_command
-    path = sample_command(load_config(DIGITS, [f"root={tmp_path / 'b'}"]), "distill", 5, str(tmp_path / "s.npz"))
+    from trainer.stages.sample import run as sample
+    path = sample(load_config(DIGITS, [f"root={tmp_path / 'b'}"]), "distill", 5, str(tmp_path / "s.npz"))
     images = np.load(path)["images"]
     assert images.shape == (5, 16, 16, 1) and images.dtype == np.uint8
 
 
 def test_distill_before_fuse_is_a_clear_error(tmp_path):
     run = fake_run(tmp_path)
-    (run / "fuse" / "lambda.json").unlink()
+    shutil.rmtree(run / "fuse")
     proc = scorefuse("distill", "--config", DIGITS, f"root={tmp_path}", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "run `scorefuse fuse` first" in proc.stderr
@@ -264,9 +361,9 @@ def test_distill_before_fuse_is_a_clear_error(tmp_path):
 
 def test_shape_mismatch_is_a_clear_error():
     G, D = tiny_pair()
-    with pytest.raises(DistillError, match="generator makes images of shape"):
+    with pytest.raises(ModelError, match="generator makes images of shape"):
         check_shapes(lambda z: G(z)[:, :, :8], D, SHAPE)
-    with pytest.raises(DistillError, match="score network"):
+    with pytest.raises(ModelError, match="score network"):
         check_shapes(G, lambda x, t: x[:, :, :8], SHAPE)
-    with pytest.raises(DistillError, match="cannot take"):
+    with pytest.raises(ModelError, match="cannot take"):
         check_shapes(G, D, (1, 10, 10))  # the tiny UNet needs a multiple of 4

@@ -1,6 +1,7 @@
 """The engine on a toy problem where every number is known: accumulation, skipped steps, EMA, LR,
 checkpoint rotation and the fall-back from a truncated checkpoint."""
 import itertools
+import json
 import math
 
 import pytest
@@ -9,9 +10,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
-from trainer.checkpoint import CheckpointError
-from trainer.ema import ema_beta
-from trainer.engine import Engine, TrainingError, Update, lr_at
+from shards.errors import CheckpointError
+from trainer.ema import ema_beta, update_ema
+from shards.errors import ModelError
+from trainer.engine import Engine, Update, lr_at
 from trainer.spec import TrainSpec
 
 
@@ -34,19 +36,19 @@ def regression_batches(batch, seed=0):
     return batches
 
 
-def mse(modules, batch):
+def mse(modules, batch, step=0):
     x, y = batch
     return ((modules["net"](x) - y) ** 2).mean()
 
 
-def make_engine(tmp_path, accum=1, batch=8, loss=mse, **spec_kw):
+def make_engine(tmp_path, accum=1, batch=8, loss=mse, fused=False, **spec_kw):
     spec = TrainSpec(batch=batch, accum=accum, lr=0.05, lr_rampup_kimg=0, total_kimg=batch * 10 / 1000,
                      log_every_kimg=batch * 5 / 1000, checkpoint_every_kimg=batch * 4 / 1000, keep_checkpoints=2,
                      ema_halflife_kimg=0.01, ema_rampup_ratio=None, **spec_kw)
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     torch.manual_seed(0)
     net = nn.Linear(4, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=spec.lr)
+    opt = torch.optim.SGD(net.parameters(), lr=spec.lr, fused=fused)
     return Engine(acc, spec, tmp_path, modules={"net": net}, optimizers={"sgd": opt},
                   updates=[Update("sgd", "net", loss)], batches=regression_batches(batch // accum), ema=("net",),
                   log=lambda m: None)
@@ -76,16 +78,18 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     torch.testing.assert_close(weights(a), weights(b), rtol=1e-6, atol=1e-7)
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, fused):
+    """A fused optimizer skips the step on the device (found_inf); any other one after a host read."""
     calls, before = {"n": 0}, {}
 
-    def nan_on_third_step(modules, batch):
+    def nan_on_third_step(modules, batch, step):
         calls["n"] += 1
         if calls["n"] == 3:
             before["w"] = weights(e).clone()  # the weights the NaN step must leave alone
             return mse(modules, batch) * math.nan
         return mse(modules, batch)
-    e = make_engine(tmp_path, loss=nan_on_third_step)
+    e = make_engine(tmp_path, loss=nan_on_third_step, fused=fused)
     e.spec.total_kimg = 8 * 3 / 1000
     e.run()
     assert e.step == 3 and e.skipped == 1
@@ -94,9 +98,12 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_training(tmp_path):
-    e = make_engine(tmp_path, loss=lambda m, b: mse(m, b) * math.nan, max_nonfinite_steps=3)
-    with pytest.raises(TrainingError, match="3 steps in a row"):
+    """Counted on the device and checked at the next log or checkpoint boundary (no host sync per step):
+    here the checkpoint after step 4 stops a run that went bad at step 1."""
+    e = make_engine(tmp_path, loss=lambda m, b, s: mse(m, b) * math.nan, max_nonfinite_steps=3)
+    with pytest.raises(ModelError, match="4 steps in a row had non-finite gradients"):
         e.run()
+    assert e.step == 4
 
 
 def test_lr_ramp_and_ema_halflife():
@@ -144,7 +151,7 @@ def test_checkpoints_rotate_and_truncated_newest_falls_back(tmp_path, capsys):
 
 
 def test_batch_not_divisible_is_an_error(tmp_path):
-    with pytest.raises(TrainingError, match="not divisible"):
+    with pytest.raises(ModelError, match="not divisible"):
         make_engine(tmp_path, accum=3, batch=8)
 
 
@@ -155,3 +162,61 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
     assert all(p.dtype == torch.float32 for p in e.modules["net"].parameters())
     assert all(p.dtype == torch.float32 for p in e.ema["net"].parameters())
     assert mse(e.modules, next(regression_batches(8)(0))).item() < first
+
+
+class MetaAccelerator(Accelerator):
+    """prepare() moves modules to another device, as Accelerate moves them to the GPU."""
+
+    def prepare(self, *objects):
+        return tuple(o.to("meta") if isinstance(o, nn.Module) else o for o in objects)
+
+
+def test_ema_lives_where_the_prepared_module_does(tmp_path):
+    spec = TrainSpec(batch=8, lr_rampup_kimg=0, total_kimg=0.08)
+    net = nn.Linear(4, 1)
+    engine = Engine(MetaAccelerator(cpu=True), spec, tmp_path, modules={"net": net},
+                    optimizers={"sgd": torch.optim.SGD(net.parameters(), lr=0.1)},
+                    updates=[Update("sgd", "net", mse)], batches=regression_batches(8), ema=("net",), log=lambda m: None)
+    assert {p.device.type for p in engine.ema["net"].parameters()} == {"meta"}
+    update_ema(engine.ema["net"], engine.unwrap("net"), 0.5)  # the per-step update mixes no devices
+
+
+def test_an_update_trains_only_its_module_and_the_stream_counts_what_was_taken(tmp_path):
+    """Two modules: the update of `a` runs `b` too, which gets no gradient and keeps requires_grad; an update
+    that takes no batch takes nothing from the stream; an `every`-2 update runs at even steps only."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 1), nn.Linear(4, 4)
+    seen = {"a": [], "b": [], "b_grads_during_a": [], "lazy": []}
+
+    def loss_a(modules, batch, step):
+        x, y = batch
+        seen["a"].append(step)
+        seen["b_grads_during_a"].append(any(p.requires_grad for p in modules["b"].parameters()))
+        return ((modules["a"](modules["b"](x)) - y) ** 2).mean()
+
+    def loss_b(modules, batch, step):
+        assert batch is None
+        seen["b"].append(step)
+        return modules["b"](torch.ones(2, 4)).square().mean()
+
+    def loss_lazy(modules, batch, step):
+        seen["lazy"].append(step)
+        return modules["a"](batch[0]).square().mean()
+
+    spec = TrainSpec(batch=8, lr=0.01, lr_rampup_kimg=0, total_kimg=0.04, log_every_kimg=0.008,
+                     checkpoint_every_kimg=0.016)
+    engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules={"a": a, "b": b},
+                    optimizers={"sa": torch.optim.SGD(a.parameters(), lr=0.01), "sb": torch.optim.SGD(b.parameters(), lr=0.01)},
+                    updates=[Update("sa", "a", loss_a), Update("sb", "b", loss_b, takes_batch=False),
+                             Update("sa", "a", loss_lazy, every=2, name="lazy")],
+                    batches=regression_batches(8), log=lambda m: None)
+    b_before = [p.detach().clone() for p in b.parameters()]
+    engine.run()
+    assert seen["a"] == seen["b"] == [0, 1, 2, 3, 4] and seen["lazy"] == [0, 2, 4]
+    assert not any(seen["b_grads_during_a"])
+    assert all(p.requires_grad for p in b.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(b.parameters(), b_before))  # b trained in its own update
+    assert engine.stream_position() == 5 + 3  # the batch-taking updates ran 5 and 3 times
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_a", "loss_b", "loss_lazy"} <= rows[-1].keys()
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_a"] + rows[-1]["loss_b"] + rows[-1]["loss_lazy"])

@@ -7,7 +7,7 @@ from PIL import Image
 
 from evaluation.grid import PADDING, save_grid
 from evaluation.report import write_report
-from trainer.samples import to_uint8
+from shards.pixels import to_uint8
 
 
 @pytest.mark.parametrize("b, c, nrow, scale, cells", [
@@ -42,7 +42,7 @@ def test_report_markdown_and_json(tmp_path):
         {"model": "distilled", "fd_digits2k": 1234.5678, "note": "a|b"},
     ]
     sections = [("Models", models), ("Empty", [])]
-    write_report(tmp_path, "Digits run", sections, notes=["FID on 2k samples is not fid50k"])
+    write_report(tmp_path / "report.md", "Digits run", sections, notes=["FID on 2k samples is not fid50k"])
 
     markdown = (tmp_path / "report.md").read_text()
     lines = markdown.splitlines()

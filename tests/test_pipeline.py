@@ -3,19 +3,26 @@ import json
 
 import pytest
 
-from launch.local import gpu_groups
+from launch.local import gpu_groups, physical_gpu_ids
 from tests.conftest import DIGITS, FAST, SHORT_TRAIN, scorefuse
 
 
 def test_run_writes_report_and_skips_finished_stages(tmp_path):
-    out = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST).stdout
+    out = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST).stderr
     run = tmp_path / "digits"
     report = json.loads((run / "report.json").read_text())
-    models = {row["model"] for section in report["sections"] for row in section["rows"] if "model" in row}
-    assert models == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused (exact)", "fused (sgd)",
-                      "target-scratch", "target-finetune", "checkpoint-merge", "distill (one-step)"}
+    rows = {row["model"]: row for section in report["sections"] for row in section.get("rows", []) if "model" in row}
+    assert set(rows) == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused-exact", "fused-sgd", "target-scratch",
+                         "target-finetune", "checkpoint-merge", "distill", "real: held-out half vs half",
+                         "real: target images as samples"}
+    assert all(rows[m]["NLL bits/dim"] for m in rows if m != "distill" and not m.startswith("real"))
+    assert rows["distill"]["NLL bits/dim"] is None and rows["real: target images as samples"]["copies %"] == 100
+    assert all(rows[m]["fd_clf64"]["low"] <= rows[m]["fd_clf64"]["value"] <= rows[m]["fd_clf64"]["high"] for m in rows)
+    assert all(rows[m]["KID"]["std"] >= 0 for m in rows)
     md = (run / "report.md").read_text()
-    assert "fd_digits64 own population" in md and "fd_digits64 target" in md and "target test loss" in md
+    assert md.index("## Verdict") < md.index("## Models and floors")
+    assert "Held-out NLL:" in md and "Fusion (fused-exact) against target-scratch" in md
+    assert (run / "figures" / "copies-fused-exact.png").is_file()
     fit = json.loads((run / "fuse" / "lambda.json").read_text())
     assert fit["method"] == "exact" and abs(sum(fit["exact"]["lambda"][0]) - 1) < 1e-9
     assert fit["exact"]["loss"] <= min(fit["exact"]["vertex_losses"].values()) + 1e-12
@@ -24,13 +31,14 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
     for name in ("aux-low", "aux-high", "aux-even"):
         assert (run / "aux" / name / "samples.png").is_file()
         assert (run / "aux" / name / "ema.safetensors").is_file()
-    assert "wrote" in out
+    assert "report in" in out
 
     again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST)
-    assert "shards up to date" in again.stdout
+    assert "shards up to date" in again.stderr
+    assert json.loads((run / "report.json").read_text()) == report  # the cached samples give the same numbers
     assert (run / "distill" / "generator.safetensors").is_file() and (run / "distill" / "samples.png").is_file()
-    # 3 auxiliaries, the fit, target-scratch, target-finetune and distill
-    assert again.stdout.count("already finished") + again.stderr.count("already finished") == 7
+    # 3 auxiliaries, the fit, the 3 baselines and distill
+    assert again.stderr.count("already finished") == 8
 
 
 def test_changed_populations_are_refused_not_overwritten(tmp_path):
@@ -59,6 +67,16 @@ def test_unknown_aux_is_named(tmp_path):
 ])
 def test_gpu_groups_are_disjoint_subsets(gpus, models, parallel, expected):
     assert gpu_groups(gpus, models, parallel) == expected
+
+
+@pytest.mark.parametrize("group, visible, expected", [
+    ([0, 1], None, ["0", "1"]),
+    ([0, 1], "4,5,6,7", ["4", "5"]),           # a SLURM job's GPUs: never another job's 0 and 1
+    ([2, 3], "4,5,6,7", ["6", "7"]),
+    ([1], "GPU-aaaa,GPU-bbbb", ["GPU-bbbb"]),
+])
+def test_gpu_groups_index_the_visible_devices(group, visible, expected):
+    assert physical_gpu_ids(group, visible) == expected
 
 
 def test_corrupt_shards_stop_training_with_one_line_naming_the_file(digits_run):

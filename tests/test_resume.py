@@ -76,7 +76,7 @@ def test_sigkill_and_restart_is_bit_identical(digits_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (stage / "done.json").exists(), "the run finished before it was killed"
-    out = scorefuse(*train_args(killed, total)).stdout
+    out = scorefuse(*train_args(killed, total)).stderr
     assert "resumed from" in out
 
     a, b = final_state(straight / "aux" / "aux-low"), final_state(stage)
@@ -103,5 +103,5 @@ def test_stop_signal_checkpoints_and_exits_with_the_documented_code(digits_run, 
     stopped_at = newest_step(stage)
     assert stopped_at > 20  # a fresh checkpoint at the step boundary, not just the periodic one
     # The next start resumes from exactly there.
-    out = scorefuse(*train_args(digits_run, total_kimg=(stopped_at + 5) * 32 / 1000, workers=0)).stdout
+    out = scorefuse(*train_args(digits_run, total_kimg=(stopped_at + 5) * 32 / 1000, workers=0)).stderr
     assert f"step {stopped_at}" in out and "resumed from" in out

@@ -19,11 +19,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from shards.files import sha256_file, write_atomically
-
-
-class CheckpointError(Exception):
-    """No usable checkpoint where one was required, or a checkpoint that cannot be used."""
+from shards.atomic import sha256_file, write_atomically
+from shards.errors import CheckpointError
 
 
 def _write_json(path: Path, obj) -> None:
@@ -53,7 +50,7 @@ class Checkpointer:
         self.acc.save_state(str(tmp), safe_serialization=True)
         if self.acc.is_main_process:
             for name, module in emas.items():
-                save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"ema-{name}.safetensors")
+                save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / f"ema-{name}.safetensors")
             _write_json(tmp / "state.json", state)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from trainer.seeds import normal
+
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -51,14 +53,12 @@ class Denoiser(nn.Module):
         return c_skip * x + c_out * raw.to(torch.float32)
 
 
-def sample_sigma(batch: int, generator: torch.Generator, p_mean: float = -1.2, p_std: float = 1.2,
+def sample_sigma(batch: int, generator: torch.Generator | None, p_mean: float = -1.2, p_std: float = 1.2,
                  device: torch.device | None = None) -> torch.Tensor:
-    """Training noise levels, shape [batch]: ln(sigma) ~ N(p_mean, p_std^2) (EDM's log-normal, whose
-    defaults put most weight on the mid-range sigmas where the loss can still be reduced). Drawn
-    from `generator`, which must live on `device` (default: the generator's device)."""
-    device = generator.device if device is None else device
-    normal = torch.randn(batch, generator=generator, device=device)
-    return (normal * p_std + p_mean).exp()
+    """Training noise levels on `device`, shape [batch]: ln(sigma) ~ N(p_mean, p_std^2) (EDM's log-normal,
+    whose defaults put most weight on the mid-range sigmas where the loss can still be reduced). Drawn from
+    `generator` on its own device (trainer.seeds.normal), or from the global RNG when it is None."""
+    return (normal((batch,), generator, device) * p_std + p_mean).exp()
 
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -77,8 +77,8 @@ def denoising_loss(denoiser: nn.Module, x0: torch.Tensor, generator: torch.Gener
     Adam a constant loss scale does not change the updates, so EDM's learning rates carry over. The
     caller reduces over the batch.
 
-    sigma and n are drawn from `generator` (which must live on x0's device) in that order, so the
-    noise of a step is a pure function of the generator state; dropout inside the network still
+    sigma and n are drawn from `generator` (on its own device, then moved to x0's) in that order, so
+    the noise of a step is a pure function of the generator state; dropout inside the network still
     draws from torch's global RNG.
 
     `denoiser` is a Denoiser or a wrapper of one (DDP, FSDP) called in its place so that the
@@ -88,7 +88,7 @@ def denoising_loss(denoiser: nn.Module, x0: torch.Tensor, generator: torch.Gener
     sigma_data = denoiser.sigma_data if sigma_data is None else sigma_data
     batch = x0.shape[0]
     sigma = sample_sigma(batch, generator, p_mean, p_std, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+    noise = normal(x0.shape, generator, x0.device)
     sigma = sigma.reshape(batch, 1, 1, 1)
     x0 = x0.to(torch.float32)
     denoised = denoiser(x0 + sigma * noise, sigma)

@@ -1,55 +1,77 @@
 """The one training loop every stage runs on.
 
-A stage hands the engine its modules, their optimizers, one or more `Update`s (a loss and the
-optimizer it steps) and a source of micro-batches. The engine does the rest, the same way for every
-stage: Accelerate (DDP or DeepSpeed), mixed precision, gradient accumulation and clipping, skipped
-non-finite steps, EMA, the learning rate as a function of kimg, periodic hooks (evaluation, sample
-grids), metrics.jsonl, a progress bar, checkpoints, resume and preemption.
+A stage hands the engine its modules, their optimizers, one or more `Update`s (a loss and the optimizer it
+steps) and a source of micro-batches. The engine does the rest, the same way for every stage: Accelerate
+(DDP or DeepSpeed), mixed precision, gradient accumulation and clipping, skipped non-finite steps, EMA, the
+learning rate as a function of kimg, periodic hooks (evaluation, sample grids), metrics, a progress report,
+checkpoints, resume, preemption, and the marker that says the stage is finished.
 
-Progress is counted in images seen (nimg), so schedules mean the same for any world size. The
-learning rate is computed from nimg and written into the optimizer; no scheduler is prepared
-(Accelerate would step a prepared scheduler once per process).
+Progress is counted in images seen (nimg), so schedules mean the same for any world size. The learning rate
+is computed from nimg and written into the optimizer; no scheduler is prepared (Accelerate would step a
+prepared scheduler once per process).
+
+No host synchronisation in the steady state of a step: losses, the non-finite-step counters and the stop
+flag stay on the device and are read at log, checkpoint and stop-check boundaries. A non-finite step is
+skipped on the device by fused optimizers (their `found_inf` input, the mechanism torch's GradScaler uses);
+other optimizers fall back to one host read of the gradient norm per step.
 """
 import json
 import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from shards.errors import ModelError
 from trainer.checkpoint import Checkpointer
 from trainer.ema import ema_beta, make_ema, update_ema
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
+from trainer.progress import Progress, say
+from trainer.rundir import CHECKPOINTS, METRICS, mark_finished
 from trainer.spec import TrainSpec
 
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. gradients non-finite step after step)."""
+# With several processes, whether to stop is agreed by an all-reduce; doing it every step would put a host
+# sync into every step, so it is done every STOP_CHECK_STEPS steps (seconds, next to SLURM's minutes of lead).
+STOP_CHECK_STEPS = 8
 
 
 class Preempted(SystemExit):
-    """Raised after the preemption checkpoint; exits the process with EXIT_PREEMPTED."""
+    """Raised after the stop checkpoint; exits with 75 (requeue) or 130 (Ctrl-C)."""
 
-    def __init__(self):
-        super().__init__(EXIT_PREEMPTED)
+    def __init__(self, code: int = EXIT_PREEMPTED):
+        super().__init__(code)
 
 
 @dataclass
 class Update:
-    """One optimizer step per iteration: `loss(modules, micro_batch)` -> scalar, stepping `optimizer`
-    over the parameters of `module` (both names of the engine's dicts)."""
+    """One optimizer step of `module` per iteration: `loss(modules, micro_batch, step)` -> scalar.
+
+    `modules` holds the module being stepped as the engine prepared it (DDP/DeepSpeed wrapper) and every
+    other module unwrapped with its parameters frozen (requires_grad False) for the duration, so a loss can
+    run another network (a frozen score network, a generator under no_grad) without giving it gradients.
+    takes_batch: False for an update that draws its own inputs (a generator step): it gets None and takes
+        nothing from the data stream.
+    every: run only at steps divisible by it (lazy regularisation: an R1 step every 16 iterations).
+    lr_scale: multiplies the engine's learning rate for this update (a score network stepping faster than a
+        generator).
+    """
     optimizer: str
     module: str
-    loss: Callable[[dict, Any], torch.Tensor]
-    # Multiplies the engine's learning rate for this update (a score network stepping faster than a
-    # generator). Every Update takes its own `accum` micro-batches from the stream, in order.
+    loss: Callable[[dict, Any, int], torch.Tensor]
     lr_scale: float = 1.0
+    takes_batch: bool = True
+    every: int = 1
+    name: str = ""  # how metrics name its loss when there are several updates (default: the module's name)
+
+    def runs_before(self, step: int) -> int:
+        """How many times this update ran in steps 0 .. step-1."""
+        return math.ceil(step / self.every)
 
 
 @dataclass
@@ -58,6 +80,12 @@ class Hook:
     Every rank calls it, so a hook may spread work over ranks and use collectives."""
     every_kimg: float
     fn: Callable[["Engine"], dict | None]
+
+
+def adam(params, lr: float, betas, eps: float) -> torch.optim.Adam:
+    """Adam as every stage builds it: fused, so that a non-finite step is skipped on the device (found_inf)
+    instead of by a host read of the gradient norm every step."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(float(b) for b in betas), eps=eps, fused=True)
 
 
 def lr_at(spec: TrainSpec, nimg: int) -> float:
@@ -72,30 +100,43 @@ class Engine:
                  batches: Callable[[int], Iterator], ema: tuple[str, ...] = (), hooks: tuple[Hook, ...] = (),
                  log: Callable[[str], None] | None = None):
         if spec.batch % (accelerator.num_processes * spec.accum):
-            raise TrainingError(f"train.batch={spec.batch} is not divisible by processes "
-                                f"({accelerator.num_processes}) x train.accum ({spec.accum})")
+            raise ModelError(f"train.batch={spec.batch} is not divisible by processes "
+                             f"({accelerator.num_processes}) x train.accum ({spec.accum})")
         self.acc = accelerator
         self.spec = spec
         self.dir = Path(stage_dir)
         self.updates = updates
         self.batches = batches
         self.hooks = hooks
-        self.log = log or (lambda msg: accelerator.print(msg))
+        self.log = log or (say if accelerator.is_main_process else (lambda message: None))
         self.deepspeed = _is_deepspeed(accelerator)
         if self.deepspeed:
             _fill_deepspeed_config(accelerator, spec, modules, optimizers)
-        self.ema = {name: make_ema(modules[name]) for name in ema}
+        if spec.channels_last:
+            for module in modules.values():
+                module.to(memory_format=torch.channels_last)
         names, objs = list(modules) + list(optimizers), list(modules.values()) + list(optimizers.values())
         prepared = dict(zip(names, accelerator.prepare(*objs)))
         self.modules = {k: prepared[k] for k in modules}
         self.optimizers = {k: prepared[k] for k in optimizers}
-        self.checkpointer = Checkpointer(self.dir / "checkpoints", accelerator, spec.keep_checkpoints, self.log)
+        # After prepare, so that the averages live where the prepared modules do (the GPU); uncompiled, as
+        # they are only evaluated and saved.
+        self.ema = {name: make_ema(self.unwrap(name)) for name in ema}
+        if spec.compile:
+            for name in modules:
+                self.unwrap(name).compile()
+        self.checkpointer = Checkpointer(self.dir / CHECKPOINTS, accelerator, spec.keep_checkpoints, self.log)
         self.nimg = 0
         self.step = 0
-        self.skipped = 0
-        self.nonfinite_run = 0
+        # Non-finite steps: all of them, and the current run of consecutive ones (device tensors, read at
+        # log and checkpoint time).
+        self._skipped = torch.zeros((), device=accelerator.device)
+        self._nonfinite_run = torch.zeros((), device=accelerator.device)
         self._seconds_before = 0.0  # wall time of earlier sessions of this stage
         self._session_start = time.time()
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self.acc.unwrap_model(self.modules[name])
 
     @property
     def kimg(self) -> float:
@@ -110,59 +151,83 @@ class Engine:
         """Wall time this stage has run, over all its sessions."""
         return self._seconds_before + time.time() - self._session_start
 
+    @property
+    def skipped(self) -> int:
+        return int(self._skipped.item())
+
+    def stream_position(self) -> int:
+        """Micro-batches this rank has taken from its stream: the data position a checkpoint records."""
+        return sum(u.runs_before(self.step) for u in self.updates if u.takes_batch) * self.spec.accum
+
     def state(self) -> dict:
         return {"step": self.step, "nimg": self.nimg, "skipped_steps": self.skipped,
-                "nonfinite_run": self.nonfinite_run, "seconds": round(self.seconds, 3),
-                # The data position: micro-batches this rank has taken from its stream.
-                "stream_batches": self.step * self.spec.accum * len(self.updates)}
+                "nonfinite_run": int(self._nonfinite_run.item()), "seconds": round(self.seconds, 3),
+                "stream_batches": self.stream_position()}
 
     def resume(self) -> bool:
         state = self.checkpointer.load_latest(self.ema)
         if state is None:
             return False
         self.step, self.nimg = state["step"], state["nimg"]
-        self.skipped, self.nonfinite_run = state["skipped_steps"], state["nonfinite_run"]
+        self._skipped.fill_(state["skipped_steps"])
+        self._nonfinite_run.fill_(state["nonfinite_run"])
         self._seconds_before, self._session_start = state["seconds"], time.time()
         if self.acc.is_main_process:
             self._truncate_metrics()
         return True
 
-    def run(self) -> None:
-        """Train to total_kimg, resuming first if a checkpoint exists. Raises Preempted after a
-        checkpoint when SIGTERM/SIGUSR1 arrived."""
+    def run(self, finish: Callable[["Engine"], None] | None = None) -> None:
+        """Train to total_kimg, resuming first if a checkpoint exists; then, on the main process, `finish`
+        (export the stage's model) and the stage's finished marker. Raises Preempted after a checkpoint
+        when SIGTERM/SIGUSR1 (or Ctrl-C) arrived."""
         self.resume()
         stop = StopRequest()
-        bar = tqdm(total=self.total_nimg, initial=self.nimg, unit="img", unit_scale=True, smoothing=0.1,
-                   disable=not self.acc.is_main_process, desc=self.dir.name, dynamic_ncols=True)
+        progress = Progress(self.total_nimg, self.nimg, self.dir.name, enabled=self.acc.is_main_process)
         try:
-            self._loop(stop, bar)
+            self._loop(stop, progress)
         finally:
-            bar.close()  # also on errors, so the message starts on a line of its own
+            progress.close()  # also on errors, so the message starts on a line of its own
             stop.restore()
+        if self.acc.is_main_process:
+            if finish is not None:
+                finish(self)
+            mark_finished(self.dir, {"kimg": self.kimg, "steps": self.step, "skipped_steps": self.skipped,
+                                     "seconds": round(self.seconds, 1)})
+        self.acc.wait_for_everyone()
 
-    def _loop(self, stop: StopRequest, bar: tqdm) -> None:
-        spec, acc = self.spec, self.acc
-        stream = self.batches(self.step * spec.accum * len(self.updates))
-        window = {"loss": 0.0, "n": 0, "t": time.perf_counter(), "nimg": self.nimg}
+    def _loop(self, stop: StopRequest, progress: Progress) -> None:
+        spec = self.spec
+        stream = self.batches(self.stream_position())
+        window = self._new_window()
         due = {name: self._next_due(every) for name, every in self._periodic().items()}
         while self.nimg < self.total_nimg:
-            if stop.requested:
-                acc.set_trigger()
-            if acc.check_trigger():  # every rank stops at the same step, even if one was signalled
-                self.log(f"stop requested (signal {stop.signum}); checkpointing at step {self.step}")
+            if self._should_stop(stop):
+                self.log(f"stop requested (signal {stop.signum or 'on another rank'}); "
+                         f"checkpointing at step {self.step}")
                 self.checkpointer.save(self.step, self.state(), self.ema)
-                raise Preempted()
-            window["loss"] = window["loss"] + sum(self._train_step(stream))
-            window["n"] += 1
+                raise Preempted(stop.exit_code)
+            window["loss"] += self._train_step(stream)
+            window["runs"] += torch.tensor([float(self.step % u.every == 0) for u in self.updates])
             self.step += 1
             self.nimg += spec.batch
-            bar.update(spec.batch)
+            progress.advance(self.nimg)
             finished = self.nimg >= self.total_nimg
             if self.nimg >= due["log"] or finished:
-                bar.set_postfix(loss=f"{self._log_window(window):.4f}")
+                progress.log(self.nimg, self._log_window(window))
             paused = time.perf_counter()
             self._run_due(due, finished)
             window["t"] += time.perf_counter() - paused  # hooks and checkpoints do not count against images/s
+
+    def _should_stop(self, stop: StopRequest) -> bool:
+        """Whether every rank stops here; one signalled rank is enough. One process reads its own flag;
+        several agree by an all-reduce every STOP_CHECK_STEPS steps (Accelerate's trigger)."""
+        if self.acc.num_processes == 1:
+            return stop.requested
+        if self.step % STOP_CHECK_STEPS:
+            return False
+        if stop.requested:
+            self.acc.set_trigger()
+        return self.acc.check_trigger()
 
     def _run_due(self, due: dict, finished: bool) -> None:
         """Hooks, then the checkpoint, whichever are due (all of them at the end)."""
@@ -172,6 +237,7 @@ class Engine:
                 if metrics:
                     self.write_metrics(metrics)
         if self.nimg >= due["checkpoint"] or finished:
+            self._check_nonfinite()
             self.checkpointer.save(self.step, self.state(), self.ema)
         for name, every in self._periodic().items():
             if self.nimg >= due[name]:
@@ -189,84 +255,120 @@ class Engine:
         every = every_kimg * 1000
         return (math.floor(self.nimg / every) + 1) * every
 
-    def _train_step(self, stream: Iterator) -> list[torch.Tensor]:
-        """One iteration: each Update does `accum` micro-batches and one optimizer step. Losses stay
-        on the device (no host sync per step); they are read at log time."""
+    def _train_step(self, stream: Iterator) -> torch.Tensor:
+        """One iteration: each due Update does `accum` micro-batches and one optimizer step. Returns the
+        updates' losses [len(updates)] on the device (0 for an update that did not run)."""
         lr = lr_at(self.spec, self.nimg)
-        losses = []
-        for update in self.updates:
+        losses = torch.zeros(len(self.updates), device=self.acc.device)
+        for index, update in enumerate(self.updates):
+            if self.step % update.every:
+                continue
             module, opt = self.modules[update.module], self.optimizers[update.optimizer]
             for group in opt.param_groups:
                 group["lr"] = lr * update.lr_scale
-            total = torch.zeros((), device=self.acc.device)
-            for _ in range(self.spec.accum):
-                batch = next(stream)
-                with self.acc.accumulate(module):
-                    loss = update.loss(self.modules, batch)
-                    self.acc.backward(loss)
-                    total += loss.detach().float() / self.spec.accum
-                    if self.acc.sync_gradients:
-                        self._clip_and_step(module, opt)
-                    opt.zero_grad(set_to_none=True)
-            losses.append(total)
+            with self._only_trains(update.module) as modules:
+                for _ in range(self.spec.accum):
+                    batch = self._to_memory_format(next(stream)) if update.takes_batch else None
+                    with self.acc.accumulate(module):
+                        loss = update.loss(modules, batch, self.step)
+                        self.acc.backward(loss)
+                        losses[index] += loss.detach().float() / self.spec.accum
+                        if self.acc.sync_gradients:
+                            self._clip_and_step(module, opt)
+                        opt.zero_grad(set_to_none=True)
         beta = ema_beta(self.spec.batch, self.nimg, self.spec.ema_halflife_kimg, self.spec.ema_rampup_ratio)
         for name, ema in self.ema.items():
-            update_ema(ema, self.acc.unwrap_model(self.modules[name]), beta)
+            update_ema(ema, self.unwrap(name), beta)
         return losses
 
-    def _clip_and_step(self, module: nn.Module, opt) -> None:
-        """Clip, then step unless the gradients are not finite. Under fp16 the dynamic loss scaler
-        decides (it skips the step and lowers the scale); otherwise we skip here and count it.
+    @contextmanager
+    def _only_trains(self, name: str):
+        """The modules a loss sees: `name` as prepared, the others unwrapped and frozen."""
+        frozen = {other: [p.requires_grad for p in self.unwrap(other).parameters()]
+                  for other in self.modules if other != name}
+        for other in frozen:
+            self.unwrap(other).requires_grad_(False)
+        try:
+            yield {other: self.modules[other] if other == name else self.unwrap(other) for other in self.modules}
+        finally:
+            for other, flags in frozen.items():
+                for p, flag in zip(self.unwrap(other).parameters(), flags):
+                    p.requires_grad_(flag)
 
-        Under DeepSpeed, `acc.backward` has already clipped (config "gradient_clipping") and stepped at
-        this accumulation boundary; ZeRO skips a step whose gradient norm is NaN/Inf (fp32, fp16, and
-        bf16 with "check_grad_overflow") and says so in `step_was_skipped`; we only count it. The norm
-        `clip_grad_norm_` returns there is DeepSpeed's, of the step just taken (inf when skipped)."""
+    def _to_memory_format(self, batch):
+        if self.spec.channels_last and isinstance(batch, torch.Tensor) and batch.dim() == 4:
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def _clip_and_step(self, module: nn.Module, opt) -> None:
+        """Clip, then step unless the gradients are not finite.
+
+        Under fp16 the dynamic loss scaler decides (it skips the step and lowers the scale). Under DeepSpeed,
+        `acc.backward` has already clipped (config "gradient_clipping") and stepped at this accumulation
+        boundary; ZeRO skips a step whose gradient norm is NaN/Inf and says so in `step_was_skipped`; we
+        count it. Otherwise a fused optimizer skips on the device through `found_inf`; any other optimizer
+        costs one host read of the norm."""
         max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else math.inf
         norm = self.acc.clip_grad_norm_(module.parameters(), max_norm)
-        finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
+        nonfinite = torch.zeros((), device=self.acc.device) if norm is None else \
+            (~torch.isfinite(torch.as_tensor(norm, device=self.acc.device))).float()
         if self.deepspeed:
             # not finite yet not skipped: bf16 without check_grad_overflow applied it; count it anyway,
             # so that max_nonfinite_steps still stops a run that has gone bad
-            skipped = opt.step_was_skipped or not finite
+            if opt.step_was_skipped:
+                nonfinite = torch.ones((), device=self.acc.device)
         elif self.acc.scaler is not None:
             opt.step()
-            skipped = opt.step_was_skipped
+            nonfinite = torch.tensor(float(opt.step_was_skipped), device=self.acc.device)
         else:
-            if finite:
+            inner = getattr(opt, "optimizer", opt)
+            if inner.defaults.get("fused"):
+                inner.grad_scale, inner.found_inf = None, nonfinite
+                try:
+                    opt.step()
+                finally:
+                    del inner.grad_scale, inner.found_inf
+            elif not nonfinite.item():
                 opt.step()
-            skipped = not finite
-        if skipped:
-            self.skipped += 1
-            self.nonfinite_run += 1
-            if self.nonfinite_run >= self.spec.max_nonfinite_steps:
-                raise TrainingError(f"{self.nonfinite_run} steps in a row had non-finite gradients at "
-                                    f"{self.kimg:.1f} kimg; lower train.lr or use precision=bf16")
-        else:
-            self.nonfinite_run = 0
+        self._skipped += nonfinite
+        self._nonfinite_run = (self._nonfinite_run + nonfinite) * nonfinite
 
-    def _log_window(self, window: dict) -> float:
-        acc = self.acc
-        mean_loss = torch.as_tensor(window["loss"], device=acc.device, dtype=torch.float32) / max(window["n"], 1)
-        mean_loss = acc.reduce(mean_loss, reduction="mean").item()
-        now = time.perf_counter()
-        rate = (self.nimg - window["nimg"]) / max(now - window["t"], 1e-9)
-        self.write_metrics({"loss": mean_loss, "lr": lr_at(self.spec, self.nimg), "images_per_s": rate,
-                            "skipped_steps": self.skipped})
-        window.update(loss=0.0, n=0, t=now, nimg=self.nimg)
-        return mean_loss
+    def _check_nonfinite(self) -> None:
+        run = int(self._nonfinite_run.item())
+        if run >= self.spec.max_nonfinite_steps:
+            raise ModelError(f"{run} steps in a row had non-finite gradients at {self.kimg:.1f} kimg; "
+                             "lower train.lr or use precision=bf16")
+
+    def _new_window(self) -> dict:
+        return {"loss": torch.zeros(len(self.updates), device=self.acc.device), "runs": torch.zeros(len(self.updates)),
+                "t": time.perf_counter(), "nimg": self.nimg}
+
+    def _log_window(self, window: dict) -> dict:
+        """Write the window's metrics (one host sync) and start a new window; returns what was logged. The
+        loss is the sum of the updates' mean losses (each averaged over the steps it ran)."""
+        self._check_nonfinite()
+        mean = (self.acc.reduce(window["loss"], reduction="mean").cpu() / window["runs"].clamp(min=1)).tolist()
+        metrics = {"loss": sum(mean), "lr": lr_at(self.spec, self.nimg),
+                   "images_per_s": (self.nimg - window["nimg"]) / max(time.perf_counter() - window["t"], 1e-9),
+                   "skipped_steps": self.skipped}
+        if len(mean) > 1:
+            metrics.update({f"loss_{u.name or u.module}": v for u, v in zip(self.updates, mean)})
+        self.write_metrics(metrics)
+        window.update(self._new_window())
+        return metrics
 
     def write_metrics(self, metrics: dict) -> None:
         if not self.acc.is_main_process:
             return
         row = {"step": self.step, "kimg": round(self.kimg, 3), **metrics, "time": time.time()}
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "metrics.jsonl", "a") as f:
+        with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
 
     def _truncate_metrics(self) -> None:
         """Drop rows logged after the checkpoint we resumed from: they will be logged again."""
-        path = self.dir / "metrics.jsonl"
+        path = self.dir / METRICS
         if path.exists():
             rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             path.write_text("".join(r + "\n" for r in rows))
@@ -292,11 +394,11 @@ def _fill_deepspeed_config(accelerator, spec: TrainSpec, modules: dict, optimize
     if len(modules) != 1 or len(optimizers) != 1:
         # Accelerate wraps one model with one optimizer per DeepSpeed engine, and backward() steps only
         # the engine prepared last; several models need several DeepSpeed plugins (not supported here).
-        raise TrainingError(f"DeepSpeed: the engine supports one module and one optimizer, got modules "
+        raise ModelError(f"DeepSpeed: the engine supports one module and one optimizer, got modules "
                             f"{list(modules)} and optimizers {list(optimizers)}")
     plugin = accelerator.state.deepspeed_plugin
     if spec.precision == "fp16" and plugin.get_value("torch_autocast.enabled") == "auto":
-        raise TrainingError("train.precision=fp16 under DeepSpeed ZeRO: torch autocast there has no loss "
+        raise ModelError("train.precision=fp16 under DeepSpeed ZeRO: torch autocast there has no loss "
                             "scaler; use train.precision=bf16")
     values = {"train_micro_batch_size_per_gpu": spec.batch // (accelerator.num_processes * spec.accum),
               "train_batch_size": spec.batch, "gradient_accumulation_steps": spec.accum,
@@ -307,8 +409,19 @@ def _fill_deepspeed_config(accelerator, spec: TrainSpec, modules: dict, optimize
     for key, value in values.items():
         plugin.fill_match(key, mismatches, must_match=True, **{key: value})
     if mismatches:
-        raise TrainingError("the DeepSpeed config disagrees with the run config (set these to \"auto\"):\n"
+        raise ModelError("the DeepSpeed config disagrees with the run config (set these to \"auto\"):\n"
                             + "\n".join(mismatches))
+
+
+def use_deterministic_algorithms() -> None:
+    """Bit-identical reruns and resumes on a GPU (train.deterministic): deterministic kernels only (torch
+    raises where an op has none), cuDNN without autotuning, and cuBLAS with a fixed workspace, which must be
+    set before its first use (the stage calls this before any CUDA work). bench/gpu_check.py measures the
+    cost. On the CPU training is deterministic without it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def make_accelerator(spec: TrainSpec, timeout_minutes: int = 60, ddp_because: str = ""):
@@ -337,8 +450,10 @@ def make_accelerator(spec: TrainSpec, timeout_minutes: int = 60, ddp_because: st
         if importlib.util.find_spec("transformers") is None:
             # Accelerate's DeepSpeedPlugin imports transformers' HfDeepSpeedConfig even for ZeRO-1/2
             # (a bare PackageNotFoundError otherwise)
-            raise TrainingError("DeepSpeed through Accelerate needs the `transformers` package: "
+            raise ModelError("DeepSpeed through Accelerate needs the `transformers` package: "
                                 "pip install transformers")
+    if spec.deterministic:
+        use_deterministic_algorithms()
     no_gpu = not torch.cuda.is_available()
     deepspeed_on_cpu = no_gpu and _deepspeed_launch()
     init = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes),

@@ -1,30 +1,30 @@
-"""A trained denoiser on disk, without its training state: `<dir>/ema.safetensors` + `<dir>/model.json`.
+"""A trained network on disk, without its training state: safetensors weights and a JSON description.
 
-This is what later stages (fuse, distill, evaluate) and user code load. model.json records what is
-needed to rebuild the network: the preset, the image shape, the EDM constants.
+This is what later stages (fuse, distill, evaluate) and user code load. The JSON records what rebuilds the
+network: the preset, the image shape, the EDM constants. The file names are the run directory's
+(trainer/rundir.py).
 """
 import json
-import os
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from shards.atomic import write_atomically
+from shards.errors import CheckpointError
 from shards.manifest import image_shape
-from trainer.checkpoint import CheckpointError
 from trainer.edm import Denoiser
+from trainer.rundir import DENOISER_FILES
 from trainer.unet import build_unet
 
 
 def write_model(directory: Path, module: nn.Module, meta: dict, weights: str, meta_name: str) -> None:
-    """`module`'s weights as safetensors and `meta` as JSON, each renamed into place when complete."""
+    """`module`'s weights (moved to the CPU) as safetensors and `meta` as JSON, each written atomically,
+    the JSON last: a directory with the JSON holds complete weights."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"{weights}.tmp"
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp)
-    os.replace(tmp, directory / weights)
-    (directory / f"{meta_name}.tmp").write_text(json.dumps(meta, indent=1))
-    os.replace(directory / f"{meta_name}.tmp", directory / meta_name)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    write_atomically(directory / weights, save(state))
+    write_atomically(directory / meta_name, (json.dumps(meta, indent=1) + "\n").encode())
 
 
 def read_model(directory: Path, weights: str, meta_name: str, what: str, hint: str) -> tuple[dict, dict]:
@@ -36,7 +36,11 @@ def read_model(directory: Path, weights: str, meta_name: str, what: str, hint: s
 
 
 def export_denoiser(directory: Path, denoiser: nn.Module, meta: dict) -> None:
-    write_model(directory, denoiser, meta, "ema.safetensors", "model.json")
+    write_model(directory, denoiser, meta, *DENOISER_FILES)
+
+
+def has_denoiser(directory: Path) -> bool:
+    return all((Path(directory) / name).is_file() for name in DENOISER_FILES)
 
 
 def build_denoiser(meta: dict) -> Denoiser:
@@ -46,7 +50,7 @@ def build_denoiser(meta: dict) -> Denoiser:
 
 def load_denoiser(directory: Path) -> tuple[Denoiser, dict]:
     """The EMA denoiser of a finished stage, in eval mode, and its model.json."""
-    state, meta = read_model(directory, "ema.safetensors", "model.json", "model", "train it first")
+    state, meta = read_model(directory, *DENOISER_FILES, "model", "train it first")
     denoiser = build_denoiser(meta)
     denoiser.load_state_dict(state)
     # What the model was trained on; the UNet itself runs at any size, so fusion checks this.

@@ -3,6 +3,9 @@ sections of the run config (OmegaConf structured config)."""
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+# The models fusion is compared with, built by the fuse stage (trainer/stages/fuse.py).
+BASELINES = ("target-scratch", "target-finetune", "checkpoint-merge")
+
 
 @dataclass
 class NetworkSpec:
@@ -45,6 +48,10 @@ class TrainSpec:
     eval_samples: int = 1000
     snapshot_every_kimg: float = 0.0  # periodic sample grid; 0 disables
     max_nonfinite_steps: int = 100     # stop when this many steps in a row had NaN/Inf gradients
+    # GPU throughput and reproducibility levers, off until measured (bench/gpu_check.py):
+    deterministic: bool = False    # deterministic kernels: bit-identical resume on a GPU, at a cost
+    compile: bool = False          # torch.compile the trained networks
+    channels_last: bool = False    # NHWC memory format for the networks and their inputs
 
 
 @dataclass
@@ -53,12 +60,14 @@ class FuseSpec:
     method: str = "exact"            # exact (Gram statistics + simplex QP) | sgd (the paper's softmax SGD)
     sigma_bins: List[float] = field(default_factory=list)  # sigma edges of piecewise-constant lambda; [] = one lambda
     draws_per_image: int = 64        # (sigma, noise) draws per target image in the Gram pass
+    # Evaluate the K auxiliaries in one vmapped call (true), one by one (false), or null: vmapped on CUDA only.
+    batched: Optional[bool] = None
     batch: int = 64                  # target images per forward batch (x K networks)
     sgd_epochs: float = 128          # the paper's SGD fit: passes over the target images
     sgd_lr: float = 0.1
     sgd_momentum: float = 0.9
     # Baselines trained or built in the same run: target-scratch | target-finetune | checkpoint-merge
-    baselines: List[str] = field(default_factory=lambda: ["target-scratch", "target-finetune", "checkpoint-merge"])
+    baselines: List[str] = field(default_factory=lambda: list(BASELINES))
     scratch_kimg: float = 60.0       # target-scratch: the auxiliary recipe on the n target images
     finetune_kimg: float = 10.0      # target-finetune: the best auxiliary, fine-tuned on the n target images
     finetune_lr: float = 2e-4

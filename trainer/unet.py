@@ -30,8 +30,7 @@ SKIP_SCALE = math.sqrt(0.5)
 
 PRESETS: dict[str, dict] = {
     # 16x16 grey digits on two CPU cores: 0.32M parameters, widths 16/32/32 at 16/8/4 pixels,
-    # attention only at 4x4 where it costs 16 tokens. Forward+backward at batch 64 takes ~75 ms on
-    # two idle cores (~120 ms on one); model_channels 32 would be 1.26M parameters, ~2.4x slower.
+    # attention only at 4x4 where it costs 16 tokens (bench/train_step.py times it).
     "tiny": dict(model_channels=16, channel_mult=(1, 2, 2), num_blocks=1,
                  attn_resolutions=(4,), dropout=0.0),
     # EDM's CIFAR-10 DDPM++ (training config "ddpmpp", dropout 0.13): ~56M parameters at 32x32x3.
@@ -107,7 +106,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(batch, 3, 1, channels, height * width)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # [B, 1, HW, C] each
+        # [B, 1, HW, C] each, contiguous so that the fused attention kernels may run; those have no double
+        # backward, so R1's gradient penalty selects the math kernel (trainer/score_mismatch.py).
+        q, k, v = (t.transpose(-1, -2).contiguous() for t in qkv.unbind(1))
         attended = F.scaled_dot_product_attention(q, k, v)
         attended = attended.transpose(-1, -2).reshape(batch, channels, height, width)
         return (x + self.proj(attended)) * SKIP_SCALE
@@ -212,8 +213,11 @@ class UNet(nn.Module):
         self.output_conv = _conv(width, out_channels, 3, gain=0.0)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor) -> torch.Tensor:
-        emb = self.embedding_mlp(self.noise_embedding(noise_labels))
-        h = self.input_conv(x)
+        # Inputs in the weights' dtype: a no-op for float32 weights (autocast casts per op), and what lets
+        # a copy of the network in bfloat16 run without autocast (trainer/fused_denoiser.py's batched path).
+        dtype = self.input_conv.weight.dtype
+        emb = self.embedding_mlp(self.noise_embedding(noise_labels).to(dtype))
+        h = self.input_conv(x.to(dtype))
         skips = [h]
         for block in self.encoder:
             h = block(h, emb)

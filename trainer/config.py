@@ -12,12 +12,9 @@ from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from evaluation.spec import EvalSpec
+from shards.errors import ConfigError
 from shards.spec import DataSpec
-from trainer.spec import DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
-
-
-class ConfigError(Exception):
-    """A config problem a user can fix; the message names the key or path."""
+from trainer.spec import BASELINES, DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
 
 
 @dataclass
@@ -41,10 +38,6 @@ class RunConfig:
     fuse: FuseSpec = field(default_factory=FuseSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.root) / self.name
 
 
 def load_config(path: str | Path, overrides: List[str] = ()) -> RunConfig:
@@ -106,8 +99,8 @@ def _check(run: RunConfig) -> None:
             raise ConfigError(f"data.source.path: {src.path} does not exist")
     if run.eval.inception_weights and not Path(run.eval.inception_weights).is_file():
         raise ConfigError(f"eval.inception_weights: {run.eval.inception_weights} does not exist")
-    if run.eval.extractor not in ("auto", "inception", "digit-classifier"):
-        raise ConfigError(f"eval.extractor: {run.eval.extractor!r} is not auto | inception | digit-classifier")
+    if run.eval.extractor not in ("auto", "inception", "classifier"):
+        raise ConfigError(f"eval.extractor: {run.eval.extractor!r} is not auto | inception | classifier")
     if run.train.precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.precision: {run.train.precision!r} is not no | bf16 | fp16")
     if run.train.keep_checkpoints < 2:
@@ -117,7 +110,6 @@ def _check(run: RunConfig) -> None:
     fuse = run.fuse
     if fuse.method not in ("exact", "sgd"):
         raise ConfigError(f"fuse.method: {fuse.method!r} is not exact | sgd")
-    from launch.stages import BASELINES  # the builders; a lazy import, stages imports this module
     unknown = sorted(set(fuse.baselines) - set(BASELINES))
     if unknown:
         raise ConfigError(f"fuse.baselines: unknown {unknown} (known: {', '.join(BASELINES)})")
@@ -177,4 +169,4 @@ def extractor_for(run: RunConfig) -> str:
     """The feature extractor the Frechet distances of this run use."""
     if run.eval.extractor != "auto":
         return run.eval.extractor
-    return "digit-classifier" if run.data.source.kind == "digits" else "inception"
+    return "classifier" if run.data.source.kind == "digits" else "inception"

@@ -1,17 +1,18 @@
 """ScoreFusion's weight fit checked against closed forms: Gaussian auxiliaries p_i = N(mu_i, s_i^2 I),
 whose optimal EDM denoiser is D_i(x; sigma) = mu_i + s_i^2 / (s_i^2 + sigma^2) (x - mu_i), so no
-network is trained and every expected answer is known (docs/METHODS.md §1)."""
+network is trained and every expected answer is known (METHODS.md §1)."""
 import itertools
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.barycenter import (GramStats, SoftmaxWeights, accumulate_gram, fit_barycenter_weights,
-                                project_to_simplex, projected_gradient_qp, sgd_fit_parts, sgd_on_gram,
+from trainer.lambda_fit import (GramStats, SoftmaxWeights, accumulate_gram, fit_barycenter_weights,
+                                project_to_simplex, projected_gradient_qp, sgd_fit_parts,
                                 solve_simplex_qp, unconstrained_optimum, vertex_losses)
 from trainer.edm import denoising_loss
-from trainer.fusion import FusedDenoiser, FusionError
+from shards.errors import ModelError
+from trainer.fused_denoiser import FusedDenoiser
 
 SHAPE = (1, 4, 4)
 SIGMA_DATA = 0.5
@@ -61,6 +62,20 @@ def gaussian_batches(mu: torch.Tensor, s: float, images: int, batch: int, seed: 
 def gram(auxiliaries, batches, draws=4, seed=1, **kw) -> GramStats:
     fused = FusedDenoiser(auxiliaries, torch.full((len(auxiliaries),), 1 / len(auxiliaries)))
     return accumulate_gram(fused, batches, draws, generator=torch.Generator().manual_seed(seed), **EDM, **kw)
+
+
+def sgd_on_gram(stats: GramStats, steps: int, lr: float = 0.1, momentum: float = 0.9):
+    """The paper's softmax-SGD run on the quadratic form itself, the expected value of the minibatch loss
+    (full-batch, so no sampling noise): (loss after each step, lambda [bins, K])."""
+    logits = torch.zeros(stats.b.shape, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=lr, momentum=momentum)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        stats.loss(logits.softmax(dim=1)).backward()
+        optimizer.step()
+        losses.append(float(stats.loss(logits.detach().softmax(dim=1))))
+    return losses, logits.detach().softmax(dim=1)
 
 
 def random_problem(k: int, seed: int):
@@ -250,7 +265,7 @@ def test_non_finite_auxiliary_is_named():
     mus = means(3)
     auxiliaries = [GaussianDenoiser(mus[0], 0.4), Exploding(mus[1], 0.4), GaussianDenoiser(mus[2], 0.4)]
     fused = FusedDenoiser(auxiliaries, torch.full((3,), 1 / 3), names=["aux-a", "aux-b", "aux-c"])
-    with pytest.raises(FusionError, match="aux-b") as error:
+    with pytest.raises(ModelError, match="aux-b") as error:
         accumulate_gram(fused, gaussian_batches(mus[0], 0.4, 64, 32, seed=0), 4,
                         generator=torch.Generator().manual_seed(0), **EDM)
     assert "aux-a" not in str(error.value) and "aux-c" not in str(error.value)
@@ -258,14 +273,14 @@ def test_non_finite_auxiliary_is_named():
 
 def test_no_target_images():
     fused = FusedDenoiser([GaussianDenoiser(mu, 0.4) for mu in means(2)], torch.tensor([0.5, 0.5]))
-    with pytest.raises(FusionError, match="no target images"):
+    with pytest.raises(ModelError, match="no target images"):
         accumulate_gram(fused, [], 4, **EDM)
-    with pytest.raises(FusionError, match="no target images"):
+    with pytest.raises(ModelError, match="no target images"):
         accumulate_gram(fused, [torch.zeros(0, *SHAPE)], 4, **EDM)
 
 
 def test_mismatched_image_shapes():
-    with pytest.raises(FusionError, match="aux-b models images of shape"):
+    with pytest.raises(ModelError, match="aux-b models images of shape"):
         FusedDenoiser([GaussianDenoiser(torch.zeros(1, 4, 4), 0.4), GaussianDenoiser(torch.zeros(3, 4, 4), 0.4)],
                       torch.tensor([0.5, 0.5]), names=["aux-a", "aux-b"])
 
@@ -275,17 +290,17 @@ def test_mismatched_image_shapes():
 
     fused = FusedDenoiser([GaussianDenoiser(torch.zeros(3, 4, 4), 0.4), Shapeless()], torch.tensor([0.5, 0.5]),
                           names=["aux-a", "aux-b"])
-    with pytest.raises(FusionError, match="aux-b returned shape"):
+    with pytest.raises(ModelError, match="aux-b returned shape"):
         fused(torch.zeros(2, 3, 4, 4), 1.0)
 
 
 def test_weights_must_sum_to_one_and_match_bins():
     auxiliaries = [GaussianDenoiser(mu, 0.4) for mu in means(2)]
-    with pytest.raises(FusionError, match="sum to one"):
+    with pytest.raises(ModelError, match="sum to one"):
         FusedDenoiser(auxiliaries, torch.tensor([0.5, 0.6]))
-    with pytest.raises(FusionError, match="sigma_edges"):
+    with pytest.raises(ModelError, match="sigma_edges"):
         FusedDenoiser(auxiliaries, torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
-    with pytest.raises(FusionError, match="increasing"):
+    with pytest.raises(ModelError, match="increasing"):
         FusedDenoiser(auxiliaries, torch.tensor([[0.5, 0.5]] * 3), sigma_edges=[1.0, 0.5])
     # negative weights summing to one (the unconstrained optimum) are a valid fused model
     FusedDenoiser(auxiliaries, torch.tensor([1.5, -0.5]))
@@ -309,7 +324,7 @@ def test_sgd_fit_parts_loss_matches_the_gram_quadratic():
     modules, optimizers, updates = sgd_fit_parts(fused, **EDM)
     x0 = gaussian_batches(mus[0], 0.4, 32, 32, seed=1)[0]
     torch.manual_seed(5)
-    loss = updates[0].loss(modules, x0)
+    loss = updates[0].loss(modules, x0, 0)
     torch.manual_seed(5)  # the same draws from the global RNG
     stats = accumulate_gram(fused, [x0], 1, **EDM)
     torch.testing.assert_close(loss.double(), stats.loss(torch.full((3,), 1 / 3)), rtol=1e-6, atol=0)

@@ -1,6 +1,6 @@
-"""Fitting ScoreFusion's weights lambda: one pass of Gram statistics, then an exact simplex QP.
+"""The lambda fit: ScoreFusion's weights from one pass of Gram statistics, then an exact simplex QP.
 
-The fused model's denoising loss on the target (docs/METHODS.md §1) is a quadratic in lambda,
+The fused model's denoising loss on the target (METHODS.md §1) is a quadratic in lambda,
 
     L(lambda) = E[ w(sigma) || sum_i lambda_i D_i(x0 + sigma n; sigma) - x0 ||^2 / P ]
               = lambda^T A lambda - 2 b^T lambda + c,
@@ -15,7 +15,7 @@ are independent problems (a piecewise-constant lambda(sigma)).
 
 The optimum over the probability simplex is found exactly by enumerating supports (small K), and the
 paper's own method, lambda = softmax(logits) trained by SGD, is kept as a baseline (SoftmaxWeights,
-sgd_fit_parts through the engine, sgd_on_gram on the quadratic directly).
+sgd_fit_parts through the engine).
 """
 import itertools
 import math
@@ -25,9 +25,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from shards.errors import ModelError
 from trainer.edm import loss_weight, sample_sigma
 from trainer.engine import Update
-from trainer.fusion import FusedDenoiser, FusionError
+from trainer.fused_denoiser import FusedDenoiser
+from trainer.seeds import normal
 
 MAX_EXACT_K = 12  # 2^12 - 1 supports, each a (|S| + 1)-dimensional linear solve: well under a second
 
@@ -75,18 +77,20 @@ def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: in
         batch's noise; seeding it from the batch's global index makes the statistics independent of
         how batches are split over ranks. Plain tensors draw from `generator` (None: torch's global RNG).
     For each batch, `draws_per_image` times: sigma then noise are drawn exactly as
-    trainer.edm.denoising_loss draws them (sample_sigma, then randn of x0's shape), the K outputs
+    trainer.edm.denoising_loss draws them (sample_sigma, then normal of x0's shape), the K outputs
     are computed (under torch.autocast(autocast_dtype) when given; D_i itself stays float32), and the
     products are summed in float64.
     sigma_edges: bins for a piecewise-constant lambda (None: one bin); independent of fused's own bins.
     reduce: sums a tensor over ranks, e.g. `lambda t: accelerator.reduce(t, "sum")`; None for one process.
-    Every rank raises the same FusionError after the reduction, so none is left waiting in a collective.
+    Every rank raises the same ModelError after the reduction, so none is left waiting in a collective.
+    The per-bin sums are a one-hot matrix product, not index_add_ (non-deterministic on CUDA).
     """
     if draws_per_image < 1:
         raise ValueError(f"draws_per_image must be at least 1, got {draws_per_image}")
     edges = None if sigma_edges is None else torch.as_tensor(sigma_edges, dtype=torch.float64).reshape(-1)
     num_bins, k = 1 if edges is None else edges.numel() + 1, fused.num_models
     device = fused.weights.device
+    edges = None if edges is None else edges.to(device)
     sums = torch.zeros(num_bins, k * k + k + 2, dtype=torch.float64, device=device)  # A, b, c, n per bin
     for item in batches:
         x0, batch_generator = item if isinstance(item, (tuple, list)) else (item, generator)
@@ -95,7 +99,7 @@ def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: in
         target = x0.flatten(1).to(torch.float64)
         for _ in range(draws_per_image):
             sigma = sample_sigma(batch, batch_generator, p_mean, p_std, device=device)
-            noise = torch.randn(x0.shape, generator=batch_generator, device=device, dtype=torch.float32)
+            noise = normal(x0.shape, batch_generator, device)
             sigma = sigma.reshape(batch, 1, 1, 1)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 outputs = fused.all_outputs(x0 + sigma * noise, sigma)
@@ -107,13 +111,13 @@ def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: in
                 target.square().sum(dim=1, keepdim=True)], dim=1) * weight[:, None]
             per_draw = torch.cat([per_draw, torch.ones(batch, 1, dtype=torch.float64, device=device)], dim=1)
             bins = (torch.zeros(batch, dtype=torch.long, device=device) if edges is None
-                    else torch.bucketize(sigma.flatten().to(torch.float64), edges.to(device), right=True))
-            sums.index_add_(0, bins, per_draw)
+                    else torch.bucketize(sigma.flatten().to(torch.float64), edges, right=True))
+            sums += torch.nn.functional.one_hot(bins, num_bins).to(torch.float64).T @ per_draw
     if reduce is not None:
         sums = reduce(sums)
     counts = sums[:, -1]
     if counts.sum() == 0:
-        raise FusionError("no target images: the Gram pass saw no draws (empty target set or shard)")
+        raise ModelError("no target images: the Gram pass saw no draws (empty target set or shard)")
     means = sums / counts.clamp(min=1)[:, None]  # an empty bin stays all zero
     A = means[:, :k * k].reshape(num_bins, k, k)
     b = means[:, k * k:k * k + k]
@@ -121,9 +125,9 @@ def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: in
     bad = [fused.names[i] for i in range(k)
            if not (torch.isfinite(diagonal[:, i]).all() and torch.isfinite(b[:, i]).all())]
     if bad:
-        raise FusionError(f"non-finite denoiser outputs from {', '.join(bad)} on the target data")
+        raise ModelError(f"non-finite denoiser outputs from {', '.join(bad)} on the target data")
     if not torch.isfinite(means[:, -2]).all():
-        raise FusionError("the target images are not finite")
+        raise ModelError("the target images are not finite")
     return GramStats(A.cpu(), b.cpu(), means[:, -2].cpu(), counts.cpu(), None if edges is None else edges.cpu())
 
 
@@ -289,7 +293,7 @@ def sgd_fit_parts(fused: FusedDenoiser, p_mean: float, p_std: float, sigma_data:
     weights = SoftmaxWeights(fused.num_models, sigma_edges)
     optimizer = torch.optim.SGD(weights.parameters(), lr=lr, momentum=momentum)
 
-    def loss(modules: dict, x0: torch.Tensor) -> torch.Tensor:
+    def loss(modules: dict, x0: torch.Tensor, step: int) -> torch.Tensor:
         x0 = x0.to(torch.float32)
         batch = x0.shape[0]
         sigma = sample_sigma(batch, None, p_mean, p_std, device=x0.device).reshape(batch, 1, 1, 1)
@@ -304,17 +308,3 @@ def sgd_fit_parts(fused: FusedDenoiser, p_mean: float, p_std: float, sigma_data:
 
     return {"weights": weights}, {"sgd": optimizer}, [Update("sgd", "weights", loss)]
 
-
-def sgd_on_gram(stats: GramStats, steps: int, lr: float = 0.1, momentum: float = 0.9):
-    """The paper's softmax-SGD run on the quadratic form itself, the expected value of the minibatch
-    loss (full-batch, so no sampling noise): (loss after each step, list of floats; lambda [bins, K])."""
-    logits = torch.zeros(stats.b.shape, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.SGD([logits], lr=lr, momentum=momentum)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = stats.loss(logits.softmax(dim=1))
-        loss.backward()
-        optimizer.step()
-        losses.append(float(stats.loss(logits.detach().softmax(dim=1))))
-    return losses, logits.detach().softmax(dim=1)

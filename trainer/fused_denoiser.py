@@ -2,7 +2,7 @@
 
 Because the weights sum to one, fusing denoisers is the same as fusing scores
 (s = (D - x) / sigma^2 is affine in D), so sampling the KL barycenter of the auxiliaries is running the
-ordinary sampler on D_lambda (docs/METHODS.md §1). The weights are checked to sum to one but may be
+ordinary sampler on D_lambda (METHODS.md §1 in the project docs). The weights are checked to sum to one but may be
 negative: the sum-to-one optimum without the sign constraint (trainer/barycenter.py) is a useful
 diagnostic model too. lambda is one vector for every sigma (the paper) or piecewise constant over
 sigma bins (one vector per bin, a natural extension).
@@ -14,18 +14,14 @@ Checkpoint merging (`merge_weights`) averages parameters instead of outputs: a d
 SDXL baseline of the paper.
 """
 import copy
-import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-class FusionError(ValueError):
-    """The auxiliaries cannot be fused as asked (mismatched images or architectures, non-finite
-    outputs, no target data); the message names the auxiliary at fault."""
-
+from shards.errors import ModelError
 
 SUM_TOLERANCE = 1e-5  # a softmax in float32 sums to one within ~1e-7
 
@@ -36,14 +32,14 @@ def check_weights(weights, num_models: int) -> torch.Tensor:
     if weights.dim() == 1:
         weights = weights[None]
     if weights.dim() != 2 or weights.shape[1] != num_models:
-        raise FusionError(f"weights must have shape [{num_models}] or [bins, {num_models}], "
+        raise ModelError(f"weights must have shape [{num_models}] or [bins, {num_models}], "
                           f"got {list(weights.shape)}")
     if not torch.isfinite(weights).all():
-        raise FusionError(f"weights are not finite: {weights.tolist()}")
+        raise ModelError(f"weights are not finite: {weights.tolist()}")
     sums = weights.sum(dim=1)
     if ((sums - 1).abs() > SUM_TOLERANCE).any():
         # D-fusion equals score fusion only for weights summing to one
-        raise FusionError(f"each weight vector must sum to one, got sums {sums.tolist()}")
+        raise ModelError(f"each weight vector must sum to one, got sums {sums.tolist()}")
     return weights
 
 
@@ -81,9 +77,14 @@ class FusedDenoiser(nn.Module):
     weights: [K] (one lambda for every sigma) or [bins, K] with `sigma_edges` (bins - 1 increasing
         values; bin j covers [edges[j-1], edges[j]), the first and last bins are open-ended).
     names: how errors name the auxiliaries (default "auxiliary <i>").
-    batched: evaluate the K networks in one torch.func.vmap call when they share an architecture
-        (True), in a Python loop (False), or (None) batched on CUDA only: on CPU the vmapped
-        convolutions (grouped convolutions with per-model weights) measured 1-2x slower than the loop.
+    batched: evaluate the K networks in one torch.func.vmap call (True; they must share an architecture),
+        in a Python loop (False), or (None) batched on CUDA only, where one call of K stacked networks
+        launches K times fewer kernels (bench/gpu_check.py measures it); on CPU the vmapped convolutions
+        (grouped convolutions with per-model weights) were slower than the loop. Both paths run on any
+        device, so the tests check one against the other on the CPU. vmap's batched convolutions bypass
+        autocast, so under autocast the batched path runs a copy of the stacked weights in the autocast
+        dtype (normalisation layers included, where autocast would keep some in float32): it agrees with
+        the loop at that dtype's precision.
 
     The auxiliaries are frozen in place (eval mode, requires_grad False) and stay in eval mode under
     .train(), so that dropout never makes D_i random.
@@ -105,10 +106,10 @@ class FusedDenoiser(nn.Module):
                  names: Sequence[str] | None = None, batched: bool | None = None):
         super().__init__()
         if len(denoisers) == 0:
-            raise FusionError("no auxiliary denoisers to fuse")
+            raise ModelError("no auxiliary denoisers to fuse")
         self.names = list(names) if names is not None else [f"auxiliary {i}" for i in range(len(denoisers))]
         if len(self.names) != len(denoisers):
-            raise FusionError(f"{len(self.names)} names for {len(denoisers)} denoisers")
+            raise ModelError(f"{len(self.names)} names for {len(denoisers)} denoisers")
         shape = _common_image_shape(denoisers, self.names)
         if shape is not None:
             self.image_shape = shape
@@ -120,9 +121,12 @@ class FusedDenoiser(nn.Module):
         sigma_data = {getattr(d, "sigma_data", None) for d in denoisers}
         # for trainer.edm.denoising_loss; None when the auxiliaries disagree (then pass it explicitly)
         self.sigma_data = sigma_data.pop() if len(sigma_data) == 1 else None
-        self.same_architecture = architecture_difference(denoisers) is None
+        difference = architecture_difference(denoisers)
+        if batched and difference is not None:
+            raise ModelError(f"batched evaluation needs auxiliaries of one architecture: {difference}")
+        self.same_architecture = difference is None
         self.batched = batched
-        self._stacked = None  # (device, stacked tensors, meta-device template), built on first use
+        self._stacked = None  # ((device, dtype), stacked tensors, meta-device template), built on first use
 
     @property
     def num_models(self) -> int:
@@ -168,19 +172,19 @@ class FusedDenoiser(nn.Module):
         selected = outputs[chosen.to(outputs.device), torch.arange(x.shape[0], device=outputs.device)]
         return torch.where(one_hot.to(outputs.device)[:, None, None, None], selected, fused)
 
+    def uses_batched(self, device: torch.device) -> bool:
+        batched = self.batched if self.batched is not None else device.type == "cuda" and self.same_architecture
+        return batched and self.num_models > 1
+
     def all_outputs(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """Every auxiliary's D_i(x; sigma), float32 [K, B, C, H, W]."""
-        batched = self.batched if self.batched is not None else x.device.type == "cuda"
-        if batched and self.same_architecture and self.num_models > 1:
-            try:
-                return self._run_batched(x, sigma)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as error:  # an op without a vmap rule: the loop computes the same
-                warnings.warn(f"batched evaluation of the auxiliaries failed ({type(error).__name__}: "
-                              f"{error}); evaluating them one by one")
-                self.batched = False
+        if self.uses_batched(x.device):
+            return self._run_batched(x, sigma)
         return torch.stack([self._run_one(i, x, sigma) for i in range(self.num_models)])
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stacked = None  # .to(), .cpu(), .half() ...: the stacked copy would stay behind on the old device
+        return super()._apply(fn, *args, **kwargs)
 
     def _run_one(self, index: int, x: torch.Tensor, sigma) -> torch.Tensor:
         try:
@@ -188,42 +192,50 @@ class FusedDenoiser(nn.Module):
         except torch.OutOfMemoryError:
             raise
         except Exception as error:
-            raise FusionError(f"{self.names[index]} failed on input of shape {list(x.shape)}: "
+            raise ModelError(f"{self.names[index]} failed on input of shape {list(x.shape)}: "
                               f"{type(error).__name__}: {error}") from error
         if output.shape != x.shape:
-            raise FusionError(f"{self.names[index]} returned shape {list(output.shape)} for input "
+            raise ModelError(f"{self.names[index]} returned shape {list(output.shape)} for input "
                               f"{list(x.shape)}; the auxiliaries must model the target's image shape")
         return output.to(torch.float32)
 
     def _run_batched(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        device = self.weights.device
-        if self._stacked is None or self._stacked[0] != device:
-            # One copy of all K models' tensors, stacked along a new leading dim; rebuilt after .to().
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = (self.weights.device, dtype)
+        if self._stacked is None or self._stacked[0] != key:
+            # One copy of all K models' tensors, stacked along a new leading dim (in the autocast dtype
+            # under autocast, see the class docstring).
             params, buffers = stack_module_state(list(self.denoisers))
+            tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                       for k, v in {**params, **buffers}.items()}
             template = copy.deepcopy(self.denoisers[0]).to("meta")
-            self._stacked = (device, {**params, **buffers}, template)
+            self._stacked = (key, tensors, template)
         _, tensors, template = self._stacked
 
         def one_model(model_tensors, x, sigma):
             return functional_call(template, model_tensors, (x, sigma))
 
-        return vmap(one_model, in_dims=(0, None, None))(tensors, x, sigma).to(torch.float32)
+        # The math attention kernel is made of ops vmap batches; the fused kernels have no batching rule
+        # and would run once per model.
+        with sdpa_kernel(SDPBackend.MATH):
+            return vmap(one_model, in_dims=(0, None, None))(tensors, x, sigma).to(torch.float32)
 
 
 def merge_weights(denoisers: Sequence[nn.Module], lam) -> dict[str, torch.Tensor]:
     """Checkpoint merging: the state_dict sum_i lam_i theta_i over parameters and floating-point
     buffers (summed in float64, stored in each tensor's own dtype); other buffers must be equal in
     every model and are copied. lam is one vector [K] summing to one; a one-hot lam returns model j's
-    tensors exactly. Needs identical architectures (FusionError, a ValueError, otherwise)."""
+    tensors exactly. Needs identical architectures (ModelError otherwise)."""
     if len(denoisers) == 0:
-        raise FusionError("no models to merge")
+        raise ModelError("no models to merge")
     lam = check_weights(lam, len(denoisers))
     if lam.shape[0] != 1:
-        raise FusionError(f"checkpoint merging takes one weight vector, got {lam.shape[0]}")
+        raise ModelError(f"checkpoint merging takes one weight vector, got {lam.shape[0]}")
     lam = lam[0]
     difference = architecture_difference(denoisers)
     if difference is not None:
-        raise FusionError(f"cannot merge checkpoints of different architectures: {difference}")
+        raise ModelError(f"cannot merge checkpoints of different architectures: {difference}")
     states = [d.state_dict() for d in denoisers]
     nonzero = lam.nonzero().flatten()
     if len(nonzero) == 1 and lam[nonzero[0]] == 1:
@@ -235,7 +247,7 @@ def merge_weights(denoisers: Sequence[nn.Module], lam) -> dict[str, torch.Tensor
             merged[key] = total.to(first.dtype)
         else:
             if any(not torch.equal(first, s[key]) for s in states[1:]):
-                raise FusionError(f"cannot merge non-float buffer {key!r}: it differs between models")
+                raise ModelError(f"cannot merge non-float buffer {key!r}: it differs between models")
             merged[key] = first.detach().clone()
     return merged
 
@@ -245,7 +257,7 @@ def _common_image_shape(denoisers: Sequence[nn.Module], names: list[str]) -> tup
     shapes = [(name, tuple(d.image_shape)) for name, d in zip(names, denoisers) if hasattr(d, "image_shape")]
     for name, shape in shapes[1:]:
         if shape != shapes[0][1]:
-            raise FusionError(f"{name} models images of shape {shape} but {shapes[0][0]} of "
+            raise ModelError(f"{name} models images of shape {shape} but {shapes[0][0]} of "
                               f"{shapes[0][1]}; all auxiliaries must model the target's image shape")
     return shapes[0][1] if shapes else None
 
@@ -253,11 +265,11 @@ def _common_image_shape(denoisers: Sequence[nn.Module], names: list[str]) -> tup
 def _check_edges(sigma_edges, num_bins: int) -> torch.Tensor | None:
     if sigma_edges is None:
         if num_bins != 1:
-            raise FusionError(f"{num_bins} weight vectors need {num_bins - 1} sigma_edges")
+            raise ModelError(f"{num_bins} weight vectors need {num_bins - 1} sigma_edges")
         return None
     edges = torch.as_tensor(sigma_edges, dtype=torch.float64).detach().clone().reshape(-1)
     if edges.numel() != num_bins - 1:
-        raise FusionError(f"{num_bins} weight vectors need {num_bins - 1} sigma_edges, got {edges.numel()}")
+        raise ModelError(f"{num_bins} weight vectors need {num_bins - 1} sigma_edges, got {edges.numel()}")
     if not torch.isfinite(edges).all() or (edges <= 0).any() or (edges.diff() <= 0).any():
-        raise FusionError(f"sigma_edges must be positive, finite and increasing, got {edges.tolist()}")
+        raise ModelError(f"sigma_edges must be positive, finite and increasing, got {edges.tolist()}")
     return edges

@@ -1,6 +1,6 @@
-"""FusedDenoiser and checkpoint merging on real `tiny` UNet denoisers: the vmapped evaluation equals
-the loop, one-hot weights reproduce a model bit for bit, and the Gram statistics of a pass split over
-two processes (gloo) equal the one-process statistics."""
+"""FusedDenoiser and checkpoint merging on real `tiny` UNet denoisers: the vmapped evaluation (the default on
+CUDA) equals the loop in float32 and under bf16 autocast, one-hot weights reproduce a model bit for bit, and
+the Gram statistics of a pass split over two processes (gloo) equal the one-process statistics."""
 import socket
 import warnings
 
@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.barycenter import accumulate_gram
+from trainer.lambda_fit import accumulate_gram
 from trainer.edm import heun_sample
 from trainer.export import build_denoiser
-from trainer.fusion import FusedDenoiser, FusionError, merge_weights
-from trainer.scorefusion import target_batches
+from shards.errors import ModelError
+from trainer.fused_denoiser import FusedDenoiser, merge_weights
+from trainer.stages.fuse import target_batches
 
 META = dict(preset="tiny", image_size=16, channels=1, sigma_data=0.5)
 EDM = dict(p_mean=-1.2, p_std=1.2, sigma_data=0.5)
@@ -47,7 +48,7 @@ def test_batched_evaluation_equals_the_loop():
     looped = FusedDenoiser(models, torch.tensor([0.2, 0.5, 0.3]), batched=False)
     assert batched.same_architecture
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error")  # a fallback to the loop warns
+        warnings.simplefilter("error")  # vmap warns when an op has no batching rule and runs once per model
         outputs = batched.all_outputs(x, sigma)
         fused = batched(x, sigma)
     assert batched.batched
@@ -57,6 +58,30 @@ def test_batched_evaluation_equals_the_loop():
         torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused, looped(x, sigma), rtol=1e-5, atol=1e-5)
     assert (outputs[0] - outputs[1]).abs().max() > 1e-2  # the models really differ
+
+
+def test_batched_evaluation_honours_bf16_autocast():
+    """vmap's batched convolutions bypass autocast; the batched path must still compute in bf16 under bf16
+    autocast (on a GPU it is the default path of the Gram pass and the SGD fit), agreeing with the loop at
+    bf16 precision and not with float32."""
+    models = [tiny(seed) for seed in range(3)]
+    x, sigma = torch.randn(8, 1, 16, 16), torch.logspace(-2, 1.5, 8)
+    batched = FusedDenoiser(models, torch.tensor([0.2, 0.5, 0.3]), batched=True)
+    looped = FusedDenoiser(models, torch.tensor([0.2, 0.5, 0.3]), batched=False)
+    with torch.no_grad():
+        full = looped.all_outputs(x, sigma)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loop_bf16, vmap_bf16 = looped.all_outputs(x, sigma), batched.all_outputs(x, sigma)
+    assert vmap_bf16.dtype == torch.float32  # D itself stays float32 (trainer.edm.Denoiser)
+    bf16_error = (loop_bf16 - full).abs().max()
+    assert bf16_error > 1e-4  # the loop really ran in bf16 ...
+    assert (vmap_bf16 - full).abs().max() > 0.25 * bf16_error  # ... and so did the batched path
+    torch.testing.assert_close(vmap_bf16, loop_bf16, rtol=0, atol=4 * float(bf16_error))
+
+
+def test_batched_evaluation_needs_one_architecture():
+    with pytest.raises(ModelError, match="one architecture"):
+        FusedDenoiser([tiny(0), tiny(1, dropout=0.5)], torch.tensor([0.5, 0.5]), batched=True)
 
 
 def test_one_hot_weights_reproduce_the_model_exactly():
@@ -82,7 +107,7 @@ def test_auxiliaries_stay_frozen_in_train_mode():
 def test_channel_mismatch_is_named_at_the_first_call():
     fused = FusedDenoiser([tiny(0), tiny(1, channels=3)], torch.tensor([0.5, 0.5]), names=["grey", "colour"])
     assert not fused.same_architecture
-    with pytest.raises(FusionError, match="colour failed"):
+    with pytest.raises(ModelError, match="colour failed"):
         fused(torch.randn(2, 1, 16, 16), 1.0)
 
 
@@ -102,9 +127,9 @@ def test_merge_weights():
 
 
 def test_merge_weights_rejects_different_architectures():
-    with pytest.raises(ValueError, match="different architectures"):
+    with pytest.raises(ModelError, match="different architectures"):
         merge_weights([tiny(0), tiny(1, channels=3)], torch.tensor([0.5, 0.5]))
-    with pytest.raises(ValueError, match="sigma_data"):
+    with pytest.raises(ModelError, match="sigma_data"):
         merge_weights([tiny(0), tiny(1, sigma_data=1.0)], torch.tensor([0.5, 0.5]))
 
 

@@ -1,0 +1,194 @@
+"""Feature spaces for comparing samples with real images, through torch-fidelity, on any number of ranks.
+
+Two feature extractors: "inception" is torch-fidelity's `inception-v3-compat` at its 2048-d pool layer, i.e.
+the standard FID of the papers (METHODS.md §3); "classifier" is the small CNN of evaluation/classifier.py,
+trained on the run's own labels, an offline feature space for any labelled source. The extractor is built by
+torch-fidelity's own factory and the Fréchet distance by its own statistics functions, so the numbers are
+torch-fidelity's; this module adds sampling our models with per-image seeds, the reference cache and the
+spreading of the work over ranks.
+"""
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.utils import create_feature_extractor
+
+from evaluation.classifier import EXTRACTOR_NAME as CLASSIFIER  # importing it registers it
+from shards.atomic import sha256_file, write_atomically
+from shards.errors import ConfigError
+from shards.pixels import to_uint8
+from trainer.seeds import Stream, per_image_normal
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+@dataclass(frozen=True)
+class Extractor:
+    registry_name: str  # the name torch-fidelity's registry knows
+    feature: str        # the feature layer the distance is computed on
+    metric_prefix: str  # fid for Inception; anything else must not be called FID
+
+
+EXTRACTORS = {
+    "inception": Extractor("inception-v3-compat", "2048", "fid"),
+    "classifier": Extractor(CLASSIFIER, "features", "fd_clf"),
+}
+
+
+def resolve_extractor(name: str) -> Extractor:
+    if name not in EXTRACTORS:
+        raise ConfigError(f"unknown feature extractor {name!r} (eval.extractor): use one of {sorted(EXTRACTORS)}")
+    return EXTRACTORS[name]
+
+
+def metric_name(extractor: str, num_samples: int) -> str:
+    """fid50k, fid2k, fid64, fd_clf1k: a metric is named by its sample count, since fid10k is not fid50k."""
+    count = f"{num_samples // 1000}k" if num_samples % 1000 == 0 else str(num_samples)
+    return resolve_extractor(extractor).metric_prefix + count
+
+
+def build_feature_extractor(extractor: str, weights_path: Optional[str], device) -> nn.Module:
+    """torch-fidelity's extractor with local weights; every loading failure becomes one ConfigError."""
+    choice = resolve_extractor(extractor)
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise ConfigError(f"{extractor} weights not found: {weights_path}")
+    try:
+        module = create_feature_extractor(choice.registry_name, [choice.feature], cuda=False,
+                                          feature_extractor_weights_path=weights_path, verbose=False)
+    except ConfigError:
+        raise
+    except Exception as error:  # download failure (URLError), wrong shapes (RuntimeError), not a checkpoint...
+        if weights_path is None:
+            raise ConfigError(
+                f"could not load the Inception weights ({error}); set eval.inception_weights to a local copy of "
+                f"{INCEPTION_FILE} (the file torch-fidelity downloads from {INCEPTION_URL})") from error
+        raise ConfigError(f"could not load {extractor} weights from {weights_path}: {error}") from error
+    return module.to(device)
+
+
+def weights_fingerprint(weights_path: Optional[str]) -> str:
+    """sha256 of the weights file: cached reference features are only valid for the weights that made them."""
+    if weights_path is None:
+        return "torch-fidelity-default"
+    return sha256_file(weights_path)
+
+
+def as_extractor_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 1|3, H, W] -> uint8 [B, 3, H, W], torch-fidelity's input convention (grey replicated)."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images [B, 1|3, H, W], got {images.dtype} {tuple(images.shape)}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def frechet(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fréchet distance between the Gaussian statistics of two feature sets [N, D] and [M, D]."""
+    a, b = fid_features_to_statistics(features.cpu()), fid_features_to_statistics(reference.cpu())
+    return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
+
+
+@dataclass
+class Ranks:
+    """How work is spread: this process's rank, the world size, and the collectives (accelerator.gather,
+    accelerator.wait_for_everyone); one process needs none."""
+    rank: int = 0
+    world: int = 1
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    barrier: Callable[[], None] = lambda: None
+
+    @classmethod
+    def of(cls, accelerator) -> "Ranks":
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.gather,
+                   accelerator.wait_for_everyone)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+class FeatureSpace:
+    """One torch-fidelity feature extractor: features of images, cached features of reference populations,
+    and the features of a sampler's images computed over all ranks."""
+
+    def __init__(self, extractor: str, weights_path: Optional[str], cache_dir: Path, batch_size: int = 64,
+                 device="cpu", ranks: Ranks = Ranks()):
+        self.extractor = extractor
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.ranks = ranks
+        self.module = build_feature_extractor(extractor, weights_path, self.device)
+        self.fingerprint = weights_fingerprint(weights_path)
+
+    def metric(self, num_samples: int) -> str:
+        return metric_name(self.extractor, num_samples)
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 1|3, H, W] -> float32 features [N, D] on the CPU, in batches on this space's device."""
+        images = as_extractor_input(images)
+        if len(images) == 0:
+            return torch.zeros(0, 0)
+        return torch.cat([self.module(batch.to(self.device))[0].cpu() for batch in images.split(self.batch_size)])
+
+    def reference(self, population_hash: str, load_images: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Features [N, D] of a population, cached as `cache_dir/<extractor>-<population_hash>.npz`.
+
+        `load_images` (-> uint8 [N, C, H, W]) is called only on a miss, or when the cache was made with other
+        extractor weights, and only on the main process; the others wait and read the file it writes."""
+        path = self.cache_dir / f"{self.extractor}-{population_hash}.npz"
+        if self.ranks.main and self._cached(path) is None:
+            buffer = io.BytesIO()
+            np.savez(buffer, features=self.extract(load_images()).numpy(), weights=np.array(self.fingerprint))
+            write_atomically(path, buffer.getvalue())
+        self.ranks.barrier()
+        return self._cached(path)
+
+    def _cached(self, path: Path) -> torch.Tensor | None:
+        if not path.is_file():
+            return None
+        with np.load(path) as cached:
+            if str(cached["weights"]) != self.fingerprint:
+                return None
+            return torch.from_numpy(cached["features"])
+
+    def sample(self, sample_fn: Callable[[torch.Tensor], torch.Tensor], image_shape: Sequence[int],
+               num_samples: int, seed: int = 0, keep_images: bool = False):
+        """(features [num_samples, D], uint8 images [num_samples, C, H, W] or None) of `num_samples` samples of
+        `sample_fn` (latents [B, C, H, W] -> images in [-1, 1]), in sample order, on every rank.
+
+        Image i has the latents of trainer.seeds Stream.SAMPLES and index i, so it does not depend on the
+        batch size or the world size. The sample set is cut into batch-sized chunks dealt round-robin to the
+        ranks, and every rank runs the same number of batches (the last ones may be padding, discarded after
+        the gather): no rank idles at the collective while another still samples (an idle rank at an
+        all-gather is a classic source of NCCL timeouts), and a sampler whose forward is itself collective
+        (ZeRO-3 gathers parameters) stays in step across ranks.
+        """
+        rank, world, b = self.ranks.rank, self.ranks.world, self.batch_size
+        if world > 1 and self.ranks.gather is None:
+            raise ValueError("sampling features over several ranks needs Ranks.gather")
+        chunks_per_rank = math.ceil(math.ceil(num_samples / b) / world)
+        features, images = [], []
+        with torch.no_grad():
+            for j in range(chunks_per_rank):
+                chunk = rank + world * j
+                latents = per_image_normal(seed, Stream.SAMPLES, range(chunk * b, (chunk + 1) * b), image_shape)
+                batch = to_uint8(sample_fn(latents.to(self.device)))
+                features.append(self.extract(batch).to(self.device))
+                if keep_images:
+                    images.append(batch)
+        features = torch.cat(features)
+        images = torch.cat(images) if keep_images else None
+        if world > 1:
+            features = self.ranks.gather(features)
+            images = self.ranks.gather(images) if keep_images else None
+        # Row (r, j, i) of the gathered tensor is item i of chunk r + world * j: back to sample order.
+        r, j, i = torch.meshgrid(torch.arange(world), torch.arange(chunks_per_rank), torch.arange(b), indexing="ij")
+        order = ((r + world * j) * b + i).reshape(-1).argsort()[:num_samples]
+        return features.cpu()[order], images.cpu()[order] if keep_images else None

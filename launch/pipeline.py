@@ -1,0 +1,60 @@
+"""The commands of `scorefuse`, and the pipeline order the CLI, `scorefuse run` and `scorefuse submit` read.
+
+Each command names its stage body (trainer/stages/<stage>.py), its `name=value` arguments (those that are
+not config keys) and the examples its --help shows.
+"""
+from dataclasses import dataclass, field
+
+from shards.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    arguments: dict[str, str] = field(default_factory=dict)  # name=value arguments -> what they mean
+    required: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
+    array_over_aux: bool = False  # `submit` runs it as an array job, one task per auxiliary population
+
+
+COMMANDS = {c.name: c for c in [
+    Command("prepare", "cut the populations out of the source and write them as WebDataset shards",
+            examples=("scorefuse prepare --config configs/cifar10.yaml data.source.path=/data/cifar-10-python.tar.gz",)),
+    Command("train-aux", "train auxiliary diffusion models, one per auxiliary population",
+            {"aux": "NAME (one data.aux population), all (every one, on this machine's GPUs), or a,b,c"},
+            required=("aux",), array_over_aux=True,
+            examples=("scorefuse train-aux aux=all", "accelerate launch --multi_gpu --num_processes 8 -m launch.cli "
+                      "train-aux --config configs/cifar10.yaml aux=animals")),
+    Command("fuse", "fit the ScoreFusion weights lambda on the target images and build the baselines",
+            examples=("scorefuse fuse --config configs/digits.yaml fuse.sigma_bins=[0.5,5]",)),
+    Command("distill", "train the one-step generator by Score Mismatching with the fused teacher",
+            examples=("scorefuse distill distill.total_kimg=50",)),
+    Command("evaluate", "score every finished model and write report.md / report.json",
+            examples=("scorefuse evaluate eval.num_samples=2000",)),
+]}
+PIPELINE = tuple(COMMANDS)  # in order: each stage reads what the ones before it wrote
+
+COMMANDS.update({c.name: c for c in [
+    Command("sample", "draw images of any finished model, the ones the report scored",
+            {"model": "a model label of report.md (aux/NAME, fused-exact, fused-sgd, target-scratch, ..., distill)",
+             "n": "the number of images", "out": "FILE.npz (uint8 NHWC), FILE.png (a grid) or a directory of PNGs"},
+            required=("model", "n"),
+            examples=("scorefuse sample model=fused-exact n=64 out=fused.png", "scorefuse sample model=distill n=1000 out=g.npz")),
+    Command("run", "the whole pipeline (or some of its stages) on this machine",
+            {"stages": f"comma-separated stages to run, in pipeline order (default: {','.join(PIPELINE)})"},
+            examples=("scorefuse run", "scorefuse run stages=prepare,train-aux,fuse,evaluate name=nodistill")),
+    Command("config", "print the resolved config (defaults, the file, the overrides) and check it",
+            examples=("scorefuse config --config configs/cifar10.yaml train.batch=256",)),
+]})
+
+
+def stages_to_run(value: str | None) -> list[str]:
+    """The stages `run` runs: all of them, or the given ones in pipeline order."""
+    if not value:
+        return list(PIPELINE)
+    wanted = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in PIPELINE]
+    if unknown:
+        raise ConfigError(f"stages={value}: unknown {unknown} (the pipeline: {','.join(PIPELINE)})")
+    return [s for s in PIPELINE if s in wanted]

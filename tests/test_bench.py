@@ -1,0 +1,62 @@
+"""Every benchmark script runs against the current code: each in its --tiny smoke mode, as a subprocess.
+
+No timing is asserted (the tiny modes measure nothing worth judging); only that each script runs to its
+table. bench/likelihood.py is run by tests/test_likelihood.py.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import DIGITS, FAST, ROOT, scorefuse
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def bench(script: str, *args) -> str:
+    """stdout of `python bench/<script> --tiny args...`; stderr goes to pytest's capture."""
+    try:
+        proc = subprocess.run([sys.executable, f"bench/{script}", "--tiny", *map(str, args)], cwd=ROOT, check=True,
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    except subprocess.CalledProcessError as error:
+        print(error.stdout)
+        raise
+    print(proc.stdout)
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> list[str]:
+    """The overrides that point at a finished digits run (the fast pipeline, every stage), built once."""
+    root = tmp_path_factory.mktemp("bench-run")
+    overrides = [f"root={root}", *FAST]
+    scorefuse("run", "--config", DIGITS, *overrides)
+    return overrides
+
+
+def test_data_bench():
+    assert "loader / training:" in bench("data.py")
+
+
+def test_train_step_bench():
+    assert "engine overhead:" in bench("train_step.py")
+
+
+def test_scaling_bench():
+    out = bench("scaling.py")
+    assert "| DDP | 1 |" in out and "ZeRO-2" not in out
+
+
+@pytest.mark.slow
+def test_fusion_bench(finished_run):
+    out = bench("fusion.py", "--config", DIGITS, *finished_run)
+    assert "| exact (Gram pass + QP)" in out and "fused / auxiliary:" in out
+
+
+@pytest.mark.slow
+def test_sampling_bench(finished_run):
+    result = json.loads(bench("sampling.py", "--config", DIGITS, *finished_run).splitlines()[-1])
+    assert result["teacher"] in ("fused-exact", "fused-sgd") and len(result["samples_per_s"]) == 3
+    assert result["metric"].endswith("16") and result["fd_ratio"] > 0

@@ -1,0 +1,131 @@
+"""The model catalogue: every finished model of a run, by the label the report shows.
+
+One entry per model: how to load it, how to sample it, how many network evaluations a sample costs, and
+the facts the report prints (training length, fit time, lambda). `evaluate`, `sample`, the sweep and the
+benches all go through it, so `scorefuse sample model=<label>` accepts exactly the labels of report.json.
+
+Labels: aux/<name> (an auxiliary), fused-exact and fused-sgd (ScoreFusion's barycenter with the exact and the
+paper's SGD lambda), target-scratch, target-finetune, checkpoint-merge (the baselines), distill (the
+one-step generator).
+
+Every sampler draws image i from its own latents (trainer.seeds, Stream.SAMPLES and the run's train.seed),
+so image i of a model is the same whatever the batch size, the number of processes or the chunking:
+`scorefuse sample` reproduces the images the report scored.
+"""
+import functools
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from shards.atomic import sha256_file, sha256_text
+from shards.errors import ConfigError
+from trainer.config import RunConfig
+from trainer.edm import heun_sample
+from trainer.export import has_denoiser, load_denoiser
+from shards.pixels import to_uint8
+from trainer.rundir import DENOISER_FILES, GENERATOR_FILES, RunDir, finished_info, is_finished
+from trainer.score_mismatch import load_generator
+from trainer.seeds import Stream, per_image_normal
+from trainer.stages.fuse import fused_denoiser, load_auxiliaries, load_fit
+
+
+@dataclass
+class Model:
+    label: str
+    description: str
+    load: Callable[[], nn.Module]   # the network on the CPU, in eval mode
+    files: tuple[Path, ...]         # the weights it is made of: what identifies it
+    one_step: bool = False          # a generator z -> x (one call), not a denoiser
+    facts: dict = field(default_factory=dict)
+
+    def sampler(self, network: nn.Module, cfg: RunConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+        """latents [B, C, H, W] -> images in [-1, 1]: the generator itself, or the run's Heun sampler."""
+        if self.one_step:
+            return network
+        e = cfg.edm
+        return partial(heun_sample, network, num_steps=e.sampler_steps, sigma_min=e.sigma_min,
+                       sigma_max=e.sigma_max, rho=e.rho)
+
+    def nfe(self, network: nn.Module, cfg: RunConfig) -> int:
+        """Network evaluations per sample: 1 for a generator; 2 x steps - 1 Heun evaluations, times the
+        networks a fused model runs per evaluation."""
+        if self.one_step:
+            return 1
+        return (2 * cfg.edm.sampler_steps - 1) * getattr(network, "networks_per_call", 1)
+
+    def fingerprint(self) -> str:
+        """A hash of the weights and of what combines them (lambda): the evaluation cache's key."""
+        return sha256_text(repr([self.label, [sha256_file(f) for f in self.files], self.facts.get("lambda")]))
+
+
+def finished_models(cfg: RunConfig) -> list[Model]:
+    """Every finished model of the run, in report order."""
+    run = RunDir.of(cfg)
+    models = []
+    for pop in cfg.data.aux:
+        stage = run.aux(pop.name)
+        if is_finished(stage):
+            done = finished_info(stage)
+            models.append(Model(f"aux/{pop.name}", f"auxiliary trained on {pop.name}", partial(_denoiser, stage),
+                                _files(stage, DENOISER_FILES),
+                                facts={"population": pop.name, "kimg": done["kimg"], "minutes": done["seconds"] / 60}))
+    if is_finished(run.fuse):
+        fit = load_fit(cfg)
+        auxiliaries = functools.cache(lambda: load_auxiliaries(cfg))  # loaded once, for both fused models
+
+        def fused(which):
+            return fused_denoiser(fit, auxiliaries(), which, batched=cfg.fuse.batched).eval()
+        aux_files = tuple(f for name in fit["names"] for f in _files(run.aux(name), DENOISER_FILES))
+        for which, how in (("exact", "exact"), ("sgd", "the paper's SGD")):
+            models.append(Model(f"fused-{which}", f"ScoreFusion barycenter, lambda by {how} fit", partial(fused, which),
+                                aux_files, facts={"minutes": fit[which]["seconds"] / 60, "lambda": fit[which]["lambda"]}))
+    for name, description in (("target-scratch", "trained on the n target images alone"),
+                              ("target-finetune", "the best auxiliary fine-tuned on the n target images"),
+                              ("checkpoint-merge", "auxiliary weights averaged with lambda")):
+        stage = run.baseline(name)
+        if is_finished(stage) and has_denoiser(stage):
+            done = finished_info(stage)
+            facts = {"kimg": done["kimg"], "minutes": done["seconds"] / 60} if "kimg" in done else \
+                {"minutes": 0.0, "lambda": done["lambda"]}
+            models.append(Model(name, description, partial(_denoiser, stage), _files(stage, DENOISER_FILES), facts=facts))
+    if is_finished(run.distill):
+        done = finished_info(run.distill)
+        models.append(Model("distill", "one-step generator (Score Mismatching, fused teacher)",
+                            lambda: load_generator(run.distill)[0], _files(run.distill, GENERATOR_FILES), one_step=True,
+                            facts={"kimg": done["kimg"], "minutes": done["seconds"] / 60}))
+    return models
+
+
+def find(cfg: RunConfig, label: str) -> Model:
+    models = finished_models(cfg)
+    for model in models:
+        if model.label == label:
+            return model
+    raise ConfigError(f"model={label}: no finished model of that name in {RunDir.of(cfg).root} "
+                      f"(have: {', '.join(m.label for m in models) or 'none'})")
+
+
+def latents(cfg: RunConfig, indices: Sequence[int], shape) -> torch.Tensor:
+    """The latents of images `indices` of any model of the run (evaluate's and `sample`'s)."""
+    return per_image_normal(cfg.train.seed, Stream.SAMPLES, indices, shape)
+
+
+@torch.no_grad()
+def draw(sample_fn, cfg: RunConfig, indices: Sequence[int], shape, batch: int, device) -> torch.Tensor:
+    """uint8 images [len(indices), C, H, W] of a sampler, `batch` at a time."""
+    indices = list(indices)
+    parts = [to_uint8(sample_fn(latents(cfg, indices[i:i + batch], shape).to(device))).cpu()
+             for i in range(0, len(indices), batch)]
+    return torch.cat(parts) if parts else torch.zeros((0, *shape), dtype=torch.uint8)
+
+
+def _denoiser(stage: Path) -> nn.Module:
+    return load_denoiser(stage)[0]
+
+
+def _files(stage: Path, names: tuple[str, ...]) -> tuple[Path, ...]:
+    return tuple(Path(stage) / name for name in names)

@@ -1,0 +1,148 @@
+"""The run directory: every path and marker name of one experiment, and nothing else spells them.
+
+    runs/<name>/config.yaml            the resolved config, written by the first stage
+    runs/<name>/data/                  shards + manifest.json, the feature classifier
+    runs/<name>/aux/<k>/               one auxiliary model: checkpoints/, ema.safetensors + model.json,
+                                       samples.png, metrics.jsonl, done.json
+    runs/<name>/fuse/                  lambda.json, lambda.png, samples.png, sgd/ (the paper's SGD fit), done.json
+    runs/<name>/baselines/<b>/         target-scratch, target-finetune (trained), checkpoint-merge (weights averaged)
+    runs/<name>/distill/               teacher/ (shards), checkpoints/, generator.safetensors + generator.json,
+                                       samples.png, metrics.jsonl, done.json
+    runs/<name>/eval_cache/            reference statistics and every model's samples and features
+    runs/<name>/samples/<model>/       what `scorefuse sample` writes by default
+    runs/<name>/figures/               copies-<model>.png: each model's most-copied samples
+    runs/<name>/slurm/                 batch job logs
+    runs/<name>/report.md, report.json
+
+A stage directory is finished when it holds done.json (one rule for every stage; the engine writes it last,
+after the stage's model). The data directory's marker is its manifest.json, which `prepare` writes last.
+"""
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.atomic import write_atomically
+from shards.errors import ConfigError
+from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.prepare import data_fingerprint
+from trainer.config import to_yaml
+
+DONE = "done.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+GRID = "samples.png"
+# A trained denoiser (the EMA weights) and what rebuilds it; the one-step generator likewise.
+DENOISER_FILES = ("ema.safetensors", "model.json")
+GENERATOR_FILES = ("generator.safetensors", "generator.json")
+
+
+def _file_name(label: str) -> str:
+    """A model label as one path component (aux/aux-low -> aux_aux-low)."""
+    return re.sub(r"[^\w.-]", "_", label)
+
+
+def is_finished(stage_dir: Path) -> bool:
+    return (Path(stage_dir) / DONE).is_file()
+
+
+def mark_finished(stage_dir: Path, info: dict) -> None:
+    """The stage's last write: done.json with what it did (kimg, steps, seconds ...), atomically."""
+    write_atomically(Path(stage_dir) / DONE, (json.dumps(info, indent=1) + "\n").encode())
+
+
+def finished_info(stage_dir: Path) -> dict:
+    return json.loads((Path(stage_dir) / DONE).read_text())
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def of(cls, cfg) -> "RunDir":
+        return cls(Path(cfg.root) / cfg.name)
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def classifier(self) -> Path:
+        """The feature classifier of the offline Fréchet distance and the class proportions."""
+        return self.data / "classifier.safetensors"
+
+    def aux(self, name: str) -> Path:
+        return self.root / "aux" / name
+
+    def aux_dirs(self, cfg) -> dict[str, Path]:
+        return {p.name: self.aux(p.name) for p in cfg.data.aux}
+
+    def train_log(self, aux: str) -> Path:
+        """One auxiliary's log when several train at once on one machine."""
+        return self.aux(aux) / "train.log"
+
+    @property
+    def fuse(self) -> Path:
+        return self.root / "fuse"
+
+    @property
+    def lambda_file(self) -> Path:
+        return self.fuse / "lambda.json"
+
+    @property
+    def lambda_chart(self) -> Path:
+        return self.fuse / "lambda.png"
+
+    @property
+    def sgd_fit(self) -> Path:
+        return self.fuse / "sgd"
+
+    @property
+    def baselines(self) -> Path:
+        return self.root / "baselines"
+
+    def baseline(self, name: str) -> Path:
+        return self.baselines / name
+
+    @property
+    def distill(self) -> Path:
+        return self.root / "distill"
+
+    @property
+    def teacher(self) -> Path:
+        return self.distill / "teacher"
+
+    @property
+    def eval_cache(self) -> Path:
+        return self.root / "eval_cache"
+
+    def copies_figure(self, label: str) -> Path:
+        """The most-copied samples of a model beside their nearest training images."""
+        return self.root / "figures" / f"copies-{_file_name(label)}.png"
+
+    @property
+    def report(self) -> Path:
+        """report.md; report.json beside it."""
+        return self.root / "report.md"
+
+    def samples(self, label: str) -> Path:
+        return self.root / "samples" / _file_name(label)
+
+    @property
+    def slurm_logs(self) -> Path:
+        return self.root / "slurm"
+
+    def record_config(self, cfg) -> None:
+        """Write config.yaml once. A later stage may change training, evaluation or reader settings,
+        but not what decides the populations: a run directory holds one set of them."""
+        if (self.data / MANIFEST_NAME).is_file() and load_manifest(self.data)["fingerprint"] != data_fingerprint(cfg.data):
+            raise ConfigError(f"{self.root}: its shards were prepared from a different `data` section "
+                              "(populations or source); use another run name (name=...) or delete the directory")
+        if self.config_file.exists():
+            return
+        write_atomically(self.config_file, to_yaml(cfg).encode())

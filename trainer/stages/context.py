@@ -1,0 +1,114 @@
+"""What every stage runs on, built once when it starts: the config, the run directory, the manifest, the
+accelerator and the log; and the pieces several stages share (the feature space of the periodic Fréchet
+distance, sample grids, the training hooks).
+"""
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from evaluation.classifier import load_classifier
+from evaluation.features import FeatureSpace, Ranks, frechet
+from evaluation.grid import save_grid
+from shards.manifest import image_shape, load_manifest, population_entry
+from shards.stream import read_population
+from trainer.config import RunConfig, extractor_for
+from trainer.edm import heun_sample
+from trainer.engine import Hook, make_accelerator
+from trainer.progress import say
+from trainer.rundir import GRID, RunDir
+from trainer.seeds import Stream, per_image_normal
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    run: RunDir
+    acc: object                 # accelerate.Accelerator
+    manifest: dict
+    log: Callable[[str], None]
+    _features: FeatureSpace | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, cfg: RunConfig, ddp_because: str = "") -> "StageContext":
+        """The accelerator first (it decides the device and the process group), then the data directory's
+        manifest (a clear "run prepare first"), then config.yaml on the main process."""
+        acc = make_accelerator(cfg.train, cfg.launch.timeout_minutes, ddp_because)
+        run = RunDir.of(cfg)
+        manifest = load_manifest(run.data)
+        if acc.is_main_process:
+            run.record_config(cfg)
+        restart = os.environ.get("SLURM_RESTART_COUNT")
+        log = say if acc.is_main_process else (lambda message: None)
+        if restart:
+            log(f"SLURM_RESTART_COUNT={restart}")
+        return cls(cfg, run, acc, manifest, log)
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return image_shape(self.manifest)
+
+    @property
+    def ranks(self) -> Ranks:
+        return Ranks.of(self.acc)
+
+    def sampler(self, denoiser, steps: int | None = None):
+        """The run's Heun sampler around a denoiser: latents [B, C, H, W] -> images in [-1, 1]."""
+        e = self.cfg.edm
+        return partial(heun_sample, denoiser, num_steps=steps or e.sampler_steps, sigma_min=e.sigma_min,
+                       sigma_max=e.sigma_max, rho=e.rho)
+
+    def features(self) -> FeatureSpace:
+        """The feature space of the run's Fréchet distances (built once)."""
+        if self._features is None:
+            extractor = extractor_for(self.cfg)
+            weights = str(self.run.classifier) if extractor == "classifier" else self.cfg.eval.inception_weights
+            self._features = FeatureSpace(extractor, weights, self.run.eval_cache, self.cfg.eval.batch,
+                                          self.device, self.ranks)
+        return self._features
+
+    def reference(self, population: str) -> torch.Tensor:
+        """Features of a population of the data directory (cached by its content hash)."""
+        entry = population_entry(self.manifest, population)
+        return self.features().reference(entry["hash"], lambda: read_population(self.run.data, population)[0])
+
+    def classifier(self):
+        return load_classifier(self.run.classifier).to(self.device)
+
+    def save_grid(self, sample_fn, stage_dir: Path) -> None:
+        """A grid of eval.grid_images samples, the same latents for every model and snapshot; main process."""
+        latents = per_image_normal(0, Stream.GRID, range(self.cfg.eval.grid_images), self.shape).to(self.device)
+        with torch.no_grad():
+            images = sample_fn(latents)
+        save_grid(images, Path(stage_dir) / GRID, scale=max(1, 64 // self.shape[-1]))
+
+    def training_hooks(self, stage_dir: Path, population: str, spec, sample_fn_of) -> tuple[Hook, ...]:
+        """Periodic Fréchet distance of the EMA model to `population` (named by its sample count, spread over
+        the ranks, computed on the main process) and a sample grid. `sample_fn_of(engine)` is the EMA
+        model's sampler; `spec` the engine's TrainSpec."""
+        hooks = []
+        if spec.eval_every_kimg > 0:
+            reference = self.reference(population)
+            name = self.features().metric(spec.eval_samples)
+
+            def frechet_hook(engine):
+                features, _ = self.features().sample(sample_fn_of(engine), self.shape, spec.eval_samples, spec.seed)
+                if not self.acc.is_main_process:
+                    return None
+                value = frechet(features, reference)
+                engine.log(f"{Path(stage_dir).name}: {name} = {value:.3f} at {engine.kimg:.1f} kimg")
+                return {name: value}
+            hooks.append(Hook(spec.eval_every_kimg, frechet_hook))
+        if spec.snapshot_every_kimg > 0:
+            def snapshot(engine):
+                if self.acc.is_main_process:
+                    self.save_grid(sample_fn_of(engine), stage_dir)
+            hooks.append(Hook(spec.snapshot_every_kimg, snapshot))
+        return tuple(hooks)

@@ -1,0 +1,308 @@
+"""evaluate: did fusion help the target? Every finished model (trainer/catalogue.py) is measured on the
+held-out reference images of the target mixture, with its uncertainty, next to floors that real data set;
+report.md opens with a verdict computed from those numbers.
+
+Per model:
+- NLL in bits/dim by the probability-flow ODE (evaluation/likelihood.py) on the first eval.nll_images held-out
+  images, mean ± standard error over images; the same images and draws for every model, so differences are
+  paired. Every model with a denoiser has one (the fused models through their fused denoiser).
+- the held-out denoising loss, per image, likewise paired;
+- the Fréchet distance of eval.num_samples samples to the held-out images with a 95% bootstrap interval that
+  resamples both sets, and KID (unbiased) mean ± std over subsets (evaluation/intervals.py);
+- memorisation (evaluation/memorisation.py): the share of samples that copy a target training image (ratio
+  test), and the mean nearest-neighbour distance to the training images against held-out images of the same
+  number; a picture of the most-copied samples beside their nearest training images;
+- the class proportions of the samples (the feature classifier), as total variation to the classifier's
+  proportions on the held-out images, whose own distance to the true mixture is printed as the floor.
+Floors: the held-out images split in two halves (the best a model can score at that sample count), and the n
+target training images themselves used as samples (what pure copying scores).
+
+Samples, features and per-image values are cached (evaluation/cache.py) by the model's weights and the
+settings, so re-running a finished evaluate only recomputes the statistics. The expensive work is spread
+over the ranks; the statistics and the report are computed on the main process. Per-image values are
+gathered with torchmetrics (CatMetric), which synchronises over the process group.
+"""
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchmetrics.aggregation import CatMetric
+
+from evaluation.cache import ResultCache
+from evaluation.classifier import class_proportions
+from evaluation.features import frechet
+from evaluation.intervals import Interval, frechet_interval, kernel_distance, mean_se, paired_difference, separated
+from evaluation.likelihood import nll_bits_per_dim
+from evaluation.memorisation import copies_figure, memorisation
+from evaluation.report import write_report
+from evaluation.score_matching import held_out_loss
+from shards.manifest import population_entry
+from shards.stream import read_population
+from trainer.catalogue import Model, finished_models
+from trainer.config import RunConfig
+from shards.pixels import to_unit
+from trainer.seeds import Stream, generator
+from trainer.stages.context import StageContext
+
+ROLES = ["aux", "target", "reference"]
+HALVES, TARGET_AS_SAMPLES = "real: held-out half vs half", "real: target images as samples"
+
+
+@dataclass
+class Measured:
+    """What was measured of one model (or one floor): the raw material of its report row."""
+    label: str
+    description: str
+    images: torch.Tensor                # uint8 samples
+    features: torch.Tensor
+    nll: torch.Tensor | None = None     # bits/dim per held-out image
+    loss: torch.Tensor | None = None    # held-out denoising loss per image
+    seconds: float | None = None        # sampling + feature extraction
+    nfe: int | None = None
+    facts: dict = field(default_factory=dict)
+    reference: torch.Tensor | None = None  # features it is compared with (a floor's own other half) ...
+    held_out: torch.Tensor | None = None   # ... and images that are held out from it
+
+
+def gather_by_index(ctx: StageContext, values: torch.Tensor, indices: torch.Tensor, total: int) -> torch.Tensor:
+    """Per-image values computed by each rank for its own `indices`, gathered (torchmetrics CatMetric, which
+    all-gathers over the process group) and put back in image order, on every rank."""
+    got_values, got_indices = CatMetric().set_dtype(torch.float64), CatMetric().set_dtype(torch.float64)
+    got_values.update(values.double().to(ctx.device))
+    got_indices.update(indices.double().to(ctx.device))
+    ordered = torch.empty(total, dtype=torch.float64)
+    if total:
+        ordered[got_indices.compute().long().cpu()] = got_values.compute().cpu()
+    return ordered
+
+
+def measure(ctx: StageContext, cache: ResultCache, model: Model, reference: torch.Tensor, reference_hash: str) -> Measured:
+    """Sample, extract features, and run the per-image measurements of one model (cached)."""
+    cfg, e, ev = ctx.cfg, ctx.cfg.edm, ctx.cfg.eval
+    network = model.load().to(ctx.device)
+    weights = model.fingerprint()
+    sampler = {"steps": e.sampler_steps, "sigma_min": e.sigma_min, "sigma_max": e.sigma_max, "rho": e.rho}
+    key = {"model": weights, "n": ev.num_samples, "seed": cfg.train.seed, "features": ctx.features().fingerprint,
+           **({} if model.one_step else sampler)}
+
+    def sample():
+        started = time.perf_counter()
+        features, images = ctx.features().sample(model.sampler(network, cfg), ctx.shape, ev.num_samples,
+                                                  cfg.train.seed, keep_images=True)
+        return {"features": features, "images": images, "seconds": torch.tensor(time.perf_counter() - started)}
+    samples = cache.get("samples", key, sample, ctx.acc.is_main_process, ctx.acc.wait_for_everyone)
+    measured = Measured(model.label, model.description, samples["images"], samples["features"],
+                        seconds=float(samples["seconds"]), nfe=model.nfe(network, cfg), facts=model.facts)
+    if model.one_step:
+        return measured
+    rank, world = ctx.acc.process_index, ctx.acc.num_processes
+    nll_indices = torch.arange(min(ev.nll_images, len(reference)))
+    mine = nll_indices[rank::world]
+    if len(nll_indices):
+        nll_key = {"model": weights, "images": reference_hash, "count": len(nll_indices), "steps": ev.nll_steps,
+                   "probes": ev.nll_probes, "seed": cfg.train.seed, "sigma_min": e.sigma_min, "sigma_max": e.sigma_max}
+        measured.nll = cache.get("nll", nll_key, lambda: {"bits_per_dim": gather_by_index(ctx, nll_bits_per_dim(
+            network, reference[mine], mine.tolist(), cfg.train.seed, steps=ev.nll_steps, probes=ev.nll_probes,
+            sigma_min=e.sigma_min, sigma_max=e.sigma_max, rho=e.rho, batch_size=ev.batch, device=ctx.device),
+            mine, len(nll_indices))}, ctx.acc.is_main_process, ctx.acc.wait_for_everyone)["bits_per_dim"]
+    all_indices = torch.arange(len(reference))
+    mine = all_indices[rank::world]
+    loss_key = {"model": weights, "images": reference_hash, "draws": cfg.fuse.test_draws_per_image,
+                "seed": cfg.train.seed, "p_mean": e.p_mean, "p_std": e.p_std}
+    measured.loss = cache.get("loss", loss_key, lambda: {"loss": gather_by_index(ctx, held_out_loss(
+        network, reference[mine], mine.tolist(), cfg.fuse.test_draws_per_image, e.p_mean, e.p_std, e.sigma_data,
+        seed=cfg.train.seed, batch_size=ev.batch, device=ctx.device), mine, len(all_indices))},
+        ctx.acc.is_main_process, ctx.acc.wait_for_everyone)["loss"]
+    return measured
+
+
+def floors(ctx: StageContext, reference: torch.Tensor, reference_features: torch.Tensor,
+           target: torch.Tensor) -> list[Measured]:
+    """Real data in the place of samples: the held-out images split in two halves (one half compared with
+    the other: the best any model can score with that many images), and the target training images (pure
+    copying)."""
+    order = torch.randperm(len(reference), generator=generator(ctx.cfg.train.seed, Stream.SPLIT))
+    a, b = order[: len(order) // 2], order[len(order) // 2:]
+    return [Measured(HALVES, f"{len(a)} held-out images against the other {len(b)}", reference[a],
+                     reference_features[a], reference=reference_features[b], held_out=reference[b][: len(target)]),
+            Measured(TARGET_AS_SAMPLES, f"the {len(target)} target training images against the held-out ones",
+                     target, ctx.features().extract(target))]
+
+
+def run(cfg: RunConfig) -> dict:
+    ctx = StageContext.open(cfg)
+    ev, cache = cfg.eval, ResultCache(ctx.run.eval_cache)
+    reference_name, target_name = cfg.data.reference.name, cfg.data.target.name
+    reference = read_population(ctx.run.data, reference_name, cfg.data.max_bad_samples)[0]
+    target = read_population(ctx.run.data, target_name, cfg.data.max_bad_samples)[0]
+    reference_features = ctx.reference(reference_name)
+    reference_hash = population_entry(ctx.manifest, reference_name)["hash"]
+    measured = []
+    for model in finished_models(cfg):
+        measured.append(measure(ctx, cache, model, reference, reference_hash))
+        ctx.log(f"evaluate: measured {model.label}")
+    own = {m.facts["population"]: ctx.reference(m.facts["population"]) for m in measured if "population" in m.facts}
+    if ctx.acc.is_main_process:
+        report(ctx, measured, floors(ctx, reference, reference_features, target), reference, reference_features,
+               target, own)
+    ctx.acc.wait_for_everyone()
+    return {"models": [m.label for m in measured]}
+
+
+# ---- the report -----------------------------------------------------------------------------------------------
+
+def report(ctx, measured, floor_rows, reference, reference_features, target, own) -> None:
+    cfg, ev = ctx.cfg, ctx.cfg.eval
+    name = ctx.features().metric(ev.num_samples)
+    classes = ctx.manifest["class_names"]
+    classifier = ctx.classifier() if ctx.run.classifier.is_file() else None
+    reference_props = class_proportions(classifier, to_unit(reference)) if classifier is not None else None
+    held_out = reference[: len(target)]  # as many as the training images: nearest-neighbour distances compare
+    rms = reference[0].numel() ** 0.5  # distances as a root-mean-square difference per pixel (0..255)
+    rows, stats = [], {}
+    for m in [*measured, *floor_rows]:
+        interval = frechet_interval(m.features, m.reference if m.reference is not None else reference_features,
+                                    ev.bootstrap, cfg.train.seed) if ev.bootstrap else None
+        kid = kernel_distance(m.features, m.reference if m.reference is not None else reference_features,
+                              ev.kid_subsets, ev.kid_subset_size, cfg.train.seed)
+        copies = memorisation(m.images, target, held_out if m.held_out is None else m.held_out, ev.copy_threshold)
+        stats[m.label] = {"fd": interval, "copies": copies}
+        row = {"model": m.label,
+               "NLL bits/dim": _estimate(m.nll) if m.nll is not None and len(m.nll) > 1 else None,
+               "held-out loss": _estimate(m.loss) if m.loss is not None else None,
+               name: interval._asdict() if interval else frechet(m.features, reference_features),
+               "KID": {"mean": kid[0], "std": kid[1]},
+               "copies %": round(100 * copies["copy_share"], 1),
+               "NN train": round(copies["train_distance"] / rms, 2),
+               "NN held-out": round(copies["held_out_distance"] / rms, 2)}
+        if reference_props is not None:
+            props = class_proportions(classifier, to_unit(m.images))
+            row["class TV"] = round(_total_variation(props, reference_props), 3)
+            row["class proportions"] = _format_mixture(props)
+        if "population" in m.facts:
+            row[f"{name} own population"] = round(frechet(m.features, own[m.facts["population"]]), 3)
+        if m in measured:  # floors have no picture: their "copies" are real images
+            copies_figure(m.images, target, copies, ctx.run.copies_figure(m.label))
+        row.update({"NFE": m.nfe, "samples/s": round(len(m.images) / m.seconds, 1) if m.seconds else None,
+                    "fit minutes": round(m.facts["minutes"], 2) if "minutes" in m.facts else None,
+                    "lambda": " | ".join(_format_mixture(r) for r in np.atleast_2d(m.facts["lambda"]))
+                    if "lambda" in m.facts else None, "what": m.description})
+        rows.append(row)
+    floor_tv = (_total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
+                if reference_props is not None else None)
+    notes = report_notes(ctx, name, floor_tv)
+    text = verdict(ctx, measured, stats)
+    populations = [{"population": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
+                    "class mixture": _format_mixture(_mixture_vector(e["mixture"], classes))}
+                   for p, e in sorted(ctx.manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
+    write_report(ctx.run.report, f"scorefuse report: {cfg.name}",
+                 [("Verdict", text), ("Models and floors", rows), ("Populations", populations)], notes)
+    ctx.log(f"evaluate: report in {ctx.run.report}")
+
+
+def verdict(ctx, measured: list[Measured], stats: dict) -> list[str]:
+    """A few sentences computed from the numbers: who is best on held-out NLL and on the Fréchet distance,
+    whether that is more than the uncertainty, how fusion compares with the baselines, who copies."""
+    cfg, lines = ctx.cfg, []
+    with_nll = [m for m in measured if m.nll is not None and len(m.nll) > 1]
+    if with_nll:
+        ranked = sorted(with_nll, key=lambda m: float(m.nll.mean()))
+        best = ranked[0]
+        mean, se = mean_se(best.nll)
+        line = f"Held-out NLL: {best.label} is lowest at {mean:.3f} ± {se:.3f} bits/dim"
+        if len(ranked) > 1:
+            line += "; " + _paired("NLL", ranked[1], best, "bits/dim")
+        lines.append(line + ".")
+    fd_models = [m for m in measured if stats[m.label]["fd"] is not None]
+    if fd_models:
+        ranked = sorted(fd_models, key=lambda m: stats[m.label]["fd"].value)
+        best = stats[ranked[0].label]["fd"]
+        ties = [m.label for m in ranked[1:] if not separated(best, stats[m.label]["fd"])]
+        lines.append(f"Fréchet distance: {ranked[0].label} is lowest at {_interval(best)}"
+                     + (f", indistinguishable (overlapping 95% intervals) from {', '.join(ties)}." if ties
+                        else ", and its interval overlaps no other model's."))
+    fused = next((m for m in measured if m.label == f"fused-{cfg.fuse.method}"), None)
+    for baseline in ("target-scratch", "target-finetune"):
+        other = next((m for m in measured if m.label == baseline), None)
+        if fused is None or other is None:
+            continue
+        parts = []
+        if fused.nll is not None and other.nll is not None and len(fused.nll) > 1:
+            parts.append(_paired("NLL", other, fused, "bits/dim"))
+        a, b = stats[fused.label]["fd"], stats[other.label]["fd"]
+        if a is not None and b is not None:
+            relation = "indistinguishable" if not separated(a, b) else ("lower" if a.value < b.value else "higher")
+            parts.append(f"Fréchet distance {_interval(a)} vs {_interval(b)} ({relation})")
+        lines.append(f"Fusion ({fused.label}) against {baseline}: " + "; ".join(parts) + ".")
+    threshold = cfg.eval.copy_threshold
+    copying = [(m.label, stats[m.label]["copies"]) for m in measured if stats[m.label]["copies"]["copy_share"] >= 0.1]
+    if copying:
+        lines.append("Copying: " + "; ".join(
+            f"{label} ({100 * c['copy_share']:.0f}% of samples are nearer than {threshold:.2f} x the second-nearest "
+            f"training image; {c['held_out_distance'] / max(c['train_distance'], 1e-9):.1f}x closer to training than "
+            f"to held-out images)" for label, c in copying) + ".")
+    else:
+        worst = max(measured, key=lambda m: stats[m.label]["copies"]["copy_share"], default=None)
+        if worst is not None:
+            lines.append(f"No model copies its training images: at most {100 * stats[worst.label]['copies']['copy_share']:.0f}% "
+                         f"of samples ({worst.label}) pass the ratio test.")
+    return lines
+
+
+def report_notes(ctx, name: str, floor_tv: float | None) -> list[str]:
+    cfg, ev = ctx.cfg, ctx.cfg.eval
+    extractor = ctx.features().extractor
+    notes = [
+        f"NLL bits/dim: probability-flow ODE ({ev.nll_steps} Heun steps, {ev.nll_probes} Rademacher probe(s) per "
+        f"image, uniform dequantisation) on the first {ev.nll_images} held-out images `{cfg.data.reference.name}`, "
+        "mean ± standard error over images; the same images and draws for every model, so differences are paired "
+        "(the verdict's ± are paired standard errors).",
+        f"held-out loss: EDM-weighted denoising loss on the held-out images, {cfg.fuse.test_draws_per_image} "
+        "(sigma, noise) draws per image, the same draws for every model; mean ± standard error.",
+        f"{name}: Fréchet distance of {ev.num_samples} samples to the held-out images in {extractor} feature "
+        f"space{'' if extractor == 'inception' else ' (not FID)'}, [95% bootstrap interval, {ev.bootstrap} rounds "
+        "resampling samples and held-out images]; KID: unbiased MMD^2 (cubic kernel), mean ± std over "
+        f"{ev.kid_subsets} subsets.",
+        f"copies: share of samples whose nearest target training image (pixel L2) is nearer than {ev.copy_threshold:.2f} "
+        "x the second nearest; NN train / NN held-out: mean distance of a sample to its nearest training image / "
+        "to the nearest of as many held-out images, as a root-mean-square pixel difference (0..255). Pictures of "
+        f"each model's most-copied samples: {ctx.run.copies_figure('MODEL').parent.relative_to(ctx.run.root)}/.",
+        f"floors: '{HALVES}' compares two halves of the held-out images (what real data scores at that size); "
+        f"'{TARGET_AS_SAMPLES}' uses the n target images as samples (what copying them scores).",
+    ]
+    if floor_tv is not None:
+        notes.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
+                     f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "
+                     "true target mixture on the held-out images.")
+    notes.append("NFE: network evaluations per sample; samples/s: sampling and feature extraction, when first measured.")
+    return notes
+
+
+def _paired(what: str, other: Measured, best: Measured, unit: str) -> str:
+    difference, se = paired_difference(getattr(other, what.lower()), getattr(best, what.lower()))
+    verdict = "indistinguishable" if abs(difference) <= 2 * se else ("lower" if difference > 0 else "higher")
+    return (f"{what} {best.label} - {other.label} = {-difference:+.3f} ± {se:.3f} {unit} paired "
+            f"({best.label} {verdict} than {other.label})" if verdict != "indistinguishable" else
+            f"{what} {best.label} - {other.label} = {-difference:+.3f} ± {se:.3f} {unit} paired (indistinguishable)")
+
+
+def _interval(i: Interval) -> str:
+    return f"{i.value:.3g} [{i.low:.3g}, {i.high:.3g}]"
+
+
+def _estimate(values: torch.Tensor) -> dict:
+    mean, se = mean_se(values)
+    return {"mean": mean, "se": se}
+
+
+def _mixture_vector(mixture: dict, class_names: list[str]) -> np.ndarray:
+    return np.array([float(mixture.get(c, 0.0)) for c in class_names])
+
+
+def _total_variation(p, q) -> float:
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def _format_mixture(p) -> str:
+    return " ".join(f"{x:.2f}" for x in p)

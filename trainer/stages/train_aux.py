@@ -1,0 +1,82 @@
+"""train-aux: one EDM denoiser trained on one auxiliary population's shards.
+
+The same body trains the fuse stage's target-only baselines (trainer/stages/fuse.py). It is the engine plus
+three stage-specific parts: the network, the EDM loss, and the population's stream. When it finishes, the
+EMA weights are exported (trainer/export.py) and the engine marks the stage finished, so a re-run skips it.
+"""
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from shards.errors import ConfigError
+from shards.manifest import population_entry
+from shards.stream import train_loader
+from trainer.config import RunConfig
+from trainer.edm import Denoiser, denoising_loss
+from trainer.engine import Engine, Update, adam
+from trainer.export import export_denoiser
+from trainer.rundir import is_finished
+from trainer.spec import TrainSpec
+from trainer.stages.context import StageContext
+from trainer.unet import build_unet
+
+
+def model_meta(ctx: StageContext, population: str) -> dict:
+    """model.json: what rebuilds the denoiser without the run config."""
+    c, size, _ = ctx.shape
+    return {"preset": ctx.cfg.network.preset, "dropout": ctx.cfg.network.dropout, "image_size": size,
+            "channels": c, "sigma_data": ctx.cfg.edm.sigma_data, "population": population}
+
+
+def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: TrainSpec,
+                   reference: str, init: dict | None = None) -> Engine:
+    """Train (or resume) one denoiser on `population`, its periodic Fréchet distance measured against
+    `reference`; `init` is a state dict to start from instead of random weights (fine-tuning). A resumed
+    run takes its weights from the checkpoint either way."""
+    cfg, acc = ctx.cfg, ctx.acc
+    population_entry(ctx.manifest, population)  # a clear error for an unknown population, before any work
+    meta = model_meta(ctx, population)
+
+    set_seed(train.seed)  # the same initial weights (and EMA copy) on every rank
+    denoiser = Denoiser(build_unet(cfg.network.preset, meta["image_size"], meta["channels"], cfg.network.dropout),
+                        sigma_data=cfg.edm.sigma_data)
+    if init is not None:
+        denoiser.load_state_dict(init)
+    optimizer = adam(denoiser.parameters(), train.lr, train.adam_betas, train.adam_eps)
+    set_seed(train.seed, device_specific=True)  # noise and dropout differ between ranks
+
+    rank, world = acc.process_index, acc.num_processes
+    micro_batch = train.batch // (world * train.accum)
+
+    def batches(start_batch: int):
+        loader = train_loader(ctx.run.data, population, batch_size=micro_batch, seed=train.seed, rank=rank,
+                              world_size=world, num_workers=cfg.data.workers, start_batch=start_batch,
+                              max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.device.type == "cuda")
+        for images, _labels in loader:
+            yield images.to(ctx.device, non_blocking=True)
+
+    def loss(modules, x0, step):
+        # Noise from the global RNG: it is seeded per rank and saved in every checkpoint.
+        e = cfg.edm
+        return denoising_loss(modules["net"], x0, None, p_mean=e.p_mean, p_std=e.p_std, sigma_data=e.sigma_data).mean()
+
+    engine = Engine(acc, train, stage_dir, modules={"net": denoiser}, optimizers={"adam": optimizer},
+                    updates=[Update("adam", "net", loss)], batches=batches, ema=("net",), log=ctx.log,
+                    hooks=ctx.training_hooks(stage_dir, reference, train, lambda e: ctx.sampler(e.ema["net"])))
+    engine.run(finish=lambda e: export_denoiser(stage_dir, e.ema["net"], meta))
+    return engine
+
+
+def run(cfg: RunConfig, aux: str) -> None:
+    """Train one auxiliary model (any number of processes, under `accelerate launch` or not)."""
+    names = [p.name for p in cfg.data.aux]
+    if aux not in names:
+        raise ConfigError(f"aux={aux}: no such auxiliary population (have: {', '.join(names)})")
+    ctx = StageContext.open(cfg)
+    stage_dir = ctx.run.aux(aux)
+    if is_finished(stage_dir):
+        return ctx.log(f"{stage_dir}: already finished, skipping")
+    train_denoiser(ctx, stage_dir, aux, cfg.train, reference=aux)
+    ctx.log(f"aux {aux}: model in {stage_dir}")
+
