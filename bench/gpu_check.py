@@ -52,7 +52,8 @@ TINY_RUN = ["train.batch=32", "train.lr_rampup_kimg=0.1", "train.log_every_kimg=
             "fuse.finetune_kimg=0.16", "fuse.draws_per_image=2", "fuse.sgd_epochs=2", "fuse.test_draws_per_image=1",
             "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.064",
             "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064",
-            "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=10", "eval.kid_subsets=4"]
+            "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=10", "eval.kid_subsets=4",
+            "eval.sample_batch=32"]
 
 
 class Sizes:

@@ -85,7 +85,7 @@ def main():
         a.batch, a.em_steps, a.fd_samples, repeats = 4, 4, 16, 2
     cfg = load_config(a.config, [*a.overrides, *([f"root={a.root}"] if a.root else [])])
     n = a.fd_samples or cfg.eval.num_samples
-    cfg.eval.batch = min(cfg.eval.batch, n)  # FeatureSpace.sample draws whole batches: no more than n samples
+    cfg.eval.sample_batch = min(cfg.eval.sample_batch, n)  # FeatureSpace.sample draws whole groups: no more than n samples
     ctx = StageContext.open(cfg)  # the device, the image shape and the run's feature space, as evaluate's
     device, shape = ctx.device, ctx.shape
     student, teacher = find(cfg, "distill"), find(cfg, teacher_label(cfg))

@@ -117,10 +117,11 @@ class FeatureSpace:
     and the features of a sampler's images computed over all ranks."""
 
     def __init__(self, extractor: str, weights_path: Optional[str], cache_dir: Path, batch_size: int = 64,
-                 device="cpu", ranks: Ranks = Ranks()):
+                 device="cpu", ranks: Ranks = Ranks(), sample_batch: int = 64):
         self.extractor = extractor
         self.cache_dir = Path(cache_dir)
         self.batch_size = batch_size
+        self.sample_batch = sample_batch
         self.device = torch.device(device)
         self.ranks = ranks
         self.module = build_feature_extractor(extractor, weights_path, self.device)
@@ -163,14 +164,14 @@ class FeatureSpace:
         """(features [num_samples, D], uint8 images [num_samples, C, H, W] or None) of `num_samples` samples of
         `sample_fn` (latents [B, C, H, W] -> images in [-1, 1]), in sample order, on every rank.
 
-        Image i has the latents of trainer.seeds Stream.SAMPLES and index i, so it does not depend on the
-        batch size or the world size. The sample set is cut into batch-sized chunks dealt round-robin to the
-        ranks, and every rank runs the same number of batches (the last ones may be padding, discarded after
-        the gather): no rank idles at the collective while another still samples (an idle rank at an
-        all-gather is a classic source of NCCL timeouts), and a sampler whose forward is itself collective
-        (ZeRO-3 gathers parameters) stays in step across ranks.
+        Image i has the latents of trainer.seeds Stream.SAMPLES and index i and is computed in the aligned group
+        i // sample_batch, so it does not depend on the world size. The groups are dealt round-robin to the
+        ranks, and every rank runs the same number of them (the last ones may be padding, discarded after the
+        gather): no rank idles at the collective while another still samples (an idle rank at an all-gather
+        is a classic source of NCCL timeouts), and a sampler whose forward is itself collective (ZeRO-3
+        gathers parameters) stays in step across ranks.
         """
-        rank, world, b = self.ranks.rank, self.ranks.world, self.batch_size
+        rank, world, b = self.ranks.rank, self.ranks.world, self.sample_batch
         if world > 1 and self.ranks.gather is None:
             raise ValueError("sampling features over several ranks needs Ranks.gather")
         chunks_per_rank = math.ceil(math.ceil(num_samples / b) / world)

@@ -9,7 +9,15 @@ class EvalSpec:
     extractor: str = "auto"        # auto | inception | classifier
     inception_weights: Optional[str] = None  # local weights-inception-2015-12-05-6726825d.pth
     num_samples: int = 2000        # samples per model in `scorefuse evaluate`
-    batch: int = 256
+    # The population the Fréchet distance and KID compare samples with; null: data.reference (the held-out
+    # images of the target mixture). The papers' FID-50k compares with the 50,000 training images instead.
+    fd_reference: Optional[str] = None
+    batch: int = 256               # images per batch of feature extraction, NLL and held-out loss
+    # Images per sampler call. Samples are computed in groups aligned to their indices (image i with the
+    # images of group i // sample_batch), so image i does not depend on how the work is cut into chunks or
+    # spread over processes; a network's floating-point rounding does depend on its batch's shape, so
+    # changing sample_batch may change the last bit of a sample.
+    sample_batch: int = 256
     grid_images: int = 64
     # Negative log-likelihood by the probability-flow ODE (evaluation/likelihood.py) on held-out images.
     nll_images: int = 200          # held-out reference images it is measured on (0: no NLL)

@@ -21,6 +21,7 @@ class SourceSpec:
     kind: str = "digits"
     path: Optional[str] = None
     image_size: int = 16
+    channels: str = "auto"   # auto (grey sources stay grey) | 1 | 3
     categories: List[str] = field(default_factory=list)
 
 

@@ -7,7 +7,7 @@ drawn from the same RNG. A resumed run passes the number of batches it already c
 exactly the batches an uninterrupted run would have seen next; the skipped visits are walked with the
 manifest's per-shard counts, without reading them.
 
-Evaluation (eval_reader, read_population) goes through a population exactly once, in shard order.
+Evaluation (read_population) goes through a population exactly once, in shard order.
 
 Both count corrupt data with BadSampleCounter: a bad sample is skipped with one warning, and the reader
 stops with a DataError once there are more than `max_bad_samples` of them.
@@ -16,13 +16,11 @@ import io
 import math
 import signal
 import sys
-from functools import partial
 from itertools import count as count_from, islice
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
@@ -196,53 +194,6 @@ def _leave_interrupts_to_the_trainer(_worker_id: int) -> None:
     """Ctrl-C reaches the workers too; they ignore it and the training process checkpoints (a worker killed
     by it would end the run with 'worker exited unexpectedly' instead)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def split_by_rank(urls, rank: int, world_size: int):
-    """Node splitter with an explicit rank: shard i goes to rank i % world_size. Explicit so the split
-    does not depend on whether torch.distributed is initialised."""
-    yield from islice(urls, rank, None, world_size)
-
-
-def expand_shards(urls, expected_counts: dict, counter: BadSampleCounter):
-    """Pipeline stage: {"url": path} items -> the raw samples of those shards, checked against the
-    manifest's counts (WebDataset's own tar stage reads a shard cut at a member boundary as complete)."""
-    for item in urls:
-        yield from shard_samples(item["url"], expected_counts[item["url"]], counter)
-
-
-def decoded_samples(samples, counter: BadSampleCounter, channels: int, image_size: int):
-    """Pipeline stage: raw samples -> (uint8 [C, H, W], label, key), bad ones recorded and skipped."""
-    for sample in samples:
-        decoded = decode_or_record(sample, counter, channels, image_size)
-        if decoded is not None:
-            yield decoded[0], decoded[1], sample["__key__"]
-
-
-def collate_eval(samples):
-    images, labels, keys = zip(*samples)
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), list(keys)
-
-
-def eval_reader(data_dir, population, batch_size, rank=0, world_size=1, num_workers=0,
-                max_bad_samples=10) -> DataLoader:
-    """Batches (uint8 [B, C, H, W], int64 labels [B], keys) covering this rank's shards exactly once.
-
-    Shard i belongs to rank i % world_size; within the rank, its j-th shard belongs to worker
-    j % num_workers (webdataset.split_by_worker). Over all ranks every sample is seen once. Each worker
-    reads its shards in shard order and batches inside the pipeline; the last batch may be short.
-    """
-    shards = PopulationShards(data_dir, population)
-    counter = BadSampleCounter(population, max_bad_samples)
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shards.paths),
-        partial(split_by_rank, rank=rank, world_size=world_size),
-        wds.split_by_worker,
-        partial(expand_shards, expected_counts=dict(zip(shards.paths, shards.counts)), counter=counter),
-        partial(decoded_samples, counter=counter, channels=shards.channels, image_size=shards.image_size),
-        wds.batched(batch_size, collation_fn=collate_eval, partial=True),
-    )
-    return DataLoader(pipeline, batch_size=None, num_workers=num_workers)
 
 
 def read_population(data_dir, population, max_bad_samples=10):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DIGITS, FAST, ROOT, scorefuse
+from tests.conftest import DIGITS, ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -27,13 +27,10 @@ def bench(script: str, *args) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> list[str]:
-    """The overrides that point at a finished digits run (the fast pipeline, every stage), built once."""
-    root = tmp_path_factory.mktemp("bench-run")
-    overrides = [f"root={root}", *FAST]
-    scorefuse("run", "--config", DIGITS, *overrides)
-    return overrides
+@pytest.fixture
+def finished_run(finished_digits) -> list[str]:
+    """The overrides that point at a finished digits run (conftest's, shared with other tests)."""
+    return finished_digits[1]
 
 
 def test_data_bench():

@@ -220,3 +220,70 @@ def test_an_update_trains_only_its_module_and_the_stream_counts_what_was_taken(t
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_a", "loss_b", "loss_lazy"} <= rows[-1].keys()
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_a"] + rows[-1]["loss_b"] + rows[-1]["loss_lazy"])
+
+
+def _rewrite_index(ckpt):
+    """Recompute checkpoint.json after a file was replaced: the forgery passes the size and hash check."""
+    from shards.atomic import sha256_file
+    index = json.loads((ckpt / "checkpoint.json").read_text())
+    for rel in index["files"]:
+        p = ckpt / rel
+        index["files"][rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    (ckpt / "checkpoint.json").write_text(json.dumps(index))
+
+
+def _forge_optimizer_pickle(path):
+    """A pickle that would run code when unpickled without weights_only."""
+    import os as _os
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (_os.system, ("echo pwned",))
+    path.write_bytes(pickle.dumps({"state": Exploit(), "param_groups": []}, protocol=2))
+
+
+FORGERIES = {
+    "model.safetensors": lambda p: __import__("safetensors.torch", fromlist=["save_file"]).save_file(
+        {"weight": torch.zeros(2, 2)}, p),                                       # other tensors
+    "ema-net.safetensors": lambda p: __import__("safetensors.torch", fromlist=["save_file"]).save_file(
+        {"weight": torch.zeros(1, 5), "bias": torch.zeros(1)}, p),             # other shapes
+    "optimizer.bin": _forge_optimizer_pickle,                                    # a code-running pickle
+    "random_states_0.pkl": lambda p: torch.save({"random_state": "forged"}, p),  # not a random state
+    "state.json": lambda p: p.write_text(json.dumps({"step": 8})),               # stream position missing
+}
+
+
+@pytest.mark.parametrize("name", list(FORGERIES))
+def test_a_forged_file_makes_its_checkpoint_unusable_and_the_previous_one_is_used(tmp_path, name):
+    e = make_engine(tmp_path)
+    e.run()  # checkpoints 8 and 10 kept
+    newest = e.checkpointer.complete()[0]
+    FORGERIES[name](newest / name)
+    _rewrite_index(newest)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    logs = []
+    f = make_engine(tmp_path)
+    f.log = f.checkpointer.log = logs.append
+    assert f.resume() and f.step == 8, logs
+    warning = [m for m in logs if m.startswith("warning:")]
+    assert len(warning) == 1 and name in warning[0] and "ckpt-000000010" in warning[0], logs
+
+
+def test_resume_option_latest_none_or_a_path(tmp_path):
+    e = make_engine(tmp_path)
+    e.run()
+    older = e.checkpointer.complete()[1]
+    for resume, step in (("none", 0), (str(older), 8), ("latest", 10)):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        f = make_engine(tmp_path, resume=resume)
+        f.resume()
+        assert f.step == step, resume
+    FORGERIES["optimizer.bin"](older / "optimizer.bin")
+    _rewrite_index(older)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(CheckpointError, match="train.resume: checkpoint .*optimizer.bin cannot be loaded"):
+        make_engine(tmp_path, resume=str(older)).resume()

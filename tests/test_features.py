@@ -14,7 +14,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID
 
 from evaluation.classifier import Classifier, one_thread, save_classifier
 from evaluation.features import FeatureSpace, Ranks, frechet, metric_name
-from shards.errors import ConfigError, DataError
+from shards.errors import ConfigError
 
 SHAPE = (1, 16, 16)
 

@@ -1,6 +1,7 @@
 """The whole local pipeline through the CLI: prepare -> every auxiliary -> evaluate -> report."""
 import json
 
+import numpy as np
 import pytest
 
 from launch.local import gpu_groups, physical_gpu_ids
@@ -17,7 +18,7 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
                          "real: target images as samples"}
     assert all(rows[m]["NLL bits/dim"] for m in rows if m != "distill" and not m.startswith("real"))
     assert rows["distill"]["NLL bits/dim"] is None and rows["real: target images as samples"]["copies %"] == 100
-    assert all(rows[m]["fd_clf64"]["low"] <= rows[m]["fd_clf64"]["value"] <= rows[m]["fd_clf64"]["high"] for m in rows)
+    assert all(rows[m]["fd_clf64 vs reference"]["low"] <= rows[m]["fd_clf64 vs reference"]["value"] <= rows[m]["fd_clf64 vs reference"]["high"] for m in rows)
     assert all(rows[m]["KID"]["std"] >= 0 for m in rows)
     md = (run / "report.md").read_text()
     assert md.index("## Verdict") < md.index("## Models and floors")
@@ -96,3 +97,33 @@ def test_fuse_without_auxiliaries_names_the_missing_one(digits_run):
     assert proc.returncode == 2
     assert "auxiliary aux-low" in proc.stderr and "train-aux aux=aux-low" in proc.stderr
     assert not (digits_run / "fuse" / "lambda.json").exists()
+
+
+def test_sample_reproduces_the_report_images_with_any_batch_size(finished_digits, tmp_path):
+    """Every label of report.json: the same n images for eval.batch 5 and 16 (per-image seeds); out= says
+    what to write by its suffix."""
+    run, overrides = finished_digits
+    report = json.loads((run / "report.json").read_text())
+    labels = [row["model"] for section in report["sections"] for row in section.get("rows", [])
+              if "model" in row and not row["model"].startswith("real:")]
+    assert len(labels) == 9
+    for label in labels:
+        arrays = []
+        for batch in (5, 16):
+            out = tmp_path / f"{label.replace('/', '_')}-{batch}.npz"
+            scorefuse("sample", "--config", DIGITS, *overrides, f"model={label}", "n=16", f"out={out}", f"eval.batch={batch}")
+            arrays.append(np.load(out)["images"])
+        assert arrays[0].shape == (16, 16, 16, 1) and np.array_equal(arrays[0], arrays[1]), label
+    scorefuse("sample", "--config", DIGITS, *overrides, "model=distill", "n=4", f"out={tmp_path / 'grid.png'}")
+    assert (tmp_path / "grid.png").is_file()
+    proc = scorefuse("sample", "--config", DIGITS, *overrides, "model=fused", "n=4", check=False)
+    assert proc.returncode == 2 and "fused-exact" in proc.stderr  # the error lists the labels
+
+
+def test_evaluate_again_reuses_every_sample(finished_digits):
+    run, overrides = finished_digits
+    cached = {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")}
+    report = (run / "report.json").read_text()
+    scorefuse("evaluate", "--config", DIGITS, *overrides)
+    assert {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")} == cached
+    assert (run / "report.json").read_text() == report

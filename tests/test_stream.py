@@ -3,7 +3,6 @@ bit-identically; corrupt data is skipped with one warning and stops the reader p
 import io
 import shutil
 import tarfile
-from collections import Counter
 from itertools import islice
 
 import numpy as np
@@ -15,7 +14,7 @@ from shards.errors import DataError
 from shards.manifest import load_manifest, shard_paths
 from shards.prepare import prepare, write_shard
 from shards.spec import DataSpec, PopulationSpec, SourceSpec
-from shards.stream import (BadSampleCounter, TrainStream, eval_reader, read_population, shard_samples,
+from shards.stream import (BadSampleCounter, TrainStream, read_population, shard_samples,
                            train_loader)
 
 POPULATION = "reference"
@@ -44,24 +43,15 @@ def all_keys(data_dir):
     return [key for path in shard_paths(data_dir, manifest, POPULATION) for key in shard_keys(path)]
 
 
-def test_eval_reader_sees_every_sample_once_over_ranks_and_workers(data_dir):
-    seen = Counter()
-    for rank in range(2):
-        for images, labels, keys in eval_reader(data_dir, POPULATION, batch_size=4, rank=rank, world_size=2,
-                                                num_workers=2):
-            assert images.dtype == torch.uint8 and images.shape[1:] == (1, 8, 8)
-            assert labels.dtype == torch.int64 and len(labels) == len(keys) == len(images)
-            seen.update(keys)
-    assert sorted(seen) == sorted(all_keys(data_dir))
-    assert set(seen.values()) == {1}
-
-
 def test_read_population_in_shard_order(data_dir):
     images, labels = read_population(data_dir, POPULATION)
     assert images.shape == (70, 1, 8, 8) and images.dtype == torch.uint8
     assert torch.bincount(labels, minlength=10).tolist() == [7] * 10
-    first_batch = next(iter(eval_reader(data_dir, POPULATION, batch_size=70)))
-    assert torch.equal(first_batch[0], images) and torch.equal(first_batch[1], labels)
+    in_order = []
+    for path in shard_paths(data_dir, load_manifest(data_dir), POPULATION):
+        with tarfile.open(path) as archive:
+            in_order += [int(archive.extractfile(m).read()) for m in archive.getmembers() if m.name.endswith(".cls")]
+    assert labels.tolist() == in_order
 
 
 def batches(loader, count):
@@ -119,16 +109,14 @@ def damaged_dir(data_dir, tmp_path):
 
 def test_corrupt_data_is_skipped_with_one_warning(damaged_dir, capfd):
     damaged, truncated, rewritten, bad_key = damaged_dir
-    keys = [key for batch in eval_reader(damaged, POPULATION, batch_size=5) for key in batch[2]]
+    images, _ = read_population(damaged, POPULATION)
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
     assert f"population {POPULATION}" in warnings[0] and truncated in warnings[0]
     intact = [key for path in shard_paths(damaged, load_manifest(damaged), POPULATION)[1:]
               for key in shard_keys(path) if key != bad_key]
-    assert bad_key not in keys
-    assert set(intact) <= set(keys) and len(keys) < 69
-    images, _ = read_population(damaged, POPULATION)
-    assert len(images) == len(keys)
+    # every intact sample of the other shards, and some of the truncated one, but not the undecodable one
+    assert len(intact) <= len(images) < 69
 
 
 def test_corrupt_data_over_the_limit_stops_the_reader(damaged_dir, capfd):
@@ -147,7 +135,7 @@ def test_corrupt_data_over_the_limit_stops_the_reader(damaged_dir, capfd):
 
 def test_missing_shard_and_unknown_population(data_dir, tmp_path):
     with pytest.raises(DataError, match="unknown population 'nope'"):
-        eval_reader(data_dir, "nope", batch_size=4)
+        read_population(data_dir, "nope")
     broken = tmp_path / "broken"
     shutil.copytree(data_dir, broken)
     (broken / "target" / "shard-000001.tar").unlink()

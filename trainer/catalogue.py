@@ -115,12 +115,16 @@ def latents(cfg: RunConfig, indices: Sequence[int], shape) -> torch.Tensor:
 
 
 @torch.no_grad()
-def draw(sample_fn, cfg: RunConfig, indices: Sequence[int], shape, batch: int, device) -> torch.Tensor:
-    """uint8 images [len(indices), C, H, W] of a sampler, `batch` at a time."""
-    indices = list(indices)
-    parts = [to_uint8(sample_fn(latents(cfg, indices[i:i + batch], shape).to(device))).cpu()
-             for i in range(0, len(indices), batch)]
-    return torch.cat(parts) if parts else torch.zeros((0, *shape), dtype=torch.uint8)
+def draw(sample_fn, cfg: RunConfig, indices: Sequence[int], shape, device) -> torch.Tensor:
+    """uint8 images [len(indices), C, H, W] of a sampler: each computed in its aligned group of
+    eval.sample_batch images (evaluation/features.py says why), each group once."""
+    group = cfg.eval.sample_batch
+    images = {}
+    for g in sorted({int(i) // group for i in indices}):
+        members = range(g * group, (g + 1) * group)
+        batch = to_uint8(sample_fn(latents(cfg, members, shape).to(device))).cpu()
+        images.update(zip(members, batch))
+    return torch.stack([images[int(i)] for i in indices]) if len(indices) else torch.zeros((0, *shape), dtype=torch.uint8)
 
 
 def _denoiser(stage: Path) -> nn.Module:

@@ -9,14 +9,25 @@ Layout of one checkpoint, `checkpoints/ckpt-<step>/`:
 
 Every rank calls save (DeepSpeed writes a shard per rank, and save_state on rank 0 alone hangs).
 Files go to a temporary directory that is renamed into place only when complete, so a crash mid-save
-leaves the previous checkpoints untouched. On load, a newest checkpoint that fails verification is
-reported and the previous one is used.
+leaves the previous checkpoints untouched.
+
+On load, a checkpoint is used only if every file is there with its recorded size and hash AND loads as what it
+must be: weights with the modules' tensor names and shapes, optimizer states with their parameter groups,
+every rank's random-number states, the engine's state.json. Accelerate itself would skip random states it
+cannot read, and a forged file with a rewritten checksum would otherwise load, and the resume would no longer
+be the run it claims to continue. So everything is read and checked first, on every rank (the same files, the
+same verdict), and only then loaded: a checkpoint is never partly loaded. A failing one is named in one warning
+and the previous one is used. (DeepSpeed's own shard files are checked by hash only: DeepSpeed reads them.)
 """
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
+from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
 from shards.atomic import sha256_file, write_atomically
@@ -81,20 +92,100 @@ class Checkpointer:
                 return f"{p} is corrupt (sha256 mismatch)"
         return None
 
-    def load_latest(self, emas: dict) -> dict | None:
-        """Restore the newest good checkpoint into the prepared objects; its state.json, or None."""
+    def problem(self, path: Path, emas: dict, state_keys) -> str | None:
+        """None if the checkpoint can be loaded whole, else what is wrong with it, naming the file."""
+        wrong = self.verify(path)
+        if wrong:
+            return wrong
+        models = [self.acc.unwrap_model(m) for m in self.acc._models]
+        optimizers = [getattr(o, "optimizer", o) for o in self.acc._optimizers]
+        expected = {**{f"model{'' if i == 0 else f'_{i}'}.safetensors": m.state_dict() for i, m in enumerate(models)},
+                    **{f"ema-{name}.safetensors": m.state_dict() for name, m in emas.items()}}
+        if self.acc.distributed_type.value == "DEEPSPEED":
+            expected = {k: v for k, v in expected.items() if k.startswith("ema-")}
+        for name, tensors in expected.items():
+            wrong = _check(path / name, lambda f, want=tensors: _same_tensors(load_file(f), want))
+            if wrong:
+                return wrong
+        if self.acc.distributed_type.value != "DEEPSPEED":
+            for i, optimizer in enumerate(optimizers):
+                wrong = _check(path / f"optimizer{'' if i == 0 else f'_{i}'}.bin",
+                               lambda f, want=optimizer: _same_groups(accelerate_load(f), want))
+                if wrong:
+                    return wrong
+        for rank in range(self.acc.num_processes):
+            wrong = _check(path / f"random_states_{rank}.pkl", lambda f: _random_states(accelerate_load(f)))
+            if wrong:
+                return wrong
+        return _check(path / "state.json", lambda f: _state(json.loads(f.read_text()), state_keys))
+
+    def load_latest(self, emas: dict, state_keys=()) -> dict | None:
+        """Restore the newest usable checkpoint into the prepared objects; its state.json, or None."""
         for path in self.complete():
-            problem = self.verify(path)
-            if problem:
-                self.log(f"warning: skipping checkpoint {path.name}: {problem}; trying the previous one")
+            wrong = self.problem(path, emas, state_keys)
+            if wrong:
+                self.log(f"warning: skipping checkpoint {path.name}: {wrong}; trying the previous one")
                 continue
-            self.acc.load_state(str(path))
-            for name, module in emas.items():
-                module.load_state_dict(load_file(path / f"ema-{name}.safetensors"))
-            state = json.loads((path / "state.json").read_text())
-            self.log(f"resumed from {path} (step {state['step']}, {state['nimg'] / 1000:.1f} kimg)")
-            return state
+            return self._restore(path, emas)
         if self.complete():
-            raise CheckpointError(f"no usable checkpoint in {self.dir}: every one failed verification "
+            raise CheckpointError(f"no usable checkpoint in {self.dir}: every one failed its checks "
                                   "(see the warnings above); move the directory away to start over")
         return None
+
+    def load(self, path: Path, emas: dict, state_keys=()) -> dict:
+        """Restore the checkpoint `path` (train.resume=PATH), checked first; its state.json."""
+        wrong = self.problem(Path(path), emas, state_keys)
+        if wrong:
+            raise CheckpointError(f"train.resume: checkpoint {path} cannot be used: {wrong}")
+        return self._restore(Path(path), emas)
+
+    def _restore(self, path: Path, emas: dict) -> dict:
+        self.acc.load_state(str(path))
+        for name, module in emas.items():
+            module.load_state_dict(load_file(Path(path) / f"ema-{name}.safetensors"))
+        state = json.loads((Path(path) / "state.json").read_text())
+        self.log(f"resumed from {path} (step {state['step']}, {state['nimg'] / 1000:.1f} kimg)")
+        return state
+
+
+def _check(path: Path, test) -> str | None:
+    """None if `test(path)` passes, else one line naming the file and what it is not."""
+    try:
+        wrong = test(path)
+    except Exception as error:  # torch.load, safetensors and json each fail with their own types
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return f"{path} cannot be loaded ({type(error).__name__}{': ' + reason if reason else ''})"
+    return f"{path} {wrong}" if wrong else None
+
+
+def _same_tensors(got: dict, want: dict) -> str | None:
+    if set(got) != set(want):
+        return f"holds other tensors than the model ({len(set(got) ^ set(want))} names differ)"
+    shapes = [k for k in want if tuple(got[k].shape) != tuple(want[k].shape) or got[k].dtype != want[k].dtype]
+    return f"has other shapes or types than the model ({shapes[0]})" if shapes else None
+
+
+def _same_groups(state, optimizer) -> str | None:
+    if not isinstance(state, dict) or not {"state", "param_groups"} <= state.keys():
+        return "is not an optimizer state"
+    counts = [len(g["params"]) for g in state["param_groups"]]
+    if counts != [len(g["params"]) for g in optimizer.param_groups]:
+        return f"has parameter groups {counts}, the optimizer {[len(g['params']) for g in optimizer.param_groups]}"
+    return None
+
+
+def _random_states(states) -> str | None:
+    """Each generator's state must be one it accepts: set them on fresh generators, not on the real ones."""
+    if not isinstance(states, dict):
+        return "is not a set of random-number states"
+    random.Random().setstate(states["random_state"])
+    np.random.RandomState().set_state(states["numpy_random_seed"])
+    torch.Generator().set_state(states["torch_manual_seed"])
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" not in states:
+        return "has no CUDA random states"
+    return None
+
+
+def _state(state, keys) -> str | None:
+    missing = [k for k in keys if not isinstance(state.get(k) if isinstance(state, dict) else None, (int, float))]
+    return f"lacks {', '.join(missing)}" if missing else None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
-from omegaconf import DictConfig, OmegaConf, StringNode
+from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from evaluation.spec import EvalSpec
@@ -41,17 +41,31 @@ class RunConfig:
 
 
 def load_config(path: str | Path, overrides: List[str] = ()) -> RunConfig:
-    """YAML file + dotted `key=value` overrides -> a validated RunConfig object."""
+    """YAML file + dotted `key=value` overrides -> a validated RunConfig object.
+
+    An override may address a list element (data.aux.0.count=300) and replaces what it names: a dict given
+    on the command line (data.target.mixture={"0": 0.5, "1": 0.5}) is the new dict, not merged into the old.
+    Values are parsed as YAML, except that a string field keeps what was typed (train.precision=no)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        node = _node(cfg, key)
+        if node is None:
+            raise ConfigError(f"unknown key '{key}' (scorefuse config prints every key)")
+        try:
+            value = None if text in ("null", "~") else text if isinstance(node, StringNode) else _parse(text)
+            OmegaConf.update(cfg, key, value, merge=False)
+        except (OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(f"{key}={text}: {_describe(e)}") from None
     try:
-        schema = OmegaConf.structured(RunConfig)
-        overrides = [_as_string_if_declared(schema, item) for item in overrides]
-        cfg = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
@@ -59,18 +73,24 @@ def load_config(path: str | Path, overrides: List[str] = ()) -> RunConfig:
     return run
 
 
-def _as_string_if_declared(schema, item: str) -> str:
-    """`train.precision=no` stays the string "no": the YAML parser behind overrides reads no/yes/on/off
-    as booleans, which a string field would then hold as "False"."""
-    key, value = item.split("=", 1)
-    node = schema
+def _node(cfg, key: str):
+    """The config node `key` names (list indices included), or None when there is none."""
+    node = cfg
     for part in key.split("."):
-        node = node._get_node(part) if isinstance(node, DictConfig) else None
+        if isinstance(node, DictConfig):
+            node = node._get_node(part) if part in node else None
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node._get_node(int(part))
+        else:
+            return None
         if node is None:
-            return item  # an unknown key: the merge names it
-    if isinstance(node, StringNode) and value.lower() in ("no", "yes", "on", "off", "true", "false"):
-        return f"{key}='{value}'"
-    return item
+            return None
+    return node
+
+
+def _parse(text: str):
+    """A command-line value as OmegaConf's YAML reads it (1e-3 is a float, [1, 2] a list, {a: 1} a dict)."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -87,82 +107,155 @@ def _describe(e: OmegaConfBaseException) -> str:
     return f"bad value for '{key}': {msg}" if key else msg
 
 
+def _positive(x) -> bool:
+    return x > 0
+
+
+def _non_negative(x) -> bool:
+    return x >= 0
+
+
+# Every number the schema accepts, with the range it must lie in (None: "not set" where the schema allows it).
+RANGES = {
+    "data.source.image_size": (_positive, "positive"), "data.min_shards": (_positive, "positive"),
+    "data.max_shard_images": (_positive, "positive"), "data.workers": (_non_negative, "0 or more"),
+    "data.max_bad_samples": (_non_negative, "0 or more"),
+    "network.dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "edm.sigma_data": (_positive, "positive"), "edm.p_std": (_positive, "positive"),
+    "edm.sigma_min": (_positive, "positive"), "edm.rho": (_positive, "positive"),
+    "edm.sampler_steps": (lambda x: x >= 2, "at least 2"),
+    "train.batch": (_positive, "positive"), "train.accum": (_positive, "positive"), "train.lr": (_positive, "positive"),
+    "train.lr_rampup_kimg": (_non_negative, "0 or more"), "train.adam_eps": (_positive, "positive"),
+    "train.grad_clip": (_non_negative, "0 (off) or more"), "train.total_kimg": (_positive, "positive"),
+    "train.ema_halflife_kimg": (_positive, "positive"), "train.ema_rampup_ratio": (_positive, "positive"),
+    "train.seed": (_non_negative, "0 or more"), "train.log_every_kimg": (_positive, "positive"),
+    "train.checkpoint_every_kimg": (_non_negative, "0 (only at the end) or more"),
+    "train.keep_checkpoints": (lambda x: x >= 2, "at least 2 (the newest may be half-written)"),
+    "train.eval_every_kimg": (_non_negative, "0 (off) or more"), "train.eval_samples": (lambda x: x >= 2, "at least 2"),
+    "train.snapshot_every_kimg": (_non_negative, "0 (off) or more"),
+    "train.max_nonfinite_steps": (_positive, "positive"),
+    "eval.num_samples": (lambda x: x >= 2, "at least 2"), "eval.batch": (_positive, "positive"),
+    "eval.sample_batch": (_positive, "positive"),
+    "eval.grid_images": (_positive, "positive"), "eval.nll_images": (_non_negative, "0 (off) or more"),
+    "eval.nll_steps": (lambda x: x >= 1, "at least 1"), "eval.nll_probes": (_non_negative, "0 (exact trace) or more"),
+    "eval.bootstrap": (_non_negative, "0 (off) or more"), "eval.kid_subsets": (_positive, "positive"),
+    "eval.kid_subset_size": (lambda x: x >= 2, "at least 2"), "eval.copy_threshold": (lambda x: 0 < x < 1, "in (0, 1)"),
+    "fuse.draws_per_image": (_positive, "positive"), "fuse.batch": (_positive, "positive"),
+    "fuse.sgd_epochs": (_positive, "positive"), "fuse.sgd_lr": (_positive, "positive"),
+    "fuse.sgd_momentum": (lambda x: 0 <= x < 1, "in [0, 1)"), "fuse.scratch_kimg": (_positive, "positive"),
+    "fuse.finetune_kimg": (_positive, "positive"), "fuse.finetune_lr": (_positive, "positive"),
+    "fuse.test_draws_per_image": (_positive, "positive"),
+    "distill.teacher_samples": (lambda x: x >= 2, "at least 2"), "distill.teacher_steps": (_non_negative, "0 (edm.sampler_steps) or more"),
+    "distill.real_mix": (lambda x: 0 <= x <= 1, "in [0, 1]"), "distill.g_sigma": (_positive, "positive"),
+    "distill.batch": (_positive, "positive"), "distill.lr": (_positive, "positive"), "distill.lr_d": (_positive, "positive"),
+    "distill.lr_rampup_kimg": (_non_negative, "0 or more"), "distill.r1_gamma": (_non_negative, "0 or more"),
+    "distill.r1_every": (_non_negative, "0 (off) or more"), "distill.ema_halflife_kimg": (_positive, "positive"),
+    "distill.total_kimg": (_positive, "positive"),
+    "distill.eval_every_kimg": (_non_negative, "0 (off) or more"), "distill.snapshot_every_kimg": (_non_negative, "0 (off) or more"),
+    "distill.checkpoint_every_kimg": (_non_negative, "0 or more"),
+    "launch.aux_parallel": (_non_negative, "0 (automatic) or more"), "launch.timeout_minutes": (_positive, "positive"),
+}
+CHOICES = {
+    "data.source.kind": ("digits", "cifar10", "lsun", "folder"), "data.source.channels": ("auto", "1", "3"),
+    "eval.extractor": ("auto", "inception", "classifier"),
+    "train.precision": ("no", "bf16", "fp16"), "train.log_with": ("none", "tensorboard", "wandb", "all"),
+    "fuse.method": ("exact", "sgd"), "fuse.objective": ("edm", "paper"),
+    "distill.init": ("warm", "scratch"), "distill.warm_from": ("best", "merge"), "distill.score_init": ("aux", "scratch"),
+    "distill.teacher_fit": ("", "exact", "sgd"),
+}
+
+
+def _value(run: RunConfig, key: str):
+    value = run
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _check(run: RunConfig) -> None:
-    """Value and path checks OmegaConf's types cannot express."""
+    """Every value against its range or choices, and the checks that relate several keys or name files:
+    all before any stage writes a byte."""
+    for key, (valid, what) in RANGES.items():
+        value = _value(run, key)
+        if value is not None and not valid(value):
+            raise ConfigError(f"{key}={value}: must be {what}")
+    for key, allowed in CHOICES.items():
+        if _value(run, key) not in allowed:
+            choices = " | ".join(a or '""' for a in allowed)
+            raise ConfigError(f"{key}: {_value(run, key)!r} is not {choices}")
+    _check_data(run)
     src = run.data.source
-    if src.kind not in ("digits", "cifar10", "lsun", "folder"):
-        raise ConfigError(f"data.source.kind: unknown source {src.kind!r} (digits | cifar10 | lsun | folder)")
     if src.kind != "digits":
         if not src.path:
             raise ConfigError(f"data.source.path is required for the {src.kind} source")
         if not Path(src.path).exists():
             raise ConfigError(f"data.source.path: {src.path} does not exist")
     if run.eval.inception_weights and not Path(run.eval.inception_weights).is_file():
-        raise ConfigError(f"eval.inception_weights: {run.eval.inception_weights} does not exist")
-    if run.eval.extractor not in ("auto", "inception", "classifier"):
-        raise ConfigError(f"eval.extractor: {run.eval.extractor!r} is not auto | inception | classifier")
-    if run.train.precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"train.precision: {run.train.precision!r} is not no | bf16 | fp16")
-    if run.train.keep_checkpoints < 2:
-        raise ConfigError("train.keep_checkpoints must be at least 2 (the newest may be half-written)")
-    if run.train.batch <= 0 or run.train.accum <= 0 or run.train.batch % run.train.accum:
-        raise ConfigError(f"train.batch ({run.train.batch}) must be a positive multiple of train.accum ({run.train.accum})")
+        raise ConfigError(f"eval.inception_weights: {run.eval.inception_weights} is not a file")
+    from trainer.unet import PRESETS
+    if run.network.preset not in PRESETS:
+        raise ConfigError(f"network.preset: unknown preset {run.network.preset!r} ({' | '.join(PRESETS)})")
+    t, e = run.train, run.edm
+    if t.batch % t.accum:
+        raise ConfigError(f"train.batch ({t.batch}) must be a multiple of train.accum ({t.accum})")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {list(t.adam_betas)}")
+    if e.sigma_min >= e.sigma_max:
+        raise ConfigError(f"edm.sigma_min ({e.sigma_min}) must be below edm.sigma_max ({e.sigma_max})")
+    if t.resume not in ("latest", "none") and not Path(t.resume).is_dir():
+        raise ConfigError(f"train.resume: {t.resume} is not latest, none or a checkpoint directory")
     fuse = run.fuse
-    if fuse.method not in ("exact", "sgd"):
-        raise ConfigError(f"fuse.method: {fuse.method!r} is not exact | sgd")
     unknown = sorted(set(fuse.baselines) - set(BASELINES))
     if unknown:
         raise ConfigError(f"fuse.baselines: unknown {unknown} (known: {', '.join(BASELINES)})")
     edges = list(fuse.sigma_bins)
     if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
         raise ConfigError(f"fuse.sigma_bins must be positive and increasing, got {edges}")
-    if fuse.draws_per_image < 1 or fuse.batch < 1:
-        raise ConfigError("fuse.draws_per_image and fuse.batch must be at least 1")
+    _check_distill(run)
+
+
+def _check_data(run: RunConfig) -> None:
     if not run.data.aux:
         raise ConfigError("data.aux: at least one auxiliary population is required")
-    names = [p.name for p in run.data.aux]
+    populations = [*run.data.aux, run.data.target, run.data.reference]
+    names = [p.name for p in populations]
     if len(set(names)) != len(names):
-        raise ConfigError(f"data.aux: population names must be unique, got {names}")
-    _check_distill(run)
+        raise ConfigError(f"data: population names must be unique, got {names}")
+    for role, pop in [*((f"data.aux.{i}", p) for i, p in enumerate(run.data.aux)),
+                      ("data.target", run.data.target), ("data.reference", run.data.reference)]:
+        if pop.count < 1:
+            raise ConfigError(f"{role}.count={pop.count}: a population needs at least one image")
+        if pop.seed < 0:
+            raise ConfigError(f"{role}.seed={pop.seed}: must be 0 or more")
+        if pop.split not in ("train", "test"):
+            raise ConfigError(f"{role}.split: {pop.split!r} is not train | test")
+        if not pop.mixture or any(not v >= 0 for v in pop.mixture.values()):
+            raise ConfigError(f"{role}.mixture: proportions must be 0 or more, got {dict(pop.mixture)}")
+        total = sum(pop.mixture.values())
+        if abs(total - 1) > 1e-6:
+            raise ConfigError(f"{role}.mixture: proportions sum to {total:.6g}, not 1 ({dict(pop.mixture)})")
+    for key in ("eval.fd_reference", "distill.real_population"):
+        if _value(run, key) is not None and _value(run, key) not in names:
+            raise ConfigError(f"{key}: no population {_value(run, key)!r} (have: {', '.join(names)})")
 
 
 def _check_distill(run: RunConfig) -> None:
     d = run.distill
-    choices = {"init": ("warm", "scratch"), "warm_from": ("best", "merge"), "score_init": ("aux", "scratch"),
-               "teacher_fit": ("", "exact", "sgd")}
-    for key, allowed in choices.items():
-        if getattr(d, key) not in allowed:
-            raise ConfigError(f"distill.{key}: {getattr(d, key)!r} is not {' | '.join(map(repr, allowed))}")
     from trainer.unet import PRESETS
     for key in ("g_preset", "d_preset"):
         if getattr(d, key) is not None and getattr(d, key) not in PRESETS:
             raise ConfigError(f"distill.{key}: unknown preset {getattr(d, key)!r} ({' | '.join(PRESETS)})")
-    for key in ("g_preset", "d_preset"):
         uses_teacher = d.init == "warm" if key == "g_preset" else d.score_init == "aux"
         if uses_teacher and getattr(d, key) not in (None, run.network.preset):
             raise ConfigError(f"distill.{key}={getattr(d, key)} cannot start from the teacher's weights "
                               f"(network.preset={run.network.preset}); leave it unset or use scratch")
-    if d.teacher_samples < 2 or d.teacher_steps < 0:
-        raise ConfigError("distill.teacher_samples must be at least 2 and distill.teacher_steps at least 0")
-    if d.real_population is not None:
-        pops = [p.name for p in run.data.aux] + [run.data.target.name, run.data.reference.name]
-        if d.real_population not in pops:
-            raise ConfigError(f"distill.real_population: no population {d.real_population!r} (have: {', '.join(pops)})")
-        if d.init != "scratch" or d.score_init != "scratch" or d.real_mix:
-            raise ConfigError("distill.real_population trains without a teacher: set distill.init=scratch, "
-                              "distill.score_init=scratch and distill.real_mix=0")
-    if not 0 <= d.real_mix <= 1:
-        raise ConfigError(f"distill.real_mix must be in [0, 1], got {d.real_mix}")
-    if d.batch <= 0 or d.batch % run.train.accum:
-        raise ConfigError(f"distill.batch ({d.batch}) must be a positive multiple of train.accum ({run.train.accum})")
-    if d.lr <= 0 or (d.lr_d is not None and d.lr_d <= 0) or d.total_kimg <= 0 or d.ema_halflife_kimg <= 0:
-        raise ConfigError("distill.lr, distill.lr_d, distill.total_kimg and distill.ema_halflife_kimg must be positive")
+    if d.real_population is not None and (d.init != "scratch" or d.score_init != "scratch" or d.real_mix):
+        raise ConfigError("distill.real_population trains without a teacher: set distill.init=scratch, "
+                          "distill.score_init=scratch and distill.real_mix=0")
+    if d.batch % run.train.accum:
+        raise ConfigError(f"distill.batch ({d.batch}) must be a multiple of train.accum ({run.train.accum})")
     if len(d.adam_betas) != 2 or not all(0 <= b < 1 for b in d.adam_betas):
         raise ConfigError(f"distill.adam_betas must be two numbers in [0, 1), got {list(d.adam_betas)}")
-    if d.g_sigma is not None and d.g_sigma <= 0:
-        raise ConfigError(f"distill.g_sigma must be positive, got {d.g_sigma}")
-    if d.r1_gamma < 0 or d.r1_every < 0:
-        raise ConfigError("distill.r1_gamma and distill.r1_every must be at least 0")
 
 
 def extractor_for(run: RunConfig) -> str:

@@ -98,7 +98,7 @@ class Engine:
     def __init__(self, accelerator, spec: TrainSpec, stage_dir: Path, *, modules: dict[str, nn.Module],
                  optimizers: dict[str, torch.optim.Optimizer], updates: list[Update],
                  batches: Callable[[int], Iterator], ema: tuple[str, ...] = (), hooks: tuple[Hook, ...] = (),
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, trackers: tuple = ()):
         if spec.batch % (accelerator.num_processes * spec.accum):
             raise ModelError(f"train.batch={spec.batch} is not divisible by processes "
                              f"({accelerator.num_processes}) x train.accum ({spec.accum})")
@@ -108,6 +108,7 @@ class Engine:
         self.updates = updates
         self.batches = batches
         self.hooks = hooks
+        self.trackers = trackers  # Accelerate trackers (TensorBoard, W&B) of the main process: metrics.jsonl's rows
         self.log = log or (say if accelerator.is_main_process else (lambda message: None))
         self.deepspeed = _is_deepspeed(accelerator)
         if self.deepspeed:
@@ -165,7 +166,12 @@ class Engine:
                 "stream_batches": self.stream_position()}
 
     def resume(self) -> bool:
-        state = self.checkpointer.load_latest(self.ema)
+        """Restore the checkpoint train.resume names: the newest usable one (latest), none, or a path."""
+        if self.spec.resume == "none":
+            return False
+        keys = tuple(self.state())
+        state = (self.checkpointer.load_latest(self.ema, keys) if self.spec.resume == "latest"
+                 else self.checkpointer.load(Path(self.spec.resume), self.ema, keys))
         if state is None:
             return False
         self.step, self.nimg = state["step"], state["nimg"]
@@ -188,6 +194,8 @@ class Engine:
         finally:
             progress.close()  # also on errors, so the message starts on a line of its own
             stop.restore()
+            for tracker in self.trackers:
+                tracker.finish()
         if self.acc.is_main_process:
             if finish is not None:
                 finish(self)
@@ -364,7 +372,8 @@ class Engine:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
-        self.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
+        for tracker in self.trackers:
+            tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
 
     def _truncate_metrics(self) -> None:
         """Drop rows logged after the checkpoint we resumed from: they will be logged again."""
@@ -454,6 +463,12 @@ def make_accelerator(spec: TrainSpec, timeout_minutes: int = 60, ddp_because: st
                                 "pip install transformers")
     if spec.deterministic:
         use_deterministic_algorithms()
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in ("no", spec.precision) and int(os.environ.get("RANK", "0")) == 0:
+        # "no" is also what `accelerate launch` sets when it was not asked, so only an explicit choice is named
+        print(f"scorefuse: warning: accelerate launch --mixed_precision {launcher} is not used: train.precision="
+              f"{spec.precision} decides (set train.precision={launcher} to train in {launcher})",
+              file=sys.stderr, flush=True)
     no_gpu = not torch.cuda.is_available()
     deepspeed_on_cpu = no_gpu and _deepspeed_launch()
     init = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes),

@@ -19,6 +19,7 @@ after the stage's model). The data directory's marker is its manifest.json, whic
 """
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from trainer.config import to_yaml
 DONE = "done.json"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"  # a stage's TensorBoard events (train.log_with)
 GRID = "samples.png"
 # A trained denoiser (the EMA weights) and what rebuilds it; the one-step generator likewise.
 DENOISER_FILES = ("ema.safetensors", "model.json")
@@ -49,6 +51,15 @@ def is_finished(stage_dir: Path) -> bool:
 def mark_finished(stage_dir: Path, info: dict) -> None:
     """The stage's last write: done.json with what it did (kimg, steps, seconds ...), atomically."""
     write_atomically(Path(stage_dir) / DONE, (json.dumps(info, indent=1) + "\n").encode())
+
+
+def set_aside(stage_dir: Path) -> Path:
+    """Move a stage directory out of the way of a fresh run (train.resume=none), keeping what it holds:
+    <stage>.replaced-<UTC time>."""
+    stage_dir = Path(stage_dir)
+    aside = stage_dir.with_name(f"{stage_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    stage_dir.rename(aside)
+    return aside
 
 
 def finished_info(stage_dir: Path) -> dict:

@@ -48,6 +48,8 @@ class TrainSpec:
     eval_samples: int = 1000
     snapshot_every_kimg: float = 0.0  # periodic sample grid; 0 disables
     max_nonfinite_steps: int = 100     # stop when this many steps in a row had NaN/Inf gradients
+    log_with: str = "none"         # none | tensorboard | wandb | all: Accelerate's trackers, beside metrics.jsonl
+    resume: str = "latest"         # latest checkpoint | none (start the stage afresh) | a checkpoint directory
     # GPU throughput and reproducibility levers, off until measured (bench/gpu_check.py):
     deterministic: bool = False    # deterministic kernels: bit-identical resume on a GPU, at a cost
     compile: bool = False          # torch.compile the trained networks
@@ -58,6 +60,7 @@ class TrainSpec:
 class FuseSpec:
     """ScoreFusion: fit the barycenter weights lambda on the target population (METHODS.md §1)."""
     method: str = "exact"            # exact (Gram statistics + simplex QP) | sgd (the paper's softmax SGD)
+    objective: str = "edm"           # edm (training's sigma law and weighting) | paper (ScoreFusion's VE SDE loss)
     sigma_bins: List[float] = field(default_factory=list)  # sigma edges of piecewise-constant lambda; [] = one lambda
     draws_per_image: int = 64        # (sigma, noise) draws per target image in the Gram pass
     # Evaluate the K auxiliaries in one vmapped call (true), one by one (false), or null: vmapped on CUDA only.

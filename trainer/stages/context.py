@@ -19,7 +19,8 @@ from trainer.config import RunConfig, extractor_for
 from trainer.edm import heun_sample
 from trainer.engine import Hook, make_accelerator
 from trainer.progress import say
-from trainer.rundir import GRID, RunDir
+from shards.errors import ConfigError
+from trainer.rundir import GRID, TENSORBOARD, RunDir, is_finished, set_aside
 from trainer.seeds import Stream, per_image_normal
 
 
@@ -47,6 +48,20 @@ class StageContext:
             log(f"SLURM_RESTART_COUNT={restart}")
         return cls(cfg, run, acc, manifest, log)
 
+    def begin(self, stage_dir: Path) -> bool:
+        """Whether a stage runs: not when it already finished. train.resume=none starts it afresh, after
+        moving its old directory aside (nothing is deleted)."""
+        stage_dir = Path(stage_dir)
+        if self.cfg.train.resume == "none" and stage_dir.exists():
+            if self.acc.is_main_process:
+                self.log(f"train.resume=none: {stage_dir} moved to {set_aside(stage_dir)}")
+            self.acc.wait_for_everyone()
+            return True
+        if is_finished(stage_dir):
+            self.log(f"{stage_dir}: already finished, skipping")
+            return False
+        return True
+
     @property
     def device(self) -> torch.device:
         return self.acc.device
@@ -71,13 +86,41 @@ class StageContext:
             extractor = extractor_for(self.cfg)
             weights = str(self.run.classifier) if extractor == "classifier" else self.cfg.eval.inception_weights
             self._features = FeatureSpace(extractor, weights, self.run.eval_cache, self.cfg.eval.batch,
-                                          self.device, self.ranks)
+                                          self.device, self.ranks, self.cfg.eval.sample_batch)
         return self._features
+
+    @property
+    def fd_reference(self) -> str:
+        """The population Fréchet distances compare with (eval.fd_reference, by default data.reference)."""
+        return self.cfg.eval.fd_reference or self.cfg.data.reference.name
 
     def reference(self, population: str) -> torch.Tensor:
         """Features of a population of the data directory (cached by its content hash)."""
         entry = population_entry(self.manifest, population)
         return self.features().reference(entry["hash"], lambda: read_population(self.run.data, population)[0])
+
+    def trackers(self, stage_dir: Path) -> tuple:
+        """Accelerate's trackers for one training run (train.log_with), on the main process: TensorBoard
+        events in <stage>/tensorboard/ (so `tensorboard --logdir runs/<name>` shows every stage), W&B runs
+        named after the stage in a project named after the run."""
+        wanted = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",),
+                  "all": ("tensorboard", "wandb")}[self.cfg.train.log_with]
+        if not self.acc.is_main_process or not wanted:
+            return ()
+        from accelerate.tracking import TensorBoardTracker, WandBTracker
+        from accelerate.utils import is_wandb_available
+        stage = str(Path(stage_dir).relative_to(self.run.root))
+        trackers = []
+        for name in wanted:
+            if name == "tensorboard":
+                trackers.append(TensorBoardTracker(TENSORBOARD, stage_dir))
+            elif is_wandb_available():
+                trackers.append(WandBTracker(self.cfg.name, name=stage, dir=str(stage_dir)))
+            elif self.cfg.train.log_with == "wandb":
+                raise ConfigError("train.log_with=wandb needs the wandb package: pip install wandb")
+        for tracker in trackers:
+            tracker.start()
+        return tuple(trackers)
 
     def classifier(self):
         return load_classifier(self.run.classifier).to(self.device)

@@ -28,7 +28,6 @@ from trainer.edm import heun_sample
 from trainer.engine import Engine, Update, adam
 from trainer.fused_denoiser import merge_weights
 from shards.pixels import to_uint8
-from trainer.rundir import is_finished
 from trainer.score_mismatch import (build_networks, check_shapes, d_step_loss, export_generator, g_step_loss,
                                     lazy_adam_scaling, r1_step_loss)
 from trainer.seeds import Stream, generator, per_image_normal
@@ -177,8 +176,8 @@ def train(ctx: StageContext, teacher, warm_state: dict | None, teacher_info: dic
     updates.append(Update("adam_g", "G", lambda m, _, step: g_step_loss(m["D"], m["G"], micro, shape, ctx.device),
                           takes_batch=False, name="generator"))
     engine = Engine(acc, engine_spec, stage_dir, modules={"G": G, "D": D}, optimizers={"adam_g": opt_g, "adam_d": opt_d},
-                    updates=updates, batches=batches, ema=("G",), log=ctx.log,
-                    hooks=ctx.training_hooks(stage_dir, cfg.data.reference.name, engine_spec, lambda e: e.ema["G"]))
+                    updates=updates, batches=batches, ema=("G",), log=ctx.log, trackers=ctx.trackers(stage_dir),
+                    hooks=ctx.training_hooks(stage_dir, ctx.fd_reference, engine_spec, lambda e: e.ema["G"]))
     meta = {"kind": "one-step-generator", "preset": spec.g_preset or cfg.network.preset, "dropout": cfg.network.dropout,
             "image_size": shape[-1], "channels": shape[0], "sigma_max": spec.g_sigma or cfg.edm.sigma_max,
             "sigma_data": cfg.edm.sigma_data, "init": spec.init,
@@ -194,8 +193,8 @@ def train(ctx: StageContext, teacher, warm_state: dict | None, teacher_info: dic
 
 def run(cfg: RunConfig) -> None:
     ctx = StageContext.open(cfg, ddp_because=DDP_BECAUSE)
-    if is_finished(ctx.run.distill):
-        return ctx.log(f"{ctx.run.distill}: already finished, skipping")
+    if not ctx.begin(ctx.run.distill):
+        return
     teacher, warm, info = teacher_parts(ctx)
     train(ctx, teacher, warm, info)
     ctx.log(f"distill: one-step generator in {ctx.run.distill}")

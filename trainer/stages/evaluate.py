@@ -119,9 +119,9 @@ def measure(ctx: StageContext, cache: ResultCache, model: Model, reference: torc
 
 def floors(ctx: StageContext, reference: torch.Tensor, reference_features: torch.Tensor,
            target: torch.Tensor) -> list[Measured]:
-    """Real data in the place of samples: the held-out images split in two halves (one half compared with
-    the other: the best any model can score with that many images), and the target training images (pure
-    copying)."""
+    """Real data in the place of samples: the Fréchet reference population (images and their features) split
+    in two halves (one half compared with the other: the best any model can score with that many images),
+    and the target training images (pure copying)."""
     order = torch.randperm(len(reference), generator=generator(ctx.cfg.train.seed, Stream.SPLIT))
     a, b = order[: len(order) // 2], order[len(order) // 2:]
     return [Measured(HALVES, f"{len(a)} held-out images against the other {len(b)}", reference[a],
@@ -132,11 +132,13 @@ def floors(ctx: StageContext, reference: torch.Tensor, reference_features: torch
 
 def run(cfg: RunConfig) -> dict:
     ctx = StageContext.open(cfg)
-    ev, cache = cfg.eval, ResultCache(ctx.run.eval_cache)
+    cache = ResultCache(ctx.run.eval_cache)
     reference_name, target_name = cfg.data.reference.name, cfg.data.target.name
     reference = read_population(ctx.run.data, reference_name, cfg.data.max_bad_samples)[0]
     target = read_population(ctx.run.data, target_name, cfg.data.max_bad_samples)[0]
-    reference_features = ctx.reference(reference_name)
+    reference_features = ctx.reference(ctx.fd_reference)
+    fd_images = reference if ctx.fd_reference == reference_name else \
+        read_population(ctx.run.data, ctx.fd_reference, cfg.data.max_bad_samples)[0]
     reference_hash = population_entry(ctx.manifest, reference_name)["hash"]
     measured = []
     for model in finished_models(cfg):
@@ -144,7 +146,7 @@ def run(cfg: RunConfig) -> dict:
         ctx.log(f"evaluate: measured {model.label}")
     own = {m.facts["population"]: ctx.reference(m.facts["population"]) for m in measured if "population" in m.facts}
     if ctx.acc.is_main_process:
-        report(ctx, measured, floors(ctx, reference, reference_features, target), reference, reference_features,
+        report(ctx, measured, floors(ctx, fd_images, reference_features, target), reference, reference_features,
                target, own)
     ctx.acc.wait_for_everyone()
     return {"models": [m.label for m in measured]}
@@ -154,7 +156,7 @@ def run(cfg: RunConfig) -> dict:
 
 def report(ctx, measured, floor_rows, reference, reference_features, target, own) -> None:
     cfg, ev = ctx.cfg, ctx.cfg.eval
-    name = ctx.features().metric(ev.num_samples)
+    name = f"{ctx.features().metric(ev.num_samples)} vs {ctx.fd_reference}"
     classes = ctx.manifest["class_names"]
     classifier = ctx.classifier() if ctx.run.classifier.is_file() else None
     reference_props = class_proportions(classifier, to_unit(reference)) if classifier is not None else None
@@ -260,7 +262,7 @@ def report_notes(ctx, name: str, floor_tv: float | None) -> list[str]:
         "(the verdict's ± are paired standard errors).",
         f"held-out loss: EDM-weighted denoising loss on the held-out images, {cfg.fuse.test_draws_per_image} "
         "(sigma, noise) draws per image, the same draws for every model; mean ± standard error.",
-        f"{name}: Fréchet distance of {ev.num_samples} samples to the held-out images in {extractor} feature "
+        f"{name}: Fréchet distance of {ev.num_samples} samples to the population `{ctx.fd_reference}` in {extractor} feature "
         f"space{'' if extractor == 'inception' else ' (not FID)'}, [95% bootstrap interval, {ev.bootstrap} rounds "
         "resampling samples and held-out images]; KID: unbiased MMD^2 (cubic kernel), mean ± std over "
         f"{ev.kid_subsets} subsets.",

@@ -31,7 +31,7 @@ from trainer.export import build_denoiser, export_denoiser, load_denoiser
 from trainer.fused_denoiser import FusedDenoiser, merge_weights
 from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, sgd_fit_parts
 from shards.pixels import to_unit
-from trainer.rundir import RunDir, is_finished, mark_finished
+from trainer.rundir import RunDir, mark_finished
 from trainer.seeds import Stream, generator
 from trainer.spec import BASELINES
 from trainer.stages.context import StageContext
@@ -133,7 +133,7 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser) -> dict:
 
     torch.manual_seed(cfg.train.seed * 7919 + rank)  # the SGD draws: per rank, saved in its checkpoints
     engine = Engine(acc, spec, ctx.run.sgd_fit, modules=modules, optimizers=optimizers, updates=updates,
-                    batches=target_stream, log=ctx.log)
+                    batches=target_stream, log=ctx.log, trackers=ctx.trackers(ctx.run.sgd_fit))
     engine.run()
     sgd_lam = engine.unwrap("weights").weights().detach().double().cpu()
     sgd = {"lambda": sgd_lam.tolist(), "loss": float(stats.loss(sgd_lam)), "seconds": engine.seconds,
@@ -149,7 +149,7 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser) -> dict:
 def target_scratch(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
     """The auxiliary recipe trained on the n target images alone."""
     train = replace(ctx.cfg.train, total_kimg=ctx.cfg.fuse.scratch_kimg)
-    train_denoiser(ctx, stage, ctx.cfg.data.target.name, train, reference=ctx.cfg.data.reference.name)
+    train_denoiser(ctx, stage, ctx.cfg.data.target.name, train, reference=ctx.fd_reference)
 
 
 def target_finetune(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
@@ -158,7 +158,7 @@ def target_finetune(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path
     ctx.log(f"target-finetune: starting from aux/{best} (target loss {fit['exact']['vertex_losses'][best]:.5f})")
     f = ctx.cfg.fuse
     train = replace(ctx.cfg.train, total_kimg=f.finetune_kimg, lr=f.finetune_lr, lr_rampup_kimg=0)
-    train_denoiser(ctx, stage, ctx.cfg.data.target.name, train, reference=ctx.cfg.data.reference.name,
+    train_denoiser(ctx, stage, ctx.cfg.data.target.name, train, reference=ctx.fd_reference,
                    init=auxiliaries[best].state_dict())
 
 
@@ -187,8 +187,7 @@ def run(cfg: RunConfig) -> dict:
     ctx = StageContext.open(cfg)
     run_dir = ctx.run
     auxiliaries = load_auxiliaries(cfg)
-    if is_finished(run_dir.fuse):
-        ctx.log(f"{run_dir.fuse}: already finished, skipping the fit")
+    if not ctx.begin(run_dir.fuse):
         fit = load_fit(cfg)
     else:
         names = list(auxiliaries)
@@ -207,10 +206,8 @@ def run(cfg: RunConfig) -> dict:
         ctx.acc.wait_for_everyone()
     for name in cfg.fuse.baselines:
         stage = run_dir.baseline(name)
-        if is_finished(stage):
-            ctx.log(f"{stage}: already finished, skipping")
-            continue
-        BUILDERS[name](ctx, fit, auxiliaries, stage)
+        if ctx.begin(stage):
+            BUILDERS[name](ctx, fit, auxiliaries, stage)
     ctx.log(f"fuse: lambda in {run_dir.lambda_file}, baselines in {run_dir.baselines}")
     return fit
 

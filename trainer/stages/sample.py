@@ -17,7 +17,7 @@ from trainer.config import RunConfig
 from trainer.rundir import RunDir
 
 
-def run(cfg: RunConfig, model: str, n: int, out: str | None = None, batch: int | None = None) -> Path:
+def run(cfg: RunConfig, model: str, n: int, out: str | None = None) -> Path:
     """n samples of `model` (a report label) -> `out`; returns the path written."""
     import torch
     if n < 1:
@@ -27,7 +27,7 @@ def run(cfg: RunConfig, model: str, n: int, out: str | None = None, batch: int |
     shape = image_shape(load_manifest(run_dir.data))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = entry.load().to(device)
-    images = draw(entry.sampler(network, cfg), cfg, range(n), shape, batch or cfg.eval.batch, device)
+    images = draw(entry.sampler(network, cfg), cfg, range(n), shape, device)
     path = Path(out) if out else run_dir.samples(model)
     if path.suffix == ".npz":
         import io

@@ -6,7 +6,6 @@ EMA weights are exported (trainer/export.py) and the engine marks the stage fini
 """
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
 
 from shards.errors import ConfigError
@@ -16,7 +15,6 @@ from trainer.config import RunConfig
 from trainer.edm import Denoiser, denoising_loss
 from trainer.engine import Engine, Update, adam
 from trainer.export import export_denoiser
-from trainer.rundir import is_finished
 from trainer.spec import TrainSpec
 from trainer.stages.context import StageContext
 from trainer.unet import build_unet
@@ -63,6 +61,7 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
 
     engine = Engine(acc, train, stage_dir, modules={"net": denoiser}, optimizers={"adam": optimizer},
                     updates=[Update("adam", "net", loss)], batches=batches, ema=("net",), log=ctx.log,
+                    trackers=ctx.trackers(stage_dir),
                     hooks=ctx.training_hooks(stage_dir, reference, train, lambda e: ctx.sampler(e.ema["net"])))
     engine.run(finish=lambda e: export_denoiser(stage_dir, e.ema["net"], meta))
     return engine
@@ -75,8 +74,8 @@ def run(cfg: RunConfig, aux: str) -> None:
         raise ConfigError(f"aux={aux}: no such auxiliary population (have: {', '.join(names)})")
     ctx = StageContext.open(cfg)
     stage_dir = ctx.run.aux(aux)
-    if is_finished(stage_dir):
-        return ctx.log(f"{stage_dir}: already finished, skipping")
+    if not ctx.begin(stage_dir):
+        return
     train_denoiser(ctx, stage_dir, aux, cfg.train, reference=aux)
     ctx.log(f"aux {aux}: model in {stage_dir}")
 
