@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 
-.PHONY: demo test venv bench clean-demo
+.PHONY: demo test venv bench sweep gpu-check clean-demo
 
 venv: $(STAMP)
 
@@ -26,9 +26,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# ScoreFusion's experiment on the digits: every method at the target sizes of sweep.sizes (after `make demo`,
+# whose auxiliaries it reuses; it trains them first otherwise).
+sweep: $(STAMP)
+	$(BIN)/scorefuse run --config $(CONFIG) stages=prepare,train-aux
+	$(BIN)/scorefuse sweep --config $(CONFIG)
+
+# On a GPU node: the prepared check of every CUDA path (about 8 minutes), its table in gpu_check.md.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py --out gpu_check.md
+
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/likelihood.py
 
 clean-demo:
 	rm -rf runs/digits

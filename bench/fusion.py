@@ -30,7 +30,8 @@ from shards.manifest import image_shape, load_manifest  # noqa: E402
 from shards.stream import read_population  # noqa: E402
 from trainer.catalogue import find, latents  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, sgd_fit_parts  # noqa: E402
+from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, objective_of, sgd_fit_parts  # noqa: E402
+from trainer.seeds import Stream, generator  # noqa: E402
 from shards.pixels import to_unit  # noqa: E402
 from trainer.rundir import RunDir  # noqa: E402
 from trainer.stages.fuse import AUTOCAST, target_batches  # noqa: E402
@@ -41,10 +42,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def objective(cfg):
+    return objective_of(cfg.fuse.objective, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data)
+
+
 def exact_fit(fused, images, cfg, draws, seed):
     t0 = time.perf_counter()
-    stats = accumulate_gram(fused, target_batches(images, cfg.fuse.batch, seed, 0, 1), draws,
-                            cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data,
+    stats = accumulate_gram(fused, target_batches(images, cfg.fuse.batch, seed, 0, 1), draws, objective(cfg),
                             sigma_edges=list(cfg.fuse.sigma_bins) or None,
                             autocast_dtype=AUTOCAST[cfg.train.precision])  # returns on the CPU: synchronised
     fit = fit_barycenter_weights(stats, fused.names)
@@ -65,10 +69,10 @@ def fastest_exact(fused, images, cfg, reference, optimum, max_draws):
 def sgd_fit(fused, images, cfg, stats, optimum, max_epochs, device):
     """The paper's SGD; returns (seconds to within 0.1% of the optimum or None, epochs, final loss)."""
     torch.manual_seed(cfg.train.seed)
-    modules, optimizers, updates = sgd_fit_parts(fused, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data,
-                                                 sigma_edges=list(cfg.fuse.sigma_bins) or None,
+    modules, optimizers, updates = sgd_fit_parts(fused, objective(cfg), sigma_edges=list(cfg.fuse.sigma_bins) or None,
                                                  lr=cfg.fuse.sgd_lr, momentum=cfg.fuse.sgd_momentum,
-                                                 autocast_dtype=AUTOCAST[cfg.train.precision])
+                                                 autocast_dtype=AUTOCAST[cfg.train.precision],
+                                                 init=generator(cfg.train.seed, Stream.LAMBDA_INIT))
     opt, loss_fn, weights = optimizers["sgd"], updates[0].loss, modules["weights"].to(device)
 
     def yardstick():

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from trainer.edm import Denoiser, denoising_loss, heun_sample  # noqa: E402
 from trainer.engine import Engine, Update, adam, make_accelerator  # noqa: E402
 from trainer.fused_denoiser import FusedDenoiser  # noqa: E402
-from trainer.lambda_fit import accumulate_gram  # noqa: E402
+from trainer.lambda_fit import accumulate_gram, edm_objective  # noqa: E402
 from trainer.rundir import DONE  # noqa: E402
 from trainer.score_mismatch import OneStepGenerator  # noqa: E402
 from trainer.spec import TrainSpec  # noqa: E402
@@ -53,7 +53,7 @@ TINY_RUN = ["train.batch=32", "train.lr_rampup_kimg=0.1", "train.log_every_kimg=
             "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.064",
             "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064",
             "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=10", "eval.kid_subsets=4",
-            "eval.sample_batch=32"]
+            "eval.sample_batch=32", "fuse.router_kimg=0.192", "fuse.router_draws=2"]
 
 
 class Sizes:
@@ -155,7 +155,7 @@ def gram_rows(sizes: Sizes) -> list[tuple[str, str]]:
 
     def gram(dtype):
         batches = [(x, torch.Generator().manual_seed(i)) for i, x in enumerate(images.split(sizes.gram_batch))]
-        return accumulate_gram(fused, batches, 2, -1.2, 1.2, 0.5, autocast_dtype=dtype)
+        return accumulate_gram(fused, batches, 2, edm_objective(-1.2, 1.2, 0.5), autocast_dtype=dtype)
     full, t_full = timed(lambda: gram(None), sizes)
     half, t_half = timed(lambda: gram(torch.bfloat16), sizes)
     difference = float(((half.A - full.A).abs() / full.A.abs().clamp(min=1e-12)).max())

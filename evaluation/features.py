@@ -1,7 +1,7 @@
 """Feature spaces for comparing samples with real images, through torch-fidelity, on any number of ranks.
 
 Two feature extractors: "inception" is torch-fidelity's `inception-v3-compat` at its 2048-d pool layer, i.e.
-the standard FID of the papers (METHODS.md §3); "classifier" is the small CNN of evaluation/classifier.py,
+the standard FID of the papers (docs/METHODS.md §3); "classifier" is the small CNN of evaluation/classifier.py,
 trained on the run's own labels, an offline feature space for any labelled source. The extractor is built by
 torch-fidelity's own factory and the Fréchet distance by its own statistics functions, so the numbers are
 torch-fidelity's; this module adds sampling our models with per-image seeds, the reference cache and the
@@ -23,9 +23,9 @@ from evaluation.classifier import EXTRACTOR_NAME as CLASSIFIER  # importing it r
 from shards.atomic import sha256_file, write_atomically
 from shards.errors import ConfigError
 from shards.pixels import to_uint8
+from evaluation.spec import INCEPTION_FILE
 from trainer.seeds import Stream, per_image_normal
 
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 

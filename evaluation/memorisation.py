@@ -2,7 +2,7 @@
 by heart, and then a low FID says nothing about generalisation (Yoon et al. 2023; Carlini et al. 2023).
 
 Two signs, both in pixel space: a sample counts as a copy when its nearest training image is much closer than
-the second nearest (the ratio test of METHODS.md §1c), and a copying model's samples are much closer to its
+the second nearest (the ratio test of docs/METHODS.md §1c), and a copying model's samples are much closer to its
 training images than to held-out images of the same distribution.
 
 Pixel convention: every image here is uint8 [*, C, H, W], the stored pixels and what the Fréchet distance

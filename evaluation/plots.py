@@ -1,47 +1,58 @@
-"""Bar charts drawn with PIL (no plotting library): the fitted ScoreFusion weights lambda."""
+"""Charts a person looks at, drawn with matplotlib (Agg, no display) and written atomically as PNG: the fitted
+ScoreFusion weights lambda, and a metric against the target size n for every method of a sweep."""
 import io
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+import matplotlib
 
-from shards.atomic import write_atomically
+matplotlib.use("Agg")  # no display on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+from shards.atomic import write_atomically  # noqa: E402
+
+
+def _save(figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    write_atomically(Path(path), buffer.getvalue())
 
 
 def lambda_chart(weights, names: list[str], group_labels: list[str], path: Path, title: str = "lambda") -> None:
-    """weights [groups, K] (one group per sigma bin, or a single group): grouped bars with value labels,
-    a 0..1 axis and a legend, written atomically as PNG."""
+    """weights [groups, K] (one group per sigma bin, or a single group): grouped bars with value labels."""
     weights = np.atleast_2d(np.asarray(weights, dtype=float))
     groups, k = weights.shape
-    font = ImageFont.load_default()
-    bar, gap, left, top, plot_h = 28, 24, 50, 40, 220
-    legend_w = 20 + max(len(n) for n in names) * 7
-    width = left + groups * (k * bar + gap) + gap + legend_w
-    height = top + plot_h + 60
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 10), title, fill="black", font=font)
-    base = top + plot_h
-    for tick in np.linspace(0, 1, 6):  # y axis with a light grid
-        y = base - tick * plot_h
-        d.line([(left - 4, y), (width - legend_w - gap // 2, y)], fill=(225, 225, 225))
-        d.text((8, y - 6), f"{tick:.1f}", fill="black", font=font)
-    for g in range(groups):
-        x0 = left + gap + g * (k * bar + gap)
-        for i in range(k):
-            h = float(np.clip(weights[g, i], 0, 1)) * plot_h
-            x = x0 + i * bar
-            d.rectangle([x + 2, base - h, x + bar - 2, base], fill=COLORS[i % len(COLORS)])
-            d.text((x + 2, base - h - 12), f"{weights[g, i]:.2f}", fill="black", font=font)
-        d.text((x0, base + 8), group_labels[g], fill="black", font=font)
-    d.line([(left - 4, base), (width - legend_w - gap // 2, base)], fill="black")
-    lx = width - legend_w
+    figure, axes = plt.subplots(figsize=(1.2 + groups * (0.5 * k + 0.6), 3.2))
+    width = 0.8 / k
     for i, name in enumerate(names):
-        d.rectangle([lx, top + i * 16, lx + 10, top + i * 16 + 10], fill=COLORS[i % len(COLORS)])
-        d.text((lx + 14, top + i * 16 - 1), name, fill="black", font=font)
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    write_atomically(Path(path), buffer.getvalue())
+        x = np.arange(groups) + (i - (k - 1) / 2) * width
+        bars = axes.bar(x, weights[:, i], width, label=name)
+        axes.bar_label(bars, fmt="%.2f", fontsize=7)
+    axes.set_xticks(np.arange(groups), group_labels)
+    axes.set_ylim(min(0.0, weights.min() * 1.15), max(1.0, weights.max() * 1.15))
+    axes.set_ylabel("lambda")
+    axes.set_title(title)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    _save(figure, path)
+
+
+def metric_vs_n(series: dict[str, list[tuple[int, float, float, float]]], path: Path, metric: str, title: str) -> None:
+    """One line per method: series[method] = [(n, value, low, high)], drawn with error bars over n on a log
+    axis (the sizes double)."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for method, points in series.items():
+        points = sorted(p for p in points if p[1] is not None)
+        if not points:
+            continue
+        n, value, low, high = (np.array(column, dtype=float) for column in zip(*points))
+        axes.errorbar(n, value, yerr=[value - low, high - value], marker="o", capsize=3, label=method)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sorted({p[0] for points in series.values() for p in points}))
+    axes.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.set_xlabel("target size n")
+    axes.set_ylabel(metric)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    _save(figure, path)

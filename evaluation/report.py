@@ -46,9 +46,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def write_report(path: Path, title: str, sections: list[tuple[str, list]],
-                 notes: Iterable[str] = ()) -> None:
+                 notes: Iterable[str] = (), data: dict | None = None) -> None:
     """Write the Markdown report `path` (per section a table, or text, then notes) and the same with .json
-    (raw values)."""
+    (raw values, and `data`: numbers for programs that no section shows as they are)."""
     path = Path(path)
     notes = list(notes)
     parts = [f"# {title}", ""]
@@ -64,6 +64,7 @@ def write_report(path: Path, title: str, sections: list[tuple[str, list]],
         "sections": [{"name": name, "text": rows} if rows and all(isinstance(r, str) for r in rows)
                      else {"name": name, "rows": rows} for name, rows in sections],
         "notes": notes,
+        **({"data": data} if data is not None else {}),
     }
     write_atomically(path.with_suffix(".json"), (json.dumps(document, indent=2) + "\n").encode())
     write_atomically(path, "\n".join(parts).encode())

@@ -2,10 +2,13 @@
 from dataclasses import dataclass
 from typing import Optional
 
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads for FID
+
 
 @dataclass
 class EvalSpec:
-    # auto: the feature classifier for the embedded digits, Inception (FID) for everything else.
+    # auto: Inception (FID) where its weights are (inception_weights, or torch-fidelity's cached download),
+    # else the feature classifier trained on the auxiliaries' labels (offline, the digits).
     extractor: str = "auto"        # auto | inception | classifier
     inception_weights: Optional[str] = None  # local weights-inception-2015-12-05-6726825d.pth
     num_samples: int = 2000        # samples per model in `scorefuse evaluate`

@@ -101,6 +101,12 @@ def run_stage(stage: str, cfg, args: dict, config_path: str, overrides: list[str
         if not args["n"].isdigit():
             raise ConfigError(f"n={args['n']}: the number of images must be a positive whole number")
         sample.run(cfg, args["model"], int(args["n"]), args.get("out"))
+    elif stage == "sweep":
+        from trainer.stages import sweep
+        if args.get("n") and not all(n.isdigit() for n in args["n"].split(",")):
+            raise ConfigError(f"n={args['n']}: target sizes are comma-separated whole numbers")
+        sizes = [int(n) for n in args["n"].split(",")] if args.get("n") else None
+        sweep.run(cfg, sizes)
     elif stage == "run":
         for name in stages_to_run(args.get("stages")):
             code = run_stage(name, cfg, {"aux": "all"}, config_path, overrides)

@@ -15,7 +15,7 @@ class Command:
     arguments: dict[str, str] = field(default_factory=dict)  # name=value arguments -> what they mean
     required: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
-    array_over_aux: bool = False  # `submit` runs it as an array job, one task per auxiliary population
+    array_over: str = ""  # `submit` runs it as an array job, one task per value of this argument (aux, n)
 
 
 COMMANDS = {c.name: c for c in [
@@ -23,7 +23,7 @@ COMMANDS = {c.name: c for c in [
             examples=("scorefuse prepare --config configs/cifar10.yaml data.source.path=/data/cifar-10-python.tar.gz",)),
     Command("train-aux", "train auxiliary diffusion models, one per auxiliary population",
             {"aux": "NAME (one data.aux population), all (every one, on this machine's GPUs), or a,b,c"},
-            required=("aux",), array_over_aux=True,
+            required=("aux",), array_over="aux",
             examples=("scorefuse train-aux aux=all", "accelerate launch --multi_gpu --num_processes 8 -m launch.cli "
                       "train-aux --config configs/cifar10.yaml aux=animals")),
     Command("fuse", "fit the ScoreFusion weights lambda on the target images and build the baselines",
@@ -41,6 +41,11 @@ COMMANDS.update({c.name: c for c in [
              "n": "the number of images", "out": "FILE.npz (uint8 NHWC), FILE.png (a grid) or a directory of PNGs"},
             required=("model", "n"),
             examples=("scorefuse sample model=fused-exact n=64 out=fused.png", "scorefuse sample model=distill n=1000 out=g.npz")),
+    Command("sweep", "the target size n against every method (the paper's figure): fuse, baselines and "
+            "evaluate at each n of sweep.sizes, then sweep.md and plots",
+            {"n": "comma-separated sizes of sweep.sizes to run (default: all; the summary waits for all)"},
+            array_over="n",
+            examples=("scorefuse sweep sweep.sizes=[16,32,64,100]", "scorefuse sweep n=32")),
     Command("run", "the whole pipeline (or some of its stages) on this machine",
             {"stages": f"comma-separated stages to run, in pipeline order (default: {','.join(PIPELINE)})"},
             examples=("scorefuse run", "scorefuse run stages=prepare,train-aux,fuse,evaluate name=nodistill")),

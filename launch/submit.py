@@ -32,6 +32,7 @@ class Job:
     stage: str          # also the shell variable the dry run assigns its id to
     sbatch: list[str]   # sbatch options of this stage
     args: list[str]     # the scorefuse command line the batch script runs
+    after: str | None = None  # the job it waits for (afterok); None: the job queued before it
 
 
 def add_arguments(p: argparse.ArgumentParser, default_config: str, overrides_help: str) -> None:
@@ -45,26 +46,40 @@ def add_arguments(p: argparse.ArgumentParser, default_config: str, overrides_hel
                    help="at most N auxiliaries train at once (--array=...%%N); 0 = no limit")
     p.add_argument("--after", metavar="JOBID", help="the first job waits for this job (afterok)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
-    p.add_argument("--stages", metavar="A,B", help="the stages to queue, in pipeline order (default: all)")
+    p.add_argument("--stages", metavar="A,B", help="the stages to queue, in pipeline order, and sweep (default: "
+                   "the pipeline, and the sweep when sweep.sizes is set)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
 
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], ns) -> list[Job]:
-    """The jobs, in pipeline order; each depends on the one before it."""
+    """The jobs in pipeline order, each waiting for the one before it; then, with sweep.sizes, the sweep: an
+    array job over n after the auxiliaries, and its summary after the array."""
     run_args = ["--config", config_path, *overrides]
     names = [p.name for p in cfg.data.aux]
     if any("," in n for n in names):
         raise ConfigError(f"data.aux: a population name with a comma cannot be an array task: {names}")
+    wanted = [s.strip() for s in ns.stages.split(",")] if ns.stages else None
+    sweep = bool(cfg.sweep.sizes) and (wanted is None or "sweep" in wanted)
+    stages = stages_to_run(",".join(s for s in wanted if s != "sweep") if wanted else None) if wanted != ["sweep"] else []
     jobs = []
-    for stage in stages_to_run(ns.stages):
+    for stage in stages:
         if stage == "prepare":  # one process writes the shards: one node is enough
             jobs.append(Job(stage, ["--nodes=1"], [stage, *run_args]))
-        elif COMMANDS[stage].array_over_aux:  # the batch script turns aux=a,b,c into its task's name
-            array = f"0-{len(names) - 1}" + (f"%{ns.array_parallel}" if ns.array_parallel > 0 else "")
-            jobs.append(Job(stage.replace("-", "_"), [f"--array={array}"], [stage, *run_args, "aux=" + ",".join(names)]))
+        elif COMMANDS[stage].array_over:  # the batch script turns aux=a,b,c into its task's name
+            jobs.append(Job(stage.replace("-", "_"), [_array(len(names), ns)], [stage, *run_args, "aux=" + ",".join(names)]))
         else:
             jobs.append(Job(stage, [], [stage, *run_args]))
+    if sweep:
+        after = "train_aux" if "train-aux" in stages else None
+        sizes = ",".join(map(str, cfg.sweep.sizes))
+        jobs.append(Job("sweep_runs", [_array(len(cfg.sweep.sizes), ns)], ["sweep", *run_args, f"n={sizes}"],
+                        after=after or (jobs[-1].stage if jobs else None)))
+        jobs.append(Job("sweep", [], ["sweep", *run_args]))
     return jobs
+
+
+def _array(tasks: int, ns) -> str:
+    return f"--array=0-{tasks - 1}" + (f"%{ns.array_parallel}" if ns.array_parallel > 0 else "")
 
 
 def sbatch_command(job: Job, cfg: RunConfig, ns, after: str | None) -> list[str]:
@@ -87,7 +102,7 @@ def submit(ns) -> int:
     if ns.dry_run:
         previous = ns.after
         for job in jobs:
-            cmd = sbatch_command(job, cfg, ns, previous)
+            cmd = sbatch_command(job, cfg, ns, f"${job.after}" if job.after else previous)
             # a shell script: each job id goes into a variable the next command expands
             line = " ".join(f'"{c}"' if "$" in c else shlex.quote(c) for c in cmd)
             print(f"{job.stage}=$({line})")
@@ -97,16 +112,16 @@ def submit(ns) -> int:
         raise ConfigError("sbatch not found: submit from a SLURM login node (or use --dry-run)")
     logs = RunDir.of(cfg).slurm_logs
     logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create it
-    previous = ns.after
+    previous, ids = ns.after, {}
     for job in jobs:
-        cmd = sbatch_command(job, cfg, ns, previous)
+        cmd = sbatch_command(job, cfg, ns, ids[job.after] if job.after else previous)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             reason = lines[-1].removeprefix("sbatch: error: ") if lines else f"exit code {proc.returncode}"
             done = f" ({', '.join(j.stage for j in jobs[:jobs.index(job)])} already queued)" if job is not jobs[0] else ""
             raise ConfigError(f"sbatch refused the {job.stage} job: {reason}{done}")
-        previous = proc.stdout.strip().split(";")[0]
+        previous = ids[job.stage] = proc.stdout.strip().split(";")[0]
         print(f"{job.stage}: job {previous}", flush=True)
     print(f"logs: {logs.absolute()}/ (squeue --me shows the chain)")
     return 0

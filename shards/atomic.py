@@ -13,6 +13,12 @@ def _umask() -> int:
     return mask
 
 
+def make_readable(path: Path) -> None:
+    """Give a file the mode a plain open() would (0644 under umask 022): for files other libraries write
+    with 0600 (safetensors does), which the rest of a group could not read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file next to `path`, flush it to disk, then rename it into place (atomic
     on POSIX). The file gets the mode a plain open() would give it (0644 under umask 022): mkstemp makes
@@ -25,7 +31,7 @@ def write_atomically(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data does
-        os.chmod(tmp, 0o666 & ~_umask())
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

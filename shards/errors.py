@@ -18,6 +18,11 @@ class DataError(UserError):
     """A source, a population, a shard or a manifest."""
 
 
+class UndecodableItem(DataError):
+    """One item of a source whose stored bytes are not an image (a corrupt file, a bad lmdb value): prepare
+    skips and counts it, and stops only past data.max_bad_samples of them."""
+
+
 class CheckpointError(UserError):
     """A checkpoint or a saved model that is missing or cannot be used."""
 

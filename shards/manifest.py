@@ -3,6 +3,14 @@
 The manifest is the only index of a data directory: readers take shard files, per-shard counts, image
 shape and class names from it and never list directories, so a half-written directory (no manifest yet)
 is never read.
+
+What `prepare` records: version, fingerprint (of the data config), image_size, channels, class_names,
+order (the populations in drawing order), disjoint and overlaps (whether, and which, populations share
+image content) and populations: {name: {role, split, mixture, items (hash of the source, split and item
+indices drawn), count (images written), class_histogram (of those), skipped ([{key, reason}]: undecodable
+or duplicate images), shards ([{file, count, sha256}]), contents ({file, sha256}: the sidecar of the
+written images' pixel hashes), hash}}. Every `file` is relative to the data directory and may lead into
+another one, whose identical population this one shares.
 """
 import json
 from pathlib import Path
@@ -35,7 +43,7 @@ def population_entry(manifest: dict, name: str) -> dict:
 
 
 def shard_paths(data_dir, manifest: dict, population: str) -> list:
-    """Absolute paths of the population's shards, in manifest order."""
+    """Paths of the population's shards (data_dir joined with each `file`), in manifest order."""
     return [str(Path(data_dir) / shard["file"]) for shard in population_entry(manifest, population)["shards"]]
 
 

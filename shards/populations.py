@@ -1,12 +1,15 @@
-"""Cutting populations out of a source: exact class counts, seeded draws, no image shared between two.
+"""Cutting populations out of a source: exact class counts, seeded draws, no item shared between two.
 
-Populations are drawn in a fixed priority order (auxiliary ones in config order, then target, then
-reference); each draws only from images no earlier population took. Everything is validated here, before
+Populations are drawn in a fixed priority order (auxiliary ones in config order, then the reference, then
+the target); each draws only from items no earlier population took. The target comes last so that the
+held-out reference does not depend on the target's size. A population's items of class k are the first
+count_k of a permutation, seeded by (its seed, k), of the class's items still available: with the same
+seed and mixture, a smaller population is a subset of a larger one whenever every class count grows with
+the size (as largest-remainder allocation does for a fixed mixture). Everything is validated here, before
 prepare writes a byte, so a bad mixture never leaves half a data directory behind.
 """
 import math
 import re
-from itertools import combinations
 
 import numpy as np
 
@@ -17,11 +20,13 @@ from shards.spec import DataSpec, PopulationSpec
 MIXTURE_TOLERANCE = 1e-6
 # A population name becomes a directory name, so keep it to one plain path component.
 POPULATION_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Second seed word of the class draws, so they are independent of prepare's shard order (which uses 1).
+CLASS_DRAW_STREAM = 2
 
 
 def ordered_populations(spec: DataSpec) -> list:
-    """[(role, PopulationSpec)] in drawing priority: aux in order, then target, then reference."""
-    return [("aux", pop) for pop in spec.aux] + [("target", spec.target), ("reference", spec.reference)]
+    """[(role, PopulationSpec)] in drawing priority: aux in order, then the reference, then the target."""
+    return [("aux", pop) for pop in spec.aux] + [("reference", spec.reference), ("target", spec.target)]
 
 
 def allocate_counts(count: int, proportions: np.ndarray) -> np.ndarray:
@@ -57,10 +62,10 @@ def class_proportions(source: Source, pop: PopulationSpec) -> np.ndarray:
 def draw_populations(source: Source, pops: list) -> dict:
     """Draw every population; returns {name: (split, sorted item indices)}.
 
-    `pops` is [(role, PopulationSpec)] in priority order (see ordered_populations). Each population draws
-    its per-class counts without replacement, seeded by its own seed, from the items of that class in its
-    split that earlier populations did not take, so adding a population later in the list never changes
-    the earlier ones.
+    `pops` is [(role, PopulationSpec)] in priority order (see ordered_populations). Each population takes,
+    per class, the first count_k items of a permutation (seeded by its seed and the class) of the items of
+    that class in its split that earlier populations did not take, so adding a population later in the list
+    never changes the earlier ones, and growing a population's count only adds items to it.
     """
     names = [pop.name for _, pop in pops]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -79,7 +84,6 @@ def draw_populations(source: Source, pops: list) -> dict:
         counts = allocate_counts(pop.count, class_proportions(source, pop))
         labels = source.labels(pop.split)
         used = taken.setdefault(pop.split, np.zeros(len(labels), dtype=bool))
-        rng = np.random.default_rng(pop.seed)
         chosen = []
         for label, needed in enumerate(counts):
             if needed == 0:
@@ -89,19 +93,10 @@ def draw_populations(source: Source, pops: list) -> dict:
                 raise DataError(
                     f"population '{pop.name}' needs {needed} images of class '{source.class_names[label]}' "
                     f"from split '{pop.split}' but only {len(available)} remain after earlier populations")
-            chosen.append(rng.choice(available, size=needed, replace=False))
+            order = np.random.default_rng([pop.seed, CLASS_DRAW_STREAM, label]).permutation(available)
+            chosen.append(order[:needed])
         indices = np.sort(np.concatenate(chosen))
         used[indices] = True
         drawn[pop.name] = (pop.split, indices)
     return drawn
 
-
-def find_overlaps(drawn: dict) -> dict:
-    """{"a&b": number of shared (split, index) items} for every pair of populations that share any."""
-    overlaps = {}
-    for (name_a, (split_a, idx_a)), (name_b, (split_b, idx_b)) in combinations(drawn.items(), 2):
-        if split_a == split_b:
-            shared = len(np.intersect1d(idx_a, idx_b))
-            if shared:
-                overlaps[f"{name_a}&{name_b}"] = shared
-    return overlaps

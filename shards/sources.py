@@ -1,9 +1,17 @@
 """Image sources: the datasets populations are drawn from, behind one small interface.
 
-A Source knows its class names, the label of every item of each split, and can load any items by index as
-uint8 [N, H, W, C] already resized to the configured image size. Items are addressed by their position in
-a split, which is stable for a given dataset file, so a manifest can name them (`train-0001234`).
-Loading is lazy and by index, so a large LSUN category is never held in memory at once.
+A Source knows its class names, its number of channels, the label of every item of each split, and loads
+any one item by index as uint8 [H, W, C], already resized to the configured image size and converted to
+its channels. Items are addressed by their position in a split, which is stable for a given dataset file,
+so a manifest can name them (`train-0001234`). Loading is lazy and by index, so a large LSUN category is
+never held in memory at once.
+
+Channels (data.source.channels): auto keeps grey sources grey: digits are 1, CIFAR-10 and LSUN 3, and a
+folder is 1 when every image in it is grey (judged from the file headers, see is_grey), else 3. 1 or 3
+forces it: grey is replicated into RGB, colour becomes PIL's "L" (ITU-R 601-2 luma).
+
+An item whose stored bytes do not decode (a corrupt file in a folder, a bad lmdb value) raises
+UndecodableItem, which prepare counts and skips; CIFAR-10 and digits are arrays and cannot be bad.
 """
 import io
 import pickle
@@ -14,9 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.errors import DataError
+from shards.errors import DataError, UndecodableItem
 from shards.spec import SourceSpec
 
+CHANNELS = {"auto": 0, "1": 1, "3": 3}  # data.source.channels -> Source.channels (0: the source decides)
+# PIL modes of one channel of intensity, alpha aside: binary, 8-bit, 16-bit, 32-bit integer and float grey.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 CIFAR10_MEMBER_DIR = "cifar-10-batches-py"
 CIFAR10_SPLIT_MEMBERS = {
     "train": [f"data_batch_{i}" for i in range(1, 6)],
@@ -26,22 +37,21 @@ CIFAR10_SPLIT_MEMBERS = {
 
 @dataclass
 class Source:
-    """Base of all sources. Subclasses fill `class_names`, `channels`, `splits` and implement
-    `labels` and `_load_one`; `load` handles batching and the final resize."""
+    """Base of all sources. Subclasses fill `class_names` and `splits`, resolve `channels` 0 (auto) to
+    their own 1 or 3, and implement `labels` and `_load_one`."""
     image_size: int
+    channels: int = 0
     class_names: list = field(default_factory=list)
-    channels: int = 3
     splits: list = field(default_factory=lambda: ["train"])
 
     def labels(self, split: str) -> np.ndarray:
         raise NotImplementedError
 
-    def load(self, split: str, indices) -> np.ndarray:
-        """uint8 [N, H, W, C] for the given item indices of `split`, at image_size x image_size."""
+    def load(self, split: str, index: int) -> np.ndarray:
+        """uint8 [image_size, image_size, channels] of item `index` of `split`; UndecodableItem if its
+        stored bytes are not an image."""
         self.check_split(split)
-        images = [self._load_one(split, int(i)) for i in indices]
-        shape = (self.image_size, self.image_size, self.channels)
-        return np.stack(images) if images else np.zeros((0, *shape), np.uint8)
+        return self._load_one(split, int(index))
 
     def check_split(self, split: str) -> None:
         if split not in self.splits:
@@ -52,11 +62,25 @@ class Source:
         raise NotImplementedError
 
 
+def is_grey(image: Image.Image) -> bool:
+    """Whether an opened image holds one channel of intensity, judged from its header (no pixel is read):
+    the GREY_MODES, and palette images whose palette is all grey (a grey GIF or PNG stored as P). An RGB
+    file is colour even if its pixels happen to be grey."""
+    if image.mode in ("P", "PA"):
+        palette = image.getpalette() or []
+        return palette[0::3] == palette[1::3] == palette[2::3]
+    return image.mode in GREY_MODES
+
+
 def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
     """Center-crop a PIL image to a square, resize it and return uint8 [H, W, C].
 
-    Shrinking uses area averaging (Image.BOX), which does not alias; enlarging uses bicubic.
+    Shrinking uses area averaging (Image.BOX), which does not alias; enlarging uses bicubic. 16-bit grey is
+    scaled to 8 bits (PIL's own conversion would clip everything above 255 to white); 32-bit and float grey
+    are clipped to 0..255, as PIL converts them.
     """
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8))
     image = image.convert("L" if channels == 1 else "RGB")
     width, height = image.size
     side = min(width, height)
@@ -69,22 +93,25 @@ def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
 
 
 def decode_image(data: bytes, image_size: int, channels: int, where: str) -> np.ndarray:
-    """Decode encoded image bytes (any PIL format); `where` names the file/key in the error."""
+    """Decode encoded image bytes (any PIL format); UndecodableItem, naming `where` (the file or key), if
+    they are not an image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             return to_array(image, image_size, channels)
+    except Image.UnidentifiedImageError:  # its message holds the BytesIO's memory address: not repeatable
+        raise UndecodableItem(f"cannot decode image {where}: not an image format PIL reads") from None
     except Exception as error:  # PIL raises many types for bad data
-        raise DataError(f"cannot decode image {where}: {error}") from error
+        raise UndecodableItem(f"cannot decode image {where}: {type(error).__name__}: {error}") from error
 
 
 @dataclass
 class DigitsSource(Source):
     """sklearn's embedded 8x8 handwritten digits (1,797 images, values 0..16); needs no download."""
-    channels: int = 1
 
     def __post_init__(self):
         from sklearn.datasets import load_digits
 
+        self.channels = self.channels or 1
         digits = load_digits()
         self.class_names = [str(c) for c in range(10)]
         self._images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
@@ -99,7 +126,8 @@ class DigitsSource(Source):
         if self.image_size != image.size[0]:
             # Bilinear keeps the upsampled strokes smooth without bicubic's ringing on 8x8 inputs.
             image = image.resize((self.image_size, self.image_size), resample=Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)[:, :, None]
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        return np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, self.channels)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -123,6 +151,7 @@ class Cifar10Source(Source):
     path: Path = None
 
     def __post_init__(self):
+        self.channels = self.channels or 3
         self.splits = ["train", "test"]
         self._arrays = {}  # split -> (images uint8 [N, 32, 32, 3], labels int64 [N]), read on first use
         meta = self._read_members(["batches.meta"])[0]
@@ -161,9 +190,9 @@ class Cifar10Source(Source):
 
     def _load_one(self, split: str, index: int) -> np.ndarray:
         image = self._split_arrays(split)[0][index]
-        if self.image_size == 32:
+        if self.image_size == 32 and self.channels == 3:
             return image
-        return to_array(Image.fromarray(image), self.image_size, 3)
+        return to_array(Image.fromarray(image), self.image_size, self.channels)
 
 
 @dataclass
@@ -181,6 +210,7 @@ class LsunSource(Source):
 
         if not self.categories:
             raise DataError(f"an lsun source needs data.source.categories (the lmdb names under {self.path})")
+        self.channels = self.channels or 3
         self.class_names = list(self.categories)
         self._envs, self._keys = [], []
         for category in self.categories:
@@ -211,12 +241,13 @@ class LsunSource(Source):
         with self._envs[category].begin(write=False) as txn:
             data = txn.get(key)
         where = f"key {key.decode(errors='replace')} in {self.path / (self.categories[category] + '_train_lmdb')}"
-        return decode_image(data, self.image_size, 3, where)
+        return decode_image(data, self.image_size, self.channels, where)
 
 
 @dataclass
 class FolderSource(Source):
-    """A directory with one sub-directory of images per class; sorted directory names are the classes."""
+    """A directory with one sub-directory of images per class; sorted directory names are the classes.
+    Files with an image extension PIL knows are the items, in sorted order within each class."""
     path: Path = None
 
     def __post_init__(self):
@@ -233,6 +264,19 @@ class FolderSource(Source):
             self._files.extend(files)
             labels.extend([label] * len(files))
         self._labels = np.asarray(labels, dtype=np.int64)
+        self.channels = self.channels or (1 if self._all_grey() else 3)
+
+    def _all_grey(self) -> bool:
+        """Whether every image file in the folder is grey (is_grey); a file that does not open has no say
+        (prepare skips it when it is drawn)."""
+        for file in self._files:
+            try:
+                with Image.open(file) as image:
+                    if not is_grey(image):
+                        return False
+            except Exception:  # PIL raises many types for bad data
+                continue
+        return True
 
     def labels(self, split: str) -> np.ndarray:
         self.check_split(split)
@@ -240,7 +284,11 @@ class FolderSource(Source):
 
     def _load_one(self, split: str, index: int) -> np.ndarray:
         file = self._files[index]
-        return decode_image(file.read_bytes(), self.image_size, 3, str(file))
+        try:
+            data = file.read_bytes()
+        except OSError as error:
+            raise UndecodableItem(f"cannot read {file}: {error.strerror}") from error
+        return decode_image(data, self.image_size, self.channels, str(file))
 
 
 SOURCE_KINDS = {"digits": DigitsSource, "cifar10": Cifar10Source, "lsun": LsunSource, "folder": FolderSource}
@@ -252,17 +300,21 @@ def open_source(spec: SourceSpec) -> Source:
         raise DataError(f"unknown data.source.kind '{spec.kind}'; choose one of: {', '.join(SOURCE_KINDS)}")
     if spec.image_size < 1:
         raise DataError(f"data.source.image_size must be positive, got {spec.image_size}")
+    if str(spec.channels) not in CHANNELS:
+        raise DataError(f"data.source.channels: {spec.channels!r} is not {' | '.join(CHANNELS)}")
+    channels = CHANNELS[str(spec.channels)]
     if spec.kind == "digits":
-        return DigitsSource(image_size=spec.image_size)
+        return DigitsSource(image_size=spec.image_size, channels=channels)
     if not spec.path:
         raise DataError(f"a {spec.kind} source needs data.source.path")
     path = Path(spec.path).expanduser()
     if not path.exists():
         raise DataError(f"data.source.path {path} does not exist")
     if spec.kind == "cifar10":
-        return Cifar10Source(image_size=spec.image_size, path=path)
+        return Cifar10Source(image_size=spec.image_size, channels=channels, path=path)
     if not path.is_dir():
         raise DataError(f"data.source.path {path} must be a directory for a {spec.kind} source")
     if spec.kind == "lsun":
-        return LsunSource(image_size=spec.image_size, path=path, categories=list(spec.categories))
-    return FolderSource(image_size=spec.image_size, path=path)
+        return LsunSource(image_size=spec.image_size, channels=channels, path=path,
+                          categories=list(spec.categories))
+    return FolderSource(image_size=spec.image_size, channels=channels, path=path)

@@ -17,11 +17,13 @@ class SourceSpec:
           lsun (a directory at `path` holding one `<category>_train_lmdb` per entry of `categories`) |
           folder (a directory at `path` with one sub-directory per class).
     image_size: images are resized (area/bicubic) to image_size x image_size.
+    channels: auto (digits and all-grey folders 1, the rest 3) | 1 | 3 (forced: grey is replicated into
+          RGB, colour becomes PIL's luma).
     """
     kind: str = "digits"
     path: Optional[str] = None
     image_size: int = 16
-    channels: str = "auto"   # auto (grey sources stay grey) | 1 | 3
+    channels: str = "auto"
     categories: List[str] = field(default_factory=list)
 
 
@@ -48,5 +50,6 @@ class DataSpec:
     max_shard_images: int = 2000
     # DataLoader worker processes per rank for the training stream.
     workers: int = 2
-    # Corrupt/undecodable samples tolerated per reader before the run stops.
+    # Undecodable source items one prepare skips, and distinct corrupt shard samples one reader skips,
+    # before it stops.
     max_bad_samples: int = 10

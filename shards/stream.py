@@ -10,7 +10,8 @@ manifest's per-shard counts, without reading them.
 Evaluation (read_population) goes through a population exactly once, in shard order.
 
 Both count corrupt data with BadSampleCounter: a bad sample is skipped with one warning, and the reader
-stops with a DataError once there are more than `max_bad_samples` of them.
+stops with a DataError once it has met more than `max_bad_samples` distinct bad samples. The training
+stream visits every shard again and again; a bad sample counts once, however often it is met.
 """
 import io
 import math
@@ -31,7 +32,8 @@ from shards.pixels import to_unit
 
 
 class BadSampleCounter:
-    """Counts the corrupt shards and undecodable samples one reader process met in one population.
+    """Counts the distinct bad samples, (file, key) pairs, one reader process met in one population: an
+    undecodable sample is its own pair, a corrupt or short shard one pair (key "unknown") for the file.
 
     The count is per process: with a DataLoader each worker holds its own copy, so a population may hold
     up to workers x max_bad_samples bad samples before every reader of it has stopped.
@@ -40,11 +42,17 @@ class BadSampleCounter:
     def __init__(self, population: str, max_bad_samples: int):
         self.population = population
         self.max_bad_samples = max_bad_samples
-        self.count = 0
+        self.bad = set()  # (file, key) of every bad sample met
         self.first = None
 
+    @property
+    def count(self) -> int:
+        return len(self.bad)
+
     def record(self, file, key, reason) -> None:
-        self.count += 1
+        if (file, key) in self.bad:
+            return
+        self.bad.add((file, key))
         if self.first is None:
             self.first = f"key {key} in file {file}: {reason}"
             print(f"warning: skipping corrupt data in population {self.population}: {self.first}",

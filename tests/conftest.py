@@ -18,7 +18,8 @@ FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "train.snapshot_every_kimg=0.32",
         "fuse.draws_per_image=4", "fuse.sgd_epochs=4", "fuse.test_draws_per_image=2",
         "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.128",
         "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064",
-        "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=20", "eval.kid_subsets=5", "eval.batch=32", "eval.sample_batch=32"]
+        "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=20", "eval.kid_subsets=5", "eval.batch=32", "eval.sample_batch=32",
+        "fuse.router_kimg=0.192", "fuse.router_draws=2"]
 
 
 def scorefuse(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -47,10 +48,10 @@ def digits_run(prepared_digits, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def finished_digits(tmp_path_factory) -> tuple[Path, list[str]]:
+def finished_digits(tmp_path_factory) -> tuple[Path, list[str], str]:
     """A finished digits run of the fast pipeline (every stage and the report), built once: (its run
-    directory, the overrides that point at it). Tests must not change it."""
+    directory, the overrides that point at it, what the run printed on stderr). Tests must not change it."""
     root = tmp_path_factory.mktemp("finished")
     overrides = [f"root={root}", *FAST]
-    scorefuse("run", "--config", DIGITS, *overrides)
-    return root / "digits", overrides
+    proc = scorefuse("run", "--config", DIGITS, *overrides)
+    return root / "digits", overrides, proc.stderr

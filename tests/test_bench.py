@@ -15,10 +15,11 @@ from tests.conftest import DIGITS, ROOT
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def bench(script: str, *args) -> str:
+def bench(script: str, *args, tiny: bool = True) -> str:
     """stdout of `python bench/<script> --tiny args...`; stderr goes to pytest's capture."""
     try:
-        proc = subprocess.run([sys.executable, f"bench/{script}", "--tiny", *map(str, args)], cwd=ROOT, check=True,
+        proc = subprocess.run([sys.executable, f"bench/{script}", *(["--tiny"] if tiny else []), *map(str, args)],
+                              cwd=ROOT, check=True,
                               env=ENV, stdout=subprocess.PIPE, text=True)
     except subprocess.CalledProcessError as error:
         print(error.stdout)
@@ -57,3 +58,16 @@ def test_sampling_bench(finished_run):
     result = json.loads(bench("sampling.py", "--config", DIGITS, *finished_run).splitlines()[-1])
     assert result["teacher"] in ("fused-exact", "fused-sgd") and len(result["samples_per_s"]) == 3
     assert result["metric"].endswith("16") and result["fd_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_mixture_bench(finished_run):
+    out = bench("mixture.py", "--config", DIGITS, *finished_run)
+    assert "mixture / auxiliary:" in out and "the router step costs" in out
+
+
+@pytest.mark.slow
+def test_evaluate_bench(finished_run):
+    """The fast run is already tiny: the bench has no smaller mode."""
+    out = bench("evaluate.py", "--config", DIGITS, *finished_run, tiny=False)
+    assert "| again (cached) |" in out and "cached / first:" in out

@@ -30,7 +30,7 @@ SHAPE = (1, 16, 16)
 AUX = ["aux-low", "aux-high", "aux-even"]
 
 
-# ---- the losses as METHODS.md §2 writes them, each on its own (the oracles of the batched stage code) ----
+# ---- the losses as docs/METHODS.md §2 writes them, each on its own (the oracles of the batched stage code) ----
 
 def _sigma(D, t, ndim):
     return D.sigmas[t].reshape(-1, *([1] * (ndim - 1)))
@@ -135,7 +135,7 @@ class LinearScore(nn.Module):
 
 
 def test_r1_has_the_official_weight_relative_to_the_data_terms():
-    """Official (METHODS.md §2): L_real summed over batch and pixels; R1 = (gamma/2) x mean over the batch of
+    """Official (docs/METHODS.md §2): L_real summed over batch and pixels; R1 = (gamma/2) x mean over the batch of
     the per-image pixel sum of g^2, times the lazy interval. Ours divides every term by B*P; the ratio must
     be the official one."""
     B, gamma, every, a = 8, 0.01, 16, 0.7
@@ -240,10 +240,10 @@ def test_toy_2d_generator_mean_moves_to_the_data_mean():
 
 
 def test_toy_1d_variance_collapses_without_the_mismatch_term_and_not_with_it():
-    """METHODS.md §2: real-only training collapses a 1-D generator; with the mismatch term SMM has no
+    """docs/METHODS.md §2: real-only training collapses a 1-D generator; with the mismatch term SMM has no
     exact fixed point at the data (about 0.7 of the data's std). Measured here (seeds 0 and 1, std averaged
     over the second half): std ratio 0.05 / 0.04 without (400 steps), 0.44 / 0.41 with (800 steps, 4 D steps
-    per G step; the 1-D game oscillates, and the 0.7 of METHODS.md needs a near-optimal D and longer
+    per G step; the 1-D game oscillates, and the 0.7 of docs/METHODS.md needs a near-optimal D and longer
     runs). Tolerance band, not equality."""
     data_std = 0.25
     _, _, collapsed = toy(False, d_steps=1, steps=400)

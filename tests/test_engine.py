@@ -287,3 +287,11 @@ def test_resume_option_latest_none_or_a_path(tmp_path):
     GradientState._reset_state()
     with pytest.raises(CheckpointError, match="train.resume: checkpoint .*optimizer.bin cannot be loaded"):
         make_engine(tmp_path, resume=str(older)).resume()
+
+
+def test_a_launcher_precision_other_than_train_precision_is_named(monkeypatch, capsys):
+    from trainer.engine import make_accelerator
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    make_accelerator(TrainSpec(precision="no"))
+    err = capsys.readouterr().err
+    assert "--mixed_precision bf16 is not used: train.precision=no decides" in err

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.lambda_fit import accumulate_gram
+from trainer.lambda_fit import accumulate_gram, edm_objective
 from trainer.edm import heun_sample
 from trainer.export import build_denoiser
 from shards.errors import ModelError
@@ -18,6 +18,7 @@ from trainer.stages.fuse import target_batches
 
 META = dict(preset="tiny", image_size=16, channels=1, sigma_data=0.5)
 EDM = dict(p_mean=-1.2, p_std=1.2, sigma_data=0.5)
+OBJECTIVE = edm_objective(**EDM)
 
 
 @pytest.fixture(autouse=True)
@@ -136,8 +137,8 @@ def test_merge_weights_rejects_different_architectures():
 def test_bf16_autocast_gram_is_close_to_float32():
     fused = FusedDenoiser([tiny(seed) for seed in range(2)], torch.tensor([0.5, 0.5]))
     batches = [torch.rand(4, 1, 16, 16) * 2 - 1]
-    full = accumulate_gram(fused, batches, 2, generator=torch.Generator().manual_seed(0), **EDM)
-    bf16 = accumulate_gram(fused, batches, 2, generator=torch.Generator().manual_seed(0), **EDM,
+    full = accumulate_gram(fused, batches, 2, OBJECTIVE, generator=torch.Generator().manual_seed(0))
+    bf16 = accumulate_gram(fused, batches, 2, OBJECTIVE, generator=torch.Generator().manual_seed(0),
                            autocast_dtype=torch.bfloat16)
     assert bf16.A.dtype == torch.float64
     torch.testing.assert_close(bf16.A, full.A, rtol=0.05, atol=0)
@@ -154,7 +155,7 @@ def gram_stats(rank: int, world: int, reduce=None):
     images = torch.randint(0, 256, (IMAGES, 1, 16, 16), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
     fused = FusedDenoiser([tiny(seed) for seed in range(3)], torch.full((3,), 1 / 3))
     batches = target_batches(images, BATCH, seed=0, rank=rank, world=world)
-    return accumulate_gram(fused, batches, DRAWS, **EDM, sigma_edges=EDGES, reduce=reduce)
+    return accumulate_gram(fused, batches, DRAWS, OBJECTIVE, sigma_edges=EDGES, reduce=reduce)
 
 
 def all_reduce_sum(tensor):

@@ -1,13 +1,15 @@
 """ScoreFusion's weight fit checked against closed forms: Gaussian auxiliaries p_i = N(mu_i, s_i^2 I),
 whose optimal EDM denoiser is D_i(x; sigma) = mu_i + s_i^2 / (s_i^2 + sigma^2) (x - mu_i), so no
-network is trained and every expected answer is known (METHODS.md §1)."""
+network is trained and every expected answer is known (docs/METHODS.md §1)."""
 import itertools
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.lambda_fit import (GramStats, SoftmaxWeights, accumulate_gram, fit_barycenter_weights,
+from trainer.lambda_fit import (GramStats, SoftmaxWeights, accumulate_gram, edm_objective, fit_barycenter_weights,
+                                paper_objective, paper_sigma,
                                 project_to_simplex, projected_gradient_qp, sgd_fit_parts,
                                 solve_simplex_qp, unconstrained_optimum, vertex_losses)
 from trainer.edm import denoising_loss
@@ -17,6 +19,7 @@ from trainer.fused_denoiser import FusedDenoiser
 SHAPE = (1, 4, 4)
 SIGMA_DATA = 0.5
 EDM = dict(p_mean=-1.2, p_std=1.2, sigma_data=SIGMA_DATA)
+OBJECTIVE = edm_objective(**EDM)
 
 
 class GaussianDenoiser(nn.Module):
@@ -61,7 +64,7 @@ def gaussian_batches(mu: torch.Tensor, s: float, images: int, batch: int, seed: 
 
 def gram(auxiliaries, batches, draws=4, seed=1, **kw) -> GramStats:
     fused = FusedDenoiser(auxiliaries, torch.full((len(auxiliaries),), 1 / len(auxiliaries)))
-    return accumulate_gram(fused, batches, draws, generator=torch.Generator().manual_seed(seed), **EDM, **kw)
+    return accumulate_gram(fused, batches, draws, kw.pop("objective", OBJECTIVE), generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def sgd_on_gram(stats: GramStats, steps: int, lr: float = 0.1, momentum: float = 0.9):
@@ -266,17 +269,17 @@ def test_non_finite_auxiliary_is_named():
     auxiliaries = [GaussianDenoiser(mus[0], 0.4), Exploding(mus[1], 0.4), GaussianDenoiser(mus[2], 0.4)]
     fused = FusedDenoiser(auxiliaries, torch.full((3,), 1 / 3), names=["aux-a", "aux-b", "aux-c"])
     with pytest.raises(ModelError, match="aux-b") as error:
-        accumulate_gram(fused, gaussian_batches(mus[0], 0.4, 64, 32, seed=0), 4,
-                        generator=torch.Generator().manual_seed(0), **EDM)
+        accumulate_gram(fused, gaussian_batches(mus[0], 0.4, 64, 32, seed=0), 4, OBJECTIVE,
+                        generator=torch.Generator().manual_seed(0))
     assert "aux-a" not in str(error.value) and "aux-c" not in str(error.value)
 
 
 def test_no_target_images():
     fused = FusedDenoiser([GaussianDenoiser(mu, 0.4) for mu in means(2)], torch.tensor([0.5, 0.5]))
     with pytest.raises(ModelError, match="no target images"):
-        accumulate_gram(fused, [], 4, **EDM)
+        accumulate_gram(fused, [], 4, OBJECTIVE)
     with pytest.raises(ModelError, match="no target images"):
-        accumulate_gram(fused, [torch.zeros(0, *SHAPE)], 4, **EDM)
+        accumulate_gram(fused, [torch.zeros(0, *SHAPE)], 4, OBJECTIVE)
 
 
 def test_mismatched_image_shapes():
@@ -321,16 +324,57 @@ def test_sgd_fit_parts_loss_matches_the_gram_quadratic():
     mus = means(3, seed=4)
     auxiliaries = [GaussianDenoiser(mu, s) for mu, s in zip(mus, [0.3, 0.5, 0.4])]
     fused = FusedDenoiser(auxiliaries, torch.full((3,), 1 / 3))
-    modules, optimizers, updates = sgd_fit_parts(fused, **EDM)
+    modules, optimizers, updates = sgd_fit_parts(fused, OBJECTIVE)
     x0 = gaussian_batches(mus[0], 0.4, 32, 32, seed=1)[0]
     torch.manual_seed(5)
     loss = updates[0].loss(modules, x0, 0)
     torch.manual_seed(5)  # the same draws from the global RNG
-    stats = accumulate_gram(fused, [x0], 1, **EDM)
-    torch.testing.assert_close(loss.double(), stats.loss(torch.full((3,), 1 / 3)), rtol=1e-6, atol=0)
+    stats = accumulate_gram(fused, [x0], 1, OBJECTIVE)
+    pixels = x0[0].numel()  # the paper's SGD sums over pixels, the edm Gram statistics average them
+    torch.testing.assert_close(loss.double(), pixels * stats.loss(torch.full((3,), 1 / 3)), rtol=1e-6, atol=0)
     loss.backward()
     assert modules["weights"].logits.grad.abs().sum() > 0
     assert optimizers["sgd"].defaults["lr"] == 0.1 and optimizers["sgd"].defaults["momentum"] == 0.9
+
+
+def test_the_papers_objective_law_weight_and_scaling():
+    """sigma(t) = sqrt((25^(2t) - 1) / (2 ln 25)), t ~ U(1e-5, 1); w = 1/sigma^2 on the error summed over
+    pixels: the Gram quadratic equals that loss on the same draws, and the SGD minibatch loss is the same sum."""
+    torch.testing.assert_close(paper_sigma(torch.tensor([0.5, 1.0], dtype=torch.float64)),
+                               torch.tensor([(24 / (2 * math.log(25))) ** 0.5, (624 / (2 * math.log(25))) ** 0.5],
+                                            dtype=torch.float64))
+    objective = paper_objective()
+    sigma = objective.sample(100000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert paper_sigma(torch.tensor(1e-5)) <= sigma.min() and sigma.max() <= paper_sigma(torch.tensor(1.0))
+    mus = means(3, seed=4)
+    fused = FusedDenoiser([GaussianDenoiser(mu, s) for mu, s in zip(mus, [0.3, 0.5, 0.4])], torch.full((3,), 1 / 3))
+    x0 = gaussian_batches(mus[0], 0.4, 32, 32, seed=1)[0]
+    modules, _, updates = sgd_fit_parts(fused, objective)
+    torch.manual_seed(5)
+    loss = updates[0].loss(modules, x0, 0)
+    torch.manual_seed(5)
+    sigma = objective.sample(32, None, torch.device("cpu")).reshape(32, 1, 1, 1)
+    noise = torch.randn_like(x0)
+    by_hand = ((fused(x0 + sigma * noise, sigma) - x0).square().flatten(1).sum(1) / sigma.flatten() ** 2).mean()
+    torch.testing.assert_close(loss, by_hand.float(), rtol=1e-5, atol=0)
+    torch.manual_seed(5)
+    stats = accumulate_gram(fused, [x0], 1, objective)
+    torch.testing.assert_close(stats.loss(torch.full((3,), 1 / 3)), by_hand.double(), rtol=1e-5, atol=0)
+
+
+def test_shared_variance_barycenter_is_recovered_under_the_papers_objective():
+    mus, s = means(3, seed=5), 0.4
+    lam0 = torch.tensor([0.2, 0.5, 0.3])
+    target_mean = sum(w * mu for w, mu in zip(lam0, mus))
+    stats = gram([GaussianDenoiser(mu, s) for mu in mus], gaussian_batches(target_mean, s, 4096, 512, seed=3),
+                 objective=paper_objective())
+    torch.testing.assert_close(fit_barycenter_weights(stats)["lambda"][0], lam0.double(), atol=0.02, rtol=0)
+
+
+def test_sgd_logits_start_from_a_seeded_normal_draw():
+    a = SoftmaxWeights(3, generator=torch.Generator().manual_seed(1)).logits.detach()
+    b = SoftmaxWeights(3, generator=torch.Generator().manual_seed(1)).logits.detach()
+    assert torch.equal(a, b) and a.abs().sum() > 0 and a.std() > 0.1
 
 
 def test_paper_sgd_fit_through_the_engine_approaches_the_exact_fit(tmp_path):
@@ -344,7 +388,8 @@ def test_paper_sgd_fit_through_the_engine_approaches_the_exact_fit(tmp_path):
     target_mean = 0.2 * mus[0] + 0.5 * mus[1] + 0.3 * mus[2]
     fused = FusedDenoiser([GaussianDenoiser(mu, s) for mu in mus], torch.full((3,), 1 / 3))
     data = gaussian_batches(target_mean, s, 256, 256, seed=3)[0]
-    exact = fit_barycenter_weights(gram(fused.denoisers, [data], draws=16))["lambda"][0]
+    stats = gram(fused.denoisers, [data], draws=16)
+    exact = fit_barycenter_weights(stats)["lambda"][0]
 
     def batches(start):
         generator = torch.Generator().manual_seed(start)
@@ -356,7 +401,7 @@ def test_paper_sgd_fit_through_the_engine_approaches_the_exact_fit(tmp_path):
     try:
         spec = TrainSpec(batch=64, lr=0.1, lr_rampup_kimg=0, total_kimg=64 * 300 / 1000, log_every_kimg=10,
                          checkpoint_every_kimg=100)
-        modules, optimizers, updates = sgd_fit_parts(fused, **EDM)
+        modules, optimizers, updates = sgd_fit_parts(fused, OBJECTIVE)
         torch.manual_seed(0)
         engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules=modules, optimizers=optimizers,
                         updates=updates, batches=batches, log=lambda m: None)
@@ -365,4 +410,7 @@ def test_paper_sgd_fit_through_the_engine_approaches_the_exact_fit(tmp_path):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     lam = modules["weights"].weights().detach()[0].double()
-    torch.testing.assert_close(lam, exact, atol=0.02, rtol=0)
+    # the paper's steps on the pixel sum are large, so the last iterate wanders around the optimum: close in
+    # lambda, and within half a percent of the exact fit's loss on the same statistics
+    torch.testing.assert_close(lam, exact, atol=0.05, rtol=0)
+    assert float(stats.loss(lam)) <= 1.005 * float(stats.loss(exact))

@@ -1,4 +1,4 @@
-"""Memorisation: exact nearest neighbours, the copy test of METHODS.md §1c, and the figure of the copies."""
+"""Memorisation: exact nearest neighbours, the copy test of docs/METHODS.md §1c, and the figure of the copies."""
 import numpy as np
 import pytest
 import torch

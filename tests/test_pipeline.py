@@ -1,5 +1,6 @@
 """The whole local pipeline through the CLI: prepare -> every auxiliary -> evaluate -> report."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
     run = tmp_path / "digits"
     report = json.loads((run / "report.json").read_text())
     rows = {row["model"]: row for section in report["sections"] for row in section.get("rows", []) if "model" in row}
-    assert set(rows) == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused-exact", "fused-sgd", "target-scratch",
+    assert set(rows) == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused-exact", "fused-sgd", "fused-mixture",
+                         "target-scratch",
                          "target-finetune", "checkpoint-merge", "distill", "real: held-out half vs half",
                          "real: target images as samples"}
     assert all(rows[m]["NLL bits/dim"] for m in rows if m != "distill" and not m.startswith("real"))
@@ -23,6 +25,10 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
     md = (run / "report.md").read_text()
     assert md.index("## Verdict") < md.index("## Models and floors")
     assert "Held-out NLL:" in md and "Fusion (fused-exact) against target-scratch" in md
+    mixture = json.loads((run / "fuse" / "mixture.json").read_text())
+    assert abs(sum(mixture["router"]["pi"]) - 1) < 1e-9 and abs(sum(mixture["nll"]["pi"]) - 1) < 1e-9
+    # EM on the likelihoods maximises that likelihood: the router's pi cannot reach a lower NLL with it
+    assert mixture["nll"]["nll_bits_per_dim"] <= mixture["router"]["nll_bits_per_dim"] + 1e-9
     assert (run / "figures" / "copies-fused-exact.png").is_file()
     fit = json.loads((run / "fuse" / "lambda.json").read_text())
     assert fit["method"] == "exact" and abs(sum(fit["exact"]["lambda"][0]) - 1) < 1e-9
@@ -38,7 +44,7 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
     assert "shards up to date" in again.stderr
     assert json.loads((run / "report.json").read_text()) == report  # the cached samples give the same numbers
     assert (run / "distill" / "generator.safetensors").is_file() and (run / "distill" / "samples.png").is_file()
-    # 3 auxiliaries, the fit, the 3 baselines and distill
+    # 3 auxiliaries, the fuse stage, the 3 baselines and distill
     assert again.stderr.count("already finished") == 8
 
 
@@ -102,11 +108,11 @@ def test_fuse_without_auxiliaries_names_the_missing_one(digits_run):
 def test_sample_reproduces_the_report_images_with_any_batch_size(finished_digits, tmp_path):
     """Every label of report.json: the same n images for eval.batch 5 and 16 (per-image seeds); out= says
     what to write by its suffix."""
-    run, overrides = finished_digits
+    run, overrides, _ = finished_digits
     report = json.loads((run / "report.json").read_text())
     labels = [row["model"] for section in report["sections"] for row in section.get("rows", [])
               if "model" in row and not row["model"].startswith("real:")]
-    assert len(labels) == 9
+    assert len(labels) == 10
     for label in labels:
         arrays = []
         for batch in (5, 16):
@@ -121,9 +127,26 @@ def test_sample_reproduces_the_report_images_with_any_batch_size(finished_digits
 
 
 def test_evaluate_again_reuses_every_sample(finished_digits):
-    run, overrides = finished_digits
+    run, overrides, _ = finished_digits
     cached = {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")}
     report = (run / "report.json").read_text()
     scorefuse("evaluate", "--config", DIGITS, *overrides)
     assert {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")} == cached
     assert (run / "report.json").read_text() == report
+
+
+def test_results_are_readable_logs_are_lines_and_every_stage_has_tensorboard(finished_digits):
+    """Files get the user's umask (no 0600 files from the atomic writer), a log off a terminal holds plain
+    lines (no progress-bar fragments, no DeepSpeed accelerator notice), and every training run of the
+    pipeline wrote TensorBoard events (train.log_with=tensorboard in configs/digits.yaml)."""
+    run, _, stderr = finished_digits
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p: p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
+    assert modes and all(mode == 0o666 & ~umask for mode in modes.values()), \
+        sorted((oct(m), str(p)) for p, m in modes.items() if m != 0o666 & ~umask)[:5]
+    assert "\r" not in stderr and "Setting accelerator to CPU" not in stderr
+    assert "kimg, loss" in stderr and "evaluate: report in" in stderr
+    stages = [run / "aux" / "aux-low", run / "fuse" / "sgd", run / "router", run / "baselines" / "target-scratch",
+              run / "baselines" / "target-finetune", run / "distill"]
+    assert all(list((stage / "tensorboard").glob("events.out.tfevents.*")) for stage in stages)

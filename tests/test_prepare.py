@@ -1,11 +1,18 @@
-"""prepare: exact populations, disjoint, verifiable shards, idempotent, and refusing bad configs early."""
+"""prepare: exact populations, disjoint (no item and no image content in two), nested draws, verifiable
+shards, idempotent, sharing identical populations with another data directory, and refusing bad configs
+early."""
 import copy
 import hashlib
+import io
+import os
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from shards.errors import DataError
@@ -13,6 +20,9 @@ from shards.manifest import load_manifest, population_entry, shard_paths
 from shards.populations import allocate_counts
 from shards.prepare import prepare, shard_count
 from shards.spec import DataSpec, PopulationSpec, SourceSpec
+from shards.stream import read_population
+from tests.conftest import DIGITS
+from tests.test_sources import write_folder
 
 THIRDS = {"0": 1 / 3, "1": 1 / 3, "2": 1 / 3}
 # Largest-remainder allocations of the populations below, worked by hand.
@@ -50,13 +60,29 @@ def file_times(data_dir):
     return {p: p.stat().st_mtime_ns for p in sorted(data_dir.rglob("*"))}
 
 
-def shard_members(path):
-    """{key: label} read with the standard library, independently of the readers under test."""
+def shard_files(path):
+    """{member name: bytes} read with the standard library, independently of the readers under test."""
     with tarfile.open(path) as archive:
-        files = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
+        return {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
+
+
+def shard_members(path):
+    """{key: label} of a shard."""
+    files = shard_files(path)
     keys = {name.rsplit(".", 1)[0] for name in files}
     assert files.keys() == {f"{k}.{ext}" for k in keys for ext in ("png", "cls")}
     return {key: int(files[f"{key}.cls"]) for key in keys}
+
+
+def population_pixels(data_dir, manifest, name):
+    """{key: sha256 of the decoded pixels} of a population, read with PIL from the tar members."""
+    pixels = {}
+    for path in shard_paths(data_dir, manifest, name):
+        for member, data in shard_files(path).items():
+            if member.endswith(".png"):
+                with Image.open(io.BytesIO(data)) as image:
+                    pixels[member[:-4]] = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+    return pixels
 
 
 def test_largest_remainder_allocation():
@@ -79,12 +105,13 @@ def test_populations_have_exact_counts_histograms_and_shards(prepared):
     assert manifest["disjoint"] is True and manifest["overlaps"] == {}
     roles = {name: entry["role"] for name, entry in manifest["populations"].items()}
     assert roles == {"aux0": "aux", "aux1": "aux", "aux2": "aux", "target": "target", "reference": "reference"}
+    assert manifest["order"] == ["aux0", "aux1", "aux2", "reference", "target"]
     digit_labels = load_digits().target
     for name, expected in EXPECTED_HISTOGRAMS.items():
         entry = population_entry(manifest, name)
         histogram = {c: n for c, n in entry["class_histogram"].items() if n}
         assert histogram == expected
-        assert entry["count"] == sum(expected.values())
+        assert entry["count"] == sum(expected.values()) and entry["skipped"] == []
         shard_sizes = [shard["count"] for shard in entry["shards"]]
         assert len(shard_sizes) == shard_count(entry["count"], 4, 10)
         assert max(shard_sizes) - min(shard_sizes) <= 1
@@ -118,8 +145,15 @@ def test_manifest_hashes_match_files(prepared):
     for name, entry in manifest["populations"].items():
         for shard in entry["shards"]:
             assert hashlib.sha256((data_dir / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
-    hashes = [entry["hash"] for entry in manifest["populations"].values()]
-    assert len(set(hashes)) == len(hashes)
+        contents = data_dir / entry["contents"]["file"]
+        assert entry["contents"]["file"] == f"{name}/contents.txt"
+        assert hashlib.sha256(contents.read_bytes()).hexdigest() == entry["contents"]["sha256"]
+        # One "key sha256-of-pixels" line per written image.
+        lines = dict(line.split() for line in contents.read_text().splitlines())
+        assert lines == population_pixels(data_dir, manifest, name)
+    for field in ("hash", "items"):
+        hashes = [entry[field] for entry in manifest["populations"].values()]
+        assert len(set(hashes)) == len(hashes)
 
 
 def test_second_prepare_writes_nothing(prepared):
@@ -154,12 +188,16 @@ def test_damaged_shard_is_rewritten_identically(prepared, tmp_path):
     original = victim.read_bytes()
     victim.unlink()
     (data_dir / "aux1" / "shard-000000.tar").write_bytes(b"garbage")
+    (data_dir / "reference" / "contents.txt").write_text("")
     lines = []
     manifest = prepare(digits_spec(), data_dir, log=lines.append)
     assert any("target" in line and "missing" in line for line in lines)
     assert any("aux1" in line and "sha256" in line for line in lines)
+    assert any("reference" in line and "contents.txt does not match its sha256" in line for line in lines)
     assert victim.read_bytes() == original
     assert manifest == prepared[1]
+    assert sorted(p.name for p in data_dir.iterdir()) == ["aux0", "aux1", "aux2", "manifest.json", "reference",
+                                                          "target"]  # no staging directory left
 
 
 def assert_refused_before_writing(spec, tmp_path, match):
@@ -185,10 +223,11 @@ def test_too_large_population_names_the_class(tmp_path):
     spec = digits_spec()
     spec.reference = copy.deepcopy(spec.reference)
     spec.reference.mixture = {"0": 0.5, "1": 0.5}
-    spec.reference.count = 340
-    # Class '0' has 178 digits, aux0 and target took 4 + 13 of them: 161 remain for 170 wanted.
-    assert_refused_before_writing(spec, tmp_path, "population 'reference' needs 170 images of class '0' "
-                                                  "from split 'train' but only 161 remain")
+    spec.reference.count = 350
+    # Class '0' has 178 digits, aux0 took 4 of them (the target is drawn after the reference): 174 remain
+    # for 175 wanted.
+    assert_refused_before_writing(spec, tmp_path, "population 'reference' needs 175 images of class '0' "
+                                                  "from split 'train' but only 174 remain")
 
 
 def test_unknown_class_key_lists_valid_ones(tmp_path):
@@ -215,3 +254,148 @@ def test_manifest_errors_name_what_to_do(prepared, tmp_path):
         load_manifest(tmp_path)
     with pytest.raises(DataError, match="unknown population 'aux9'; the data directory has: aux0, aux1"):
         population_entry(prepared[1], "aux9")
+
+
+def digits_config_spec(**target) -> DataSpec:
+    """The data section of configs/digits.yaml, with target fields changed."""
+    spec = OmegaConf.merge(OmegaConf.structured(DataSpec), OmegaConf.load(DIGITS).data)
+    for key, value in target.items():
+        spec.target[key] = value
+    return spec
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """configs/digits.yaml prepared as the main run (target n = 64), then with n = 16 sharing it, in the
+    sweep's layout: (main data dir, member data dir, member manifest, member log lines)."""
+    runs = tmp_path_factory.mktemp("runs")
+    main, member = runs / "digits" / "data", runs / "digits" / "sweep" / "n16" / "data"
+    prepare(digits_config_spec(), main, log=lambda line: None)
+    lines = []
+    manifest = prepare(digits_config_spec(count=16), member, log=lines.append, shared=main)
+    return main, member, manifest, lines
+
+
+def test_the_reference_ignores_the_target_size_and_targets_nest(sweep):
+    main, member, manifest, _ = sweep
+    main_manifest = load_manifest(main)
+    keys = {}
+    for data_dir, m in [(main, main_manifest), (member, manifest)]:
+        for name in ("reference", "target"):
+            keys[data_dir, name] = {k for path in shard_paths(data_dir, m, name) for k in shard_members(path)}
+    assert keys[main, "reference"] == keys[member, "reference"] and len(keys[main, "reference"]) == 200
+    assert len(keys[member, "target"]) == 16 and len(keys[main, "target"]) == 64
+    assert keys[member, "target"] < keys[main, "target"]
+    # Largest remainder of 16 and 64 x (0.13 x 5, 0.07 x 5): every class count grows with n.
+    assert list(population_entry(manifest, "target")["class_histogram"].values()) == [2] * 6 + [1] * 4
+    assert list(population_entry(main_manifest, "target")["class_histogram"].values()) == [8] * 5 + [5] * 4 + [4]
+
+
+def test_shared_populations_are_not_written_again(sweep):
+    main, member, manifest, lines = sweep
+    main_manifest = load_manifest(main)
+    assert sorted(p.name for p in member.iterdir()) == ["manifest.json", "target"]
+    shared = ["aux-low", "aux-high", "aux-even", "reference"]
+    counts = {name: population_entry(main_manifest, name)["count"] for name in shared}
+    assert lines == [*(f"population {name} ({'reference' if name == 'reference' else 'aux'}): {counts[name]} images "
+                       f"shared with {main}" for name in shared),
+                     "population target (target): 16 images from 'train' in 8 shards", f"wrote {member}/manifest.json"]
+    for name in shared:
+        entry, main_entry = population_entry(manifest, name), population_entry(main_manifest, name)
+        assert entry["shards"][0]["file"] == f"../../../data/{name}/shard-000000.tar"
+        assert [(os.path.normpath(member / s["file"]), s["sha256"], s["count"]) for s in entry["shards"]] == \
+               [(str(main / s["file"]), s["sha256"], s["count"]) for s in main_entry["shards"]]
+        assert entry["contents"] == dict(main_entry["contents"], file=f"../../../data/{name}/contents.txt")
+        assert (entry["items"], entry["hash"]) == (main_entry["items"], main_entry["hash"])
+        images, labels = read_population(member, name)
+        main_images, main_labels = read_population(main, name)
+        assert torch.equal(images, main_images) and torch.equal(labels, main_labels)
+    assert population_entry(manifest, "target")["items"] != population_entry(main_manifest, "target")["items"]
+    assert read_population(member, "target")[0].shape == (16, 1, 16, 16)
+    assert manifest["disjoint"] is True and manifest["order"] == [*shared, "target"]
+    # Both manifests verify: preparing either again finds every file intact and writes nothing.
+    before = file_times(main) | file_times(member)
+    for data_dir, spec in [(main, digits_config_spec()), (member, digits_config_spec(count=16))]:
+        lines = []
+        prepare(spec, data_dir, log=lines.append)
+        assert lines == [f"shards up to date in {data_dir}"]
+    assert file_times(main) | file_times(member) == before
+
+
+def test_a_damaged_shared_population_is_written_locally(sweep, tmp_path):
+    main, member, manifest, _ = sweep
+    copy_main, copy_member = tmp_path / "digits" / "data", tmp_path / "digits" / "sweep" / "n16" / "data"
+    shutil.copytree(main, copy_main)
+    shutil.copytree(member, copy_member)
+    (copy_main / "aux-even" / "shard-000003.tar").unlink()
+    lines = []
+    rewritten = prepare(digits_config_spec(count=16), copy_member, log=lines.append, shared=copy_main)
+    assert any(line.startswith("population aux-even: ") and line.endswith("is missing; rewriting it") for line in lines)
+    assert sorted(p.name for p in copy_member.iterdir()) == ["aux-even", "manifest.json", "target"]
+    entry = population_entry(rewritten, "aux-even")
+    assert entry["shards"][3]["file"] == "aux-even/shard-000003.tar"
+    original = population_entry(manifest, "aux-even")["shards"]
+    assert [s["sha256"] for s in entry["shards"]] == [s["sha256"] for s in original]
+    assert {k: v for k, v in rewritten["populations"].items() if k != "aux-even"} == \
+           {k: v for k, v in manifest["populations"].items() if k != "aux-even"}
+
+
+def folder_spec(path, **changes) -> DataSpec:
+    """Three classes of an image folder: aux takes all of a, the reference all of b, the target all of c."""
+    spec = DataSpec(
+        source=SourceSpec(kind="folder", path=str(path), image_size=8),
+        aux=[PopulationSpec(name="aux", mixture={"a": 1.0}, count=3, seed=1)],
+        reference=PopulationSpec(name="reference", mixture={"b": 1.0}, count=3, seed=2),
+        target=PopulationSpec(name="target", mixture={"c": 1.0}, count=3, seed=3),
+        min_shards=2, max_shard_images=10)
+    for key, value in changes.items():
+        setattr(spec, key, value)
+    return spec
+
+
+def test_duplicate_images_are_kept_once(tmp_path):
+    # b/00 is a/01 saved as a BMP, c/01 is c/00 again: equal pixels, different files.
+    folder = write_folder(tmp_path / "images", {"a": [(1, 1, 1), (2, 2, 2), (3, 3, 3)],
+                                                "b": [(2, 2, 2), (4, 4, 4), (5, 5, 5)],
+                                                "c": [(6, 6, 6), (6, 6, 6), (7, 7, 7)]})
+    Image.open(folder / "b" / "00.png").save(folder / "b" / "00.bmp")
+    (folder / "b" / "00.png").unlink()
+    data_dir = tmp_path / "data"
+    lines = []
+    manifest = prepare(folder_spec(folder), data_dir, log=lines.append)
+    reference, target = population_entry(manifest, "reference"), population_entry(manifest, "target")
+    assert reference["skipped"] == [{"key": "train-0000003", "reason": "duplicate of train-0000001"}]
+    assert (reference["count"], reference["class_histogram"]) == (2, {"a": 0, "b": 2, "c": 0})
+    # Which of c/00 (train-0000006) and c/01 (train-0000007) is written depends on the seeded shard order.
+    (skipped,) = target["skipped"]
+    kept = skipped["reason"].removeprefix("duplicate of ")
+    assert {skipped["key"], kept} == {"train-0000006", "train-0000007"} and target["count"] == 2
+    assert ("warning: population reference: 1 of its 3 images skipped (listed in its manifest entry); the first: "
+            "train-0000003: duplicate of train-0000001") in lines
+    pixels = {name: population_pixels(data_dir, manifest, name) for name in manifest["order"]}
+    assert sorted(pixels["target"]) == sorted([kept, "train-0000008"])
+    all_pixels = [digest for population in pixels.values() for digest in population.values()]
+    assert len(all_pixels) == len(set(all_pixels)) == 7
+    assert manifest["disjoint"] is True and manifest["overlaps"] == {}
+    # Rewriting the reference alone checks it against the aux's content sidecar: the same entry again.
+    shutil.rmtree(data_dir / "reference")
+    assert prepare(folder_spec(folder), data_dir, log=lambda line: None) == manifest
+
+
+def test_grey_folder_prepares_one_channel_and_can_be_forced_to_rgb(tmp_path):
+    levels = {"a": [10, 20, 30], "b": [40, 50, 60], "c": [70, 80, 90]}
+    folder = tmp_path / "grey"
+    write_folder(folder, {c: [Image.new("L", (8, 8), v) for v in values] for c, values in levels.items()})
+    for channels, expected in [("auto", 1), ("3", 3)]:
+        spec = folder_spec(folder)
+        spec.source.channels = channels
+        manifest = prepare(spec, tmp_path / channels, log=lambda line: None)
+        assert manifest["channels"] == expected
+        images, labels = read_population(tmp_path / channels, "target")
+        assert images.shape == (3, expected, 8, 8)
+        assert sorted(images[:, :, 0, 0].tolist()) == [[v] * expected for v in levels["c"]]
+        mode = {1: "L", 3: "RGB"}[expected]
+        for path in shard_paths(tmp_path / channels, manifest, "aux"):
+            for member, data in shard_files(path).items():
+                if member.endswith(".png"):
+                    assert Image.open(io.BytesIO(data)).mode == mode

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import DIGITS, ROOT, SHORT_TRAIN, scorefuse
-from trainer.preemption import EXIT_PREEMPTED
+from trainer.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.resume
 
@@ -21,10 +21,11 @@ def train_args(run_dir, total_kimg, workers=2):
             f"train.total_kimg={total_kimg}", f"data.workers={workers}"]
 
 
-def popen(args):
+def popen(args, new_session=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "launch.cli", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session)
 
 
 def newest_step(stage_dir):
@@ -91,14 +92,18 @@ def test_sigkill_and_restart_is_bit_identical(digits_run, tmp_path):
         assert torch.equal(v, load_file(stage / "ema.safetensors")[k])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_checkpoints_and_exits_with_the_documented_code(digits_run, sig):
+@pytest.mark.parametrize("sig, code, workers", [(signal.SIGTERM, EXIT_PREEMPTED, 0), (signal.SIGUSR1, EXIT_PREEMPTED, 0),
+                                                (signal.SIGINT, EXIT_INTERRUPTED, 2)])
+def test_stop_signal_checkpoints_and_exits_with_the_documented_code(digits_run, sig, code, workers):
+    """SIGINT goes to the whole process group, as Ctrl-C in a terminal does: the DataLoader workers leave it
+    to the trainer, which checkpoints like for SIGTERM."""
     stage = digits_run / "aux" / "aux-low"
-    proc = popen(train_args(digits_run, total_kimg=1000, workers=0))
+    proc = popen(train_args(digits_run, total_kimg=1000, workers=workers), new_session=True)
     wait_for_step(proc, stage, 20)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_PREEMPTED, out
+    assert proc.returncode == code, out
+    assert "Traceback" not in out
     assert "stop requested" in out
     stopped_at = newest_step(stage)
     assert stopped_at > 20  # a fresh checkpoint at the step boundary, not just the periodic one

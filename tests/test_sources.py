@@ -2,6 +2,7 @@
 import io
 import os
 import pickle
+import re
 import tarfile
 
 import lmdb
@@ -9,9 +10,35 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.errors import DataError
+from shards.errors import DataError, UndecodableItem
 from shards.sources import open_source
 from shards.spec import SourceSpec
+
+def load(source, split, indices):
+    """uint8 [N, H, W, C] of the given items, loaded one by one."""
+    return np.stack([source.load(split, index) for index in indices])
+
+
+def write_folder(root, classes: dict):
+    """An image folder: {class: [item, ...]}, item i saved as <class>/<i:02d>.png. An item is an RGB
+    colour (an 8x8 image of it), a PIL image, or bytes written as they are."""
+    for name, items in classes.items():
+        (root / name).mkdir(parents=True)
+        for number, item in enumerate(items):
+            path = root / name / f"{number:02d}.png"
+            if isinstance(item, bytes):
+                path.write_bytes(item)
+            elif isinstance(item, Image.Image):
+                item.save(path)
+            else:
+                Image.new("RGB", (8, 8), tuple(item)).save(path)
+    return root
+
+
+def luma(red, green, blue):
+    """PIL's RGB -> L conversion (ITU-R 601-2, fixed point), for expected values."""
+    return (red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16
+
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -50,18 +77,18 @@ def test_cifar10_reads_both_splits_pixel_exact(tmp_path, protocol):
     for split, (images, labels) in expected.items():
         assert source.labels(split).dtype == np.int64
         np.testing.assert_array_equal(source.labels(split), labels)
-        loaded = source.load(split, range(len(labels)))
+        loaded = load(source, split, range(len(labels)))
         assert loaded.dtype == np.uint8
         np.testing.assert_array_equal(loaded, images)
     assert len(source.labels("train")) == 15 and len(source.labels("test")) == 3
-    np.testing.assert_array_equal(source.load("train", [7, 2]), expected["train"][0][[7, 2]])
+    np.testing.assert_array_equal(load(source, "train", [7, 2]), expected["train"][0][[7, 2]])
 
 
 def test_cifar10_resizes(tmp_path):
     path = tmp_path / "cifar-10-python.tar.gz"
     write_cifar_tarball(path, per_batch=1)
     source = open_source(SourceSpec(kind="cifar10", path=str(path), image_size=16))
-    assert source.load("test", [0]).shape == (1, 16, 16, 3)
+    assert load(source, "test", [0]).shape == (1, 16, 16, 3)
 
 
 def test_cifar10_refuses_a_pickle_that_would_run_code(tmp_path):
@@ -102,7 +129,7 @@ def test_lsun_lmdb_categories_center_cropped(tmp_path):
     assert source.class_names == ["bedroom", "church"]
     assert source.splits == ["train"]
     np.testing.assert_array_equal(source.labels("train"), [0, 0, 0, 1, 1])
-    images = source.load("train", range(5))
+    images = load(source, "train", range(5))
     assert images.shape == (5, 8, 8, 3)
     for image, inner in zip(images, colours["bedroom"] + colours["church"]):
         np.testing.assert_array_equal(image, np.broadcast_to(inner, (8, 8, 3)))
@@ -125,10 +152,10 @@ def test_image_folder_two_classes(tmp_path):
     assert source.class_names == ["cat", "dog"]
     assert source.channels == 3
     np.testing.assert_array_equal(source.labels("train"), [0, 0, 1])
-    images = source.load("train", [1, 2])
+    images = load(source, "train", [1, 2])
     np.testing.assert_array_equal(images[0], np.broadcast_to((1, 2, 3), (6, 6, 3)))
     np.testing.assert_array_equal(images[1], np.full((6, 6, 3), 77))
-    assert source.load("train", [0]).shape == (1, 6, 6, 3)
+    assert load(source, "train", [0]).shape == (1, 6, 6, 3)
 
 
 def test_digits_embedded():
@@ -136,9 +163,9 @@ def test_digits_embedded():
     assert source.class_names == [str(c) for c in range(10)]
     assert source.channels == 1 and source.splits == ["train"]
     assert source.labels("train").shape == (1797,)
-    assert source.load("train", [0, 1796]).shape == (2, 16, 16, 1)
+    assert load(source, "train", [0, 1796]).shape == (2, 16, 16, 1)
     from sklearn.datasets import load_digits
-    native = open_source(SourceSpec(kind="digits", image_size=8)).load("train", [5])[0, :, :, 0]
+    native = load(open_source(SourceSpec(kind="digits", image_size=8)), "train", [5])[0, :, :, 0]
     np.testing.assert_array_equal(native, np.round(load_digits().images[5] * 255 / 16).astype(np.uint8))
 
 
@@ -156,3 +183,85 @@ def test_unknown_kind_and_split_and_empty_folder(tmp_path):
         open_source(SourceSpec(kind="digits")).labels("test")
     with pytest.raises(DataError, match=f"{tmp_path} has no class sub-directories"):
         open_source(SourceSpec(kind="folder", path=str(tmp_path)))
+
+
+def grey_palette_image(level):
+    image = Image.new("L", (8, 8), level).convert("P")
+    assert image.mode == "P"
+    return image
+
+
+def test_grey_folder_stays_one_channel(tmp_path):
+    sixteen_bit = Image.fromarray(np.full((8, 8), 257 * 100, dtype=np.uint16))
+    assert sixteen_bit.mode == "I;16"
+    items = [Image.new("L", (8, 8), 77), Image.new("1", (8, 8), 1), sixteen_bit,
+             Image.new("LA", (8, 8), (50, 10)), grey_palette_image(33), b"corrupt: has no say"]
+    write_folder(tmp_path, {"grey": items})
+    source = open_source(SourceSpec(kind="folder", path=str(tmp_path), image_size=8))
+    assert source.channels == 1
+    images = load(source, "train", range(5))
+    assert images.shape == (5, 8, 8, 1)
+    # L as it is, 1-bit white, 16-bit scaled to 8 bits (not clipped to 255), LA without alpha, grey palette
+    assert [int(v) for v in images[:, 0, 0, 0]] == [77, 255, 100, 50, 33]
+    assert (images == images[:, :1, :1]).all()
+
+
+def test_mixed_folder_is_rgb_and_channels_can_be_forced(tmp_path):
+    write_folder(tmp_path, {"a": [Image.new("L", (8, 8), 77)], "b": [(10, 200, 30)]})
+    auto = open_source(SourceSpec(kind="folder", path=str(tmp_path), image_size=4))
+    assert auto.channels == 3
+    np.testing.assert_array_equal(load(auto, "train", [0, 1]),
+                                  [np.full((4, 4, 3), 77), np.broadcast_to((10, 200, 30), (4, 4, 3))])
+    grey = open_source(SourceSpec(kind="folder", path=str(tmp_path), image_size=4, channels="1"))
+    assert grey.channels == 1
+    assert [int(v) for v in load(grey, "train", [0, 1])[:, 0, 0, 0]] == [77, luma(10, 200, 30)] == [77, 124]
+    write_folder(tmp_path / "grey", {"a": [Image.new("L", (8, 8), 77)]})
+    rgb = open_source(SourceSpec(kind="folder", path=str(tmp_path / "grey"), image_size=4, channels="3"))
+    assert rgb.channels == 3
+    np.testing.assert_array_equal(rgb.load("train", 0), np.full((4, 4, 3), 77))
+    # A palette image is grey only when its palette is (PIL's web palette has colours, even for a grey pixel).
+    write_folder(tmp_path / "palette", {"a": [Image.new("RGB", (8, 8), (51, 51, 51)).convert("P")]})
+    palette = open_source(SourceSpec(kind="folder", path=str(tmp_path / "palette"), image_size=4))
+    assert palette.channels == 3
+    np.testing.assert_array_equal(palette.load("train", 0), np.full((4, 4, 3), 51))
+
+
+def test_channels_of_array_sources_can_be_forced(tmp_path):
+    grey = open_source(SourceSpec(kind="digits", image_size=8))
+    rgb = open_source(SourceSpec(kind="digits", image_size=8, channels="3"))
+    assert (grey.channels, rgb.channels) == (1, 3)
+    np.testing.assert_array_equal(rgb.load("train", 5), np.repeat(grey.load("train", 5), 3, axis=2))
+    path = tmp_path / "cifar-10-python.tar.gz"
+    expected = write_cifar_tarball(path, per_batch=1)
+    source = open_source(SourceSpec(kind="cifar10", path=str(path), image_size=32, channels="1"))
+    assert source.channels == 1
+    red, green, blue = (expected["test"][0][0, :, :, c].astype(np.int64) for c in range(3))
+    np.testing.assert_array_equal(source.load("test", 0)[:, :, 0], luma(red, green, blue))
+
+
+def test_bad_channels_value_is_named():
+    with pytest.raises(DataError, match=re.escape("data.source.channels: '2' is not auto | 1 | 3")):
+        open_source(SourceSpec(kind="digits", channels="2"))
+
+
+def test_undecodable_items_name_the_file_or_key(tmp_path):
+    png = encode(Image.new("RGB", (16, 16), (1, 2, 3)), "PNG")
+    folder = write_folder(tmp_path / "folder", {"a": [(1, 2, 3), b"not an image", png[:len(png) // 2]]})
+    source = open_source(SourceSpec(kind="folder", path=str(folder), image_size=8))
+    assert source.load("train", 0).shape == (8, 8, 3)
+    with pytest.raises(UndecodableItem) as error:
+        source.load("train", 1)
+    assert str(error.value) == f"cannot decode image {folder}/a/01.png: not an image format PIL reads"
+    with pytest.raises(UndecodableItem) as error:
+        source.load("train", 2)
+    assert str(error.value).startswith(f"cannot decode image {folder}/a/02.png: OSError: image file is truncated")
+    env = lmdb.open(str(tmp_path / "bedroom_train_lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        txn.put(b"0a", png)
+        txn.put(b"0b", b"\x89PNG but not")
+    env.close()
+    lsun = open_source(SourceSpec(kind="lsun", path=str(tmp_path), image_size=8, categories=["bedroom"]))
+    assert lsun.load("train", 0).shape == (8, 8, 3)
+    with pytest.raises(UndecodableItem) as error:
+        lsun.load("train", 1)
+    assert str(error.value).startswith(f"cannot decode image key 0b in {tmp_path}/bedroom_train_lmdb: ")

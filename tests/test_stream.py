@@ -1,9 +1,10 @@
 """Readers: eval passes see every sample once under ranks x workers; the training stream resumes
-bit-identically; corrupt data is skipped with one warning and stops the reader past the limit."""
+bit-identically; corrupt data is skipped with one warning and stops the reader past the limit, each bad
+sample counted once however often the endless stream meets it."""
 import io
 import shutil
 import tarfile
-from itertools import islice
+from itertools import count as count_from, islice
 
 import numpy as np
 import pytest
@@ -89,6 +90,17 @@ def test_train_stream_depends_on_rank_and_seed(data_dir):
     assert any(not torch.equal(a, b) for a, b in zip(base, first_batches(seed=4, rank=0)))
 
 
+def spoil(path, positions) -> list:
+    """Rewrite a shard with the samples at `positions` holding text instead of a PNG; returns their keys."""
+    samples = list(wds.WebDataset(path, shardshuffle=False))
+    bad_keys = [samples[p]["__key__"] for p in positions]
+    with wds.TarWriter(path) as writer:
+        for sample in samples:
+            png = b"not an image" if sample["__key__"] in bad_keys else sample["png"]
+            writer.write({"__key__": sample["__key__"], "png": png, "cls": sample["cls"]})
+    return bad_keys
+
+
 @pytest.fixture
 def damaged_dir(data_dir, tmp_path):
     """A copy with shard 0 truncated and one sample of shard 1 holding text instead of a PNG."""
@@ -98,12 +110,7 @@ def damaged_dir(data_dir, tmp_path):
     truncated = paths[0]
     with open(truncated, "r+b") as handle:
         handle.truncate(handle.seek(0, io.SEEK_END) // 2)
-    samples = list(wds.WebDataset(paths[1], shardshuffle=False))
-    bad_key = samples[3]["__key__"]
-    with wds.TarWriter(paths[1]) as writer:
-        for sample in samples:
-            png = b"not an image" if sample["__key__"] == bad_key else sample["png"]
-            writer.write({"__key__": sample["__key__"], "png": png, "cls": sample["cls"]})
+    bad_key, = spoil(paths[1], [3])
     return damaged, truncated, paths[1], bad_key
 
 
@@ -156,4 +163,47 @@ def test_a_truncated_shard_counts_once_wherever_it_is_cut(tmp_path, cut, readabl
     samples = list(shard_samples(str(path), 5, counter))
     assert [s["__key__"] for s in samples] == ["k0"][:readable]
     assert counter.count == 1 and str(path) in counter.first
+    assert capfd.readouterr().err.count("warning:") == 1
+
+
+def test_the_counter_counts_distinct_samples(capfd):
+    counter = BadSampleCounter("p", max_bad_samples=2)
+    for _ in range(5):
+        counter.record("a.tar", "k1", "bad png")
+        counter.record("a.tar", "unknown", "truncated")
+    assert counter.count == 2 and counter.first == "key k1 in file a.tar: bad png"
+    with pytest.raises(DataError, match="more than 2 corrupt samples in population p; first: key k1 in file a.tar"):
+        counter.record("b.tar", "k1", "bad png")  # the same key in another shard is another sample
+    assert counter.count == 3
+    assert capfd.readouterr().err.count("warning:") == 1
+
+
+def visits_to(shard, stream, samples) -> int:
+    """How often the stream (role 0, one bad sample in `shard`) reads `shard` while it yields `samples`
+    samples: its own shard choices, replayed."""
+    visits = 0
+    for visit in count_from():
+        chosen = int(np.random.default_rng([stream.seed, stream.rank, 0, visit]).integers(len(stream.shards.paths)))
+        visits += chosen == shard
+        samples -= stream.shards.counts[chosen] - (chosen == shard)
+        if samples <= 0:
+            return visits
+
+
+@pytest.mark.parametrize("bad_samples", [1, 2])
+def test_a_bad_sample_counts_once_in_the_endless_stream(data_dir, tmp_path, bad_samples, capfd):
+    spoilt = tmp_path / "spoilt"
+    shutil.copytree(data_dir, spoilt)
+    path = shard_paths(spoilt, load_manifest(spoilt), POPULATION)[2]
+    spoil(path, range(bad_samples))
+    stream = TrainStream(spoilt, POPULATION, batch_size=4, seed=0, rank=0, world_size=1, num_workers=0,
+                         max_bad_samples=1)
+    if bad_samples == 1:
+        assert len(list(islice(stream, 200))) == 200
+        assert visits_to(2, stream, 200 * 4) == 10  # the bad sample was met ten times and counted once
+    else:
+        with pytest.raises(DataError, match=f"more than 1 corrupt samples in population {POPULATION}; first: "
+                                            f"key .* in file {path}"):
+            for _ in islice(stream, 200):
+                pass
     assert capfd.readouterr().err.count("warning:") == 1

@@ -5,8 +5,8 @@ the facts the report prints (training length, fit time, lambda). `evaluate`, `sa
 benches all go through it, so `scorefuse sample model=<label>` accepts exactly the labels of report.json.
 
 Labels: aux/<name> (an auxiliary), fused-exact and fused-sgd (ScoreFusion's barycenter with the exact and the
-paper's SGD lambda), target-scratch, target-finetune, checkpoint-merge (the baselines), distill (the
-one-step generator).
+paper's SGD lambda), fused-mixture (mixture fusion, trainer/mixture.py), target-scratch, target-finetune,
+checkpoint-merge (the baselines), distill (the one-step generator).
 
 Every sampler draws image i from its own latents (trainer.seeds, Stream.SAMPLES and the run's train.seed),
 so image i of a model is the same whatever the batch size, the number of processes or the chunking:
@@ -27,10 +27,11 @@ from trainer.config import RunConfig
 from trainer.edm import heun_sample
 from trainer.export import has_denoiser, load_denoiser
 from shards.pixels import to_uint8
-from trainer.rundir import DENOISER_FILES, GENERATOR_FILES, RunDir, finished_info, is_finished
+from trainer.router import load_router
+from trainer.rundir import DENOISER_FILES, GENERATOR_FILES, ROUTER_FILES, RunDir, finished_info, is_finished
 from trainer.score_mismatch import load_generator
 from trainer.seeds import Stream, per_image_normal
-from trainer.stages.fuse import fused_denoiser, load_auxiliaries, load_fit
+from trainer.stages.fuse import fused_denoiser, load_auxiliaries, load_fit, load_mixture, mixture_denoiser
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Model:
 
     def fingerprint(self) -> str:
         """A hash of the weights and of what combines them (lambda): the evaluation cache's key."""
-        return sha256_text(repr([self.label, [sha256_file(f) for f in self.files], self.facts.get("lambda")]))
+        return sha256_text(repr([self.label, [sha256_file(f) for f in self.files], self.facts.get("weights")]))
 
 
 def finished_models(cfg: RunConfig) -> list[Model]:
@@ -81,8 +82,19 @@ def finished_models(cfg: RunConfig) -> list[Model]:
             return fused_denoiser(fit, auxiliaries(), which, batched=cfg.fuse.batched).eval()
         aux_files = tuple(f for name in fit["names"] for f in _files(run.aux(name), DENOISER_FILES))
         for which, how in (("exact", "exact"), ("sgd", "the paper's SGD")):
-            models.append(Model(f"fused-{which}", f"ScoreFusion barycenter, lambda by {how} fit", partial(fused, which),
-                                aux_files, facts={"minutes": fit[which]["seconds"] / 60, "lambda": fit[which]["lambda"]}))
+            facts = {"minutes": fit[which]["seconds"] / 60, "weights": fit[which]["lambda"],
+                     "fit gap %": fit[which].get("gap_percent", 0.0)}
+            models.append(Model(f"fused-{which}", f"ScoreFusion barycenter, lambda by {how} fit "
+                                f"({fit.get('objective', 'edm')} objective)", partial(fused, which), aux_files, facts=facts))
+        if run.mixture_file.is_file():
+            mixture = load_mixture(cfg)
+
+            def mixed():
+                return mixture_denoiser(cfg, mixture, auxiliaries(), load_router(run.router)).eval()
+            facts = {"minutes": mixture["seconds"] / 60, "weights": mixture[mixture["weights"]]["pi"]}
+            models.append(Model("fused-mixture", f"mixture fusion, pi by EM on the {mixture['weights']} "
+                                "(router posteriors or the auxiliaries' likelihoods)", mixed,
+                                aux_files + _files(run.router, ROUTER_FILES), facts=facts))
     for name, description in (("target-scratch", "trained on the n target images alone"),
                               ("target-finetune", "the best auxiliary fine-tuned on the n target images"),
                               ("checkpoint-merge", "auxiliary weights averaged with lambda")):
@@ -90,7 +102,7 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         if is_finished(stage) and has_denoiser(stage):
             done = finished_info(stage)
             facts = {"kimg": done["kimg"], "minutes": done["seconds"] / 60} if "kimg" in done else \
-                {"minutes": 0.0, "lambda": done["lambda"]}
+                {"minutes": 0.0, "weights": done["lambda"]}
             models.append(Model(name, description, partial(_denoiser, stage), _files(stage, DENOISER_FILES), facts=facts))
     if is_finished(run.distill):
         done = finished_info(run.distill)

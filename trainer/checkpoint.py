@@ -30,7 +30,7 @@ import torch
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
-from shards.atomic import sha256_file, write_atomically
+from shards.atomic import make_readable, sha256_file, write_atomically
 from shards.errors import CheckpointError
 
 
@@ -67,6 +67,8 @@ class Checkpointer:
         if self.acc.is_main_process:
             files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
+            for rel in files:  # safetensors writes 0600 files
+                make_readable(tmp / rel)
             _write_json(tmp / "checkpoint.json", {"step": step, "files": files})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

@@ -4,14 +4,14 @@ A run config is the single source of truth for a run directory. Errors a user ca
 (a misspelt key, a wrong type, a file that is not there, a value out of range) raise ConfigError with
 the key or path in the message, before any stage starts.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
-from evaluation.spec import EvalSpec
+from evaluation.spec import INCEPTION_FILE, EvalSpec
 from shards.errors import ConfigError
 from shards.spec import DataSpec
 from trainer.spec import BASELINES, DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
@@ -27,6 +27,15 @@ class LaunchSpec:
 
 
 @dataclass
+class SweepSpec:
+    """The sweep over the target size n (`scorefuse sweep`): each n is a run of its own under
+    <run>/sweep/n<n>/ with a target of n images (nested: a smaller target is a subset of a larger one),
+    the same auxiliaries, reference and feature classifier."""
+    sizes: List[int] = field(default_factory=list)
+    n: Optional[int] = None  # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it
+
+
+@dataclass
 class RunConfig:
     name: str = "digits"
     root: str = "runs"
@@ -38,6 +47,7 @@ class RunConfig:
     fuse: FuseSpec = field(default_factory=FuseSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
 
 
 def load_config(path: str | Path, overrides: List[str] = ()) -> RunConfig:
@@ -70,7 +80,13 @@ def load_config(path: str | Path, overrides: List[str] = ()) -> RunConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
     _check(run)
-    return run
+    return sweep_member(run, run.sweep.n) if run.sweep.n else run
+
+
+def sweep_member(run: RunConfig, n: int) -> RunConfig:
+    """The config of the sweep's run at target size n: the same run with a target of n images."""
+    data = replace(run.data, target=replace(run.data.target, count=n))
+    return replace(run, data=data, sweep=replace(run.sweep, n=n))
 
 
 def _node(cfg, key: str):
@@ -145,6 +161,9 @@ RANGES = {
     "fuse.sgd_momentum": (lambda x: 0 <= x < 1, "in [0, 1)"), "fuse.scratch_kimg": (_positive, "positive"),
     "fuse.finetune_kimg": (_positive, "positive"), "fuse.finetune_lr": (_positive, "positive"),
     "fuse.test_draws_per_image": (_positive, "positive"),
+    "fuse.router_kimg": (_positive, "positive"), "fuse.router_batch": (_positive, "positive"),
+    "fuse.router_lr": (_positive, "positive"), "fuse.router_sigma": (_positive, "positive"),
+    "fuse.router_draws": (_positive, "positive"), "fuse.mixture_skip": (lambda x: 0 <= x < 1, "in [0, 1)"),
     "distill.teacher_samples": (lambda x: x >= 2, "at least 2"), "distill.teacher_steps": (_non_negative, "0 (edm.sampler_steps) or more"),
     "distill.real_mix": (lambda x: 0 <= x <= 1, "in [0, 1]"), "distill.g_sigma": (_positive, "positive"),
     "distill.batch": (_positive, "positive"), "distill.lr": (_positive, "positive"), "distill.lr_d": (_positive, "positive"),
@@ -154,6 +173,7 @@ RANGES = {
     "distill.eval_every_kimg": (_non_negative, "0 (off) or more"), "distill.snapshot_every_kimg": (_non_negative, "0 (off) or more"),
     "distill.checkpoint_every_kimg": (_non_negative, "0 or more"),
     "launch.aux_parallel": (_non_negative, "0 (automatic) or more"), "launch.timeout_minutes": (_positive, "positive"),
+    "sweep.n": (_positive, "positive"),
 }
 CHOICES = {
     "data.source.kind": ("digits", "cifar10", "lsun", "folder"), "data.source.channels": ("auto", "1", "3"),
@@ -161,7 +181,7 @@ CHOICES = {
     "train.precision": ("no", "bf16", "fp16"), "train.log_with": ("none", "tensorboard", "wandb", "all"),
     "fuse.method": ("exact", "sgd"), "fuse.objective": ("edm", "paper"),
     "distill.init": ("warm", "scratch"), "distill.warm_from": ("best", "merge"), "distill.score_init": ("aux", "scratch"),
-    "distill.teacher_fit": ("", "exact", "sgd"),
+    "distill.teacher_fit": ("", "exact", "sgd", "mixture"), "fuse.mixture_weights": ("router", "nll"),
 }
 
 
@@ -204,6 +224,8 @@ def _check(run: RunConfig) -> None:
         raise ConfigError(f"edm.sigma_min ({e.sigma_min}) must be below edm.sigma_max ({e.sigma_max})")
     if t.resume not in ("latest", "none") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: {t.resume} is not latest, none or a checkpoint directory")
+    if any(n < 1 for n in run.sweep.sizes) or len(set(run.sweep.sizes)) != len(run.sweep.sizes):
+        raise ConfigError(f"sweep.sizes must be distinct positive target sizes, got {list(run.sweep.sizes)}")
     fuse = run.fuse
     unknown = sorted(set(fuse.baselines) - set(BASELINES))
     if unknown:
@@ -254,12 +276,20 @@ def _check_distill(run: RunConfig) -> None:
                           "distill.score_init=scratch and distill.real_mix=0")
     if d.batch % run.train.accum:
         raise ConfigError(f"distill.batch ({d.batch}) must be a multiple of train.accum ({run.train.accum})")
+    if d.teacher_fit == "mixture" and not run.fuse.mixture:
+        raise ConfigError("distill.teacher_fit=mixture needs the mixture fit: set fuse.mixture=true")
+    if run.fuse.mixture_weights == "nll" and not run.fuse.nll_check:
+        raise ConfigError("fuse.mixture_weights=nll needs the likelihood fit: set fuse.nll_check=true")
     if len(d.adam_betas) != 2 or not all(0 <= b < 1 for b in d.adam_betas):
         raise ConfigError(f"distill.adam_betas must be two numbers in [0, 1), got {list(d.adam_betas)}")
 
 
 def extractor_for(run: RunConfig) -> str:
-    """The feature extractor the Frechet distances of this run use."""
+    """The feature space of the run's Fréchet distances: eval.extractor, where "auto" means Inception (FID)
+    when its weights are here (eval.inception_weights, or torch-fidelity's download in torch's hub cache)
+    and the feature classifier trained on the auxiliaries' labels otherwise (offline runs, the digits)."""
     if run.eval.extractor != "auto":
         return run.eval.extractor
-    return "classifier" if run.data.source.kind == "digits" else "inception"
+    import torch.hub
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return "inception" if run.eval.inception_weights or cached.is_file() else "classifier"

@@ -2,7 +2,7 @@
 
 Because the weights sum to one, fusing denoisers is the same as fusing scores
 (s = (D - x) / sigma^2 is affine in D), so sampling the KL barycenter of the auxiliaries is running the
-ordinary sampler on D_lambda (METHODS.md §1 in the project docs). The weights are checked to sum to one but may be
+ordinary sampler on D_lambda (docs/METHODS.md §1). The weights are checked to sum to one but may be
 negative: the sum-to-one optimum without the sign constraint (trainer/barycenter.py) is a useful
 diagnostic model too. lambda is one vector for every sigma (the paper) or piecewise constant over
 sigma bins (one vector per bin, a natural extension).

@@ -1,21 +1,25 @@
 """The lambda fit: ScoreFusion's weights from one pass of Gram statistics, then an exact simplex QP.
 
-The fused model's denoising loss on the target (METHODS.md §1) is a quadratic in lambda,
+The fused model's denoising loss on the target (docs/METHODS.md §1) is a quadratic in lambda,
 
-    L(lambda) = E[ w(sigma) || sum_i lambda_i D_i(x0 + sigma n; sigma) - x0 ||^2 / P ]
+    L(lambda) = E[ w(sigma) || sum_i lambda_i D_i(x0 + sigma n; sigma) - x0 ||^2 / P' ]
               = lambda^T A lambda - 2 b^T lambda + c,
-    A_ij = E[w <D_i, D_j> / P],  b_i = E[w <D_i, x0> / P],  c = E[w ||x0||^2 / P],
+    A_ij = E[w <D_i, D_j> / P'],  b_i = E[w <D_i, x0> / P'],  c = E[w ||x0||^2 / P'],
 
-with w = trainer.edm.loss_weight and P the pixels per image (the per-pixel mean of
-trainer.edm.denoising_loss, so L is exactly the mean of that function over the same draws). A, b, c
-are means over the (image, sigma, noise) draws: one forward pass of every auxiliary per draw, no
+for either Objective: "edm" (the default) draws sigma from the training's log-normal law with w =
+trainer.edm.loss_weight and P' = P, the pixels per image (the per-pixel mean of trainer.edm.denoising_loss,
+so L is exactly the mean of that function over the same draws); "paper" is ScoreFusion's own loss, the VE SDE
+sigma(t) = sqrt((25^(2t) - 1) / (2 ln 25)) with t ~ U(1e-5, 1), w = 1 / sigma^2 and the squared error summed
+over pixels (P' = 1; Song et al.'s DSM with lambda(t) = sigma^2). The two give the same lambda only when the
+target lies in the barycenter family. A, b, c are means over the (image, sigma, noise) draws: one forward pass of every auxiliary per draw, no
 backpropagation, sums that ranks accumulate locally and all-reduce. Per sigma bin they are means over
 the draws whose sigma fell in the bin, so each bin's quadratic is that bin's mean loss and the bins
 are independent problems (a piecewise-constant lambda(sigma)).
 
 The optimum over the probability simplex is found exactly by enumerating supports (small K), and the
 paper's own method, lambda = softmax(logits) trained by SGD, is kept as a baseline (SoftmaxWeights,
-sgd_fit_parts through the engine).
+sgd_fit_parts through the engine): as the paper runs it, on the loss summed over pixels (the mean over pixels
+would make every step P times smaller at the same learning rate) from logits drawn from N(0, 1).
 """
 import itertools
 import math
@@ -32,6 +36,42 @@ from trainer.fused_denoiser import FusedDenoiser
 from trainer.seeds import normal
 
 MAX_EXACT_K = 12  # 2^12 - 1 supports, each a (|S| + 1)-dimensional linear solve: well under a second
+PAPER_T_MIN, PAPER_SIGMA_BASE = 1e-5, 25.0  # ScoreFusion's VE SDE: t ~ U(1e-5, 1), sigma = 25^t "marginal std"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What lambda minimises: the law of sigma, the weight w(sigma), and whether the squared error is a mean
+    over the P pixels of an image (EDM's training loss) or their sum (the paper's). fuse.objective picks it."""
+    name: str
+    sample: Callable[[int, torch.Generator | None, torch.device], torch.Tensor]  # (batch, generator, device) -> sigma
+    weight: Callable[[torch.Tensor], torch.Tensor]
+    per_pixel_mean: bool
+
+    def pixel_norm(self, pixels: int) -> int:
+        """What the summed squared error of an image is divided by."""
+        return pixels if self.per_pixel_mean else 1
+
+
+def edm_objective(p_mean: float, p_std: float, sigma_data: float) -> Objective:
+    return Objective("edm", lambda batch, g, device: sample_sigma(batch, g, p_mean, p_std, device=device),
+                     lambda sigma: loss_weight(sigma, sigma_data), per_pixel_mean=True)
+
+
+def paper_sigma(t: torch.Tensor) -> torch.Tensor:
+    """ScoreFusion's VE SDE: sigma(t) = sqrt((25^(2t) - 1) / (2 ln 25))."""
+    return ((PAPER_SIGMA_BASE ** (2 * t) - 1) / (2 * math.log(PAPER_SIGMA_BASE))).sqrt()
+
+
+def paper_objective() -> Objective:
+    def sample(batch, g, device):
+        u = torch.rand(batch, generator=g, device=g.device) if g is not None else torch.rand(batch, device=device)
+        return paper_sigma(PAPER_T_MIN + (1 - PAPER_T_MIN) * u.to(device))
+    return Objective("paper", sample, lambda sigma: 1 / sigma ** 2, per_pixel_mean=False)
+
+
+def objective_of(name: str, p_mean: float, p_std: float, sigma_data: float) -> Objective:
+    return edm_objective(p_mean, p_std, sigma_data) if name == "edm" else paper_objective()
 
 
 @dataclass
@@ -67,17 +107,17 @@ class GramStats:
 
 
 @torch.no_grad()
-def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: int, p_mean: float,
-                    p_std: float, sigma_data: float, sigma_edges=None,
-                    generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: int, objective: Objective,
+                    sigma_edges=None, generator: torch.Generator | None = None,
+                    autocast_dtype: torch.dtype | None = None,
                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GramStats:
     """One pass over the target images: GramStats of `fused`'s auxiliaries (its weights play no part).
 
     batches: x0 tensors [B, C, H, W] in [-1, 1], or (x0, generator) pairs whose generator draws that
         batch's noise; seeding it from the batch's global index makes the statistics independent of
         how batches are split over ranks. Plain tensors draw from `generator` (None: torch's global RNG).
-    For each batch, `draws_per_image` times: sigma then noise are drawn exactly as
-    trainer.edm.denoising_loss draws them (sample_sigma, then normal of x0's shape), the K outputs
+    For each batch, `draws_per_image` times: sigma (the objective's law) then noise are drawn (for the edm
+    objective exactly as trainer.edm.denoising_loss draws them), the K outputs
     are computed (under torch.autocast(autocast_dtype) when given; D_i itself stays float32), and the
     products are summed in float64.
     sigma_edges: bins for a piecewise-constant lambda (None: one bin); independent of fused's own bins.
@@ -98,13 +138,13 @@ def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: in
         batch, pixels = x0.shape[0], math.prod(x0.shape[1:])
         target = x0.flatten(1).to(torch.float64)
         for _ in range(draws_per_image):
-            sigma = sample_sigma(batch, batch_generator, p_mean, p_std, device=device)
+            sigma = objective.sample(batch, batch_generator, device)
             noise = normal(x0.shape, batch_generator, device)
             sigma = sigma.reshape(batch, 1, 1, 1)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 outputs = fused.all_outputs(x0 + sigma * noise, sigma)
             outputs = outputs.flatten(2).to(torch.float64)  # [K, B, P]
-            weight = loss_weight(sigma.flatten().to(torch.float64), sigma_data) / pixels
+            weight = objective.weight(sigma.flatten().to(torch.float64)) / objective.pixel_norm(pixels)
             per_draw = torch.cat([
                 torch.einsum("kbp,lbp->bkl", outputs, outputs).flatten(1),
                 torch.einsum("kbp,bp->bk", outputs, target),
@@ -260,14 +300,17 @@ def fit_barycenter_weights(stats: GramStats, names: list[str] | None = None) -> 
 
 
 class SoftmaxWeights(nn.Module):
-    """The paper's parameterisation lambda = softmax(logits), one logit vector per sigma bin; zero
-    logits (uniform lambda) at the start. forward(sigma [B]) -> lambda of each sample, [B, K]."""
+    """The paper's parameterisation lambda = softmax(logits), one logit vector per sigma bin, the logits drawn
+    from N(0, 1) as the paper's code does (from `generator`; zero logits, a uniform lambda, without one).
+    forward(sigma [B]) -> lambda of each sample, [B, K]."""
 
-    def __init__(self, num_models: int, sigma_edges=None):
+    def __init__(self, num_models: int, sigma_edges=None, generator: torch.Generator | None = None):
         super().__init__()
         edges = None if sigma_edges is None else torch.as_tensor(sigma_edges, dtype=torch.float64).reshape(-1)
         num_bins = 1 if edges is None else edges.numel() + 1
-        self.logits = nn.Parameter(torch.zeros(num_bins, num_models))
+        logits = torch.zeros(num_bins, num_models) if generator is None else \
+            torch.randn(num_bins, num_models, generator=generator)
+        self.logits = nn.Parameter(logits)
         self.register_buffer("sigma_edges", edges)
 
     def weights(self) -> torch.Tensor:
@@ -281,30 +324,31 @@ class SoftmaxWeights(nn.Module):
         return self.weights()[bins]
 
 
-def sgd_fit_parts(fused: FusedDenoiser, p_mean: float, p_std: float, sigma_data: float,
-                  sigma_edges=None, lr: float = 0.1, momentum: float = 0.9,
-                  autocast_dtype: torch.dtype | None = None):
-    """(modules, optimizers, updates) for trainer.engine.Engine to fit SoftmaxWeights by SGD, the
-    paper's method: on a micro-batch x0, draw sigma and noise from torch's global RNG (seeded per rank
-    by the engine's caller, as in the diffusion stage), compute the K outputs without gradients, and
-    return the mean over the batch of w(sigma) * mean over pixels of (sum_i lambda_i D_i - x0)^2,
-    the GramStats normalisation. The engine writes its own learning rate (train.lr) into the
-    optimizer every step, so the paper's lr 0.1 must also be the run's train.lr."""
-    weights = SoftmaxWeights(fused.num_models, sigma_edges)
-    optimizer = torch.optim.SGD(weights.parameters(), lr=lr, momentum=momentum)
+def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, lr: float = 0.1,
+                  momentum: float = 0.9, autocast_dtype: torch.dtype | None = None,
+                  init: torch.Generator | None = None):
+    """(modules, optimizers, updates) for trainer.engine.Engine to fit SoftmaxWeights by SGD, the paper's
+    method: on a micro-batch x0, draw sigma (the objective's law) and noise from torch's global RNG (seeded
+    per rank by the engine's caller, as in the diffusion stage), compute the K outputs without gradients,
+    and return the mean over the batch of w(sigma) * the squared error summed over pixels, the paper's
+    scaling (P times the GramStats value under the per-pixel edm objective; the same under paper). Logits
+    start from `init` (N(0, 1)). The engine writes its own learning rate (train.lr) into the optimizer every
+    step, so the paper's lr 0.1 must also be the run's train.lr."""
+    weights = SoftmaxWeights(fused.num_models, sigma_edges, init)
+    optimizer = torch.optim.SGD(weights.parameters(), lr=lr, momentum=momentum, fused=True)
 
     def loss(modules: dict, x0: torch.Tensor, step: int) -> torch.Tensor:
         x0 = x0.to(torch.float32)
         batch = x0.shape[0]
-        sigma = sample_sigma(batch, None, p_mean, p_std, device=x0.device).reshape(batch, 1, 1, 1)
+        sigma = objective.sample(batch, None, x0.device).reshape(batch, 1, 1, 1)
         noise = torch.randn_like(x0)
         with torch.no_grad(), torch.autocast(x0.device.type, dtype=autocast_dtype,
                                              enabled=autocast_dtype is not None):
             outputs = fused.all_outputs(x0 + sigma * noise, sigma)
         lam = modules["weights"](sigma.flatten()).to(torch.float32)  # through the DDP wrapper, if any
         denoised = torch.einsum("bk,kbchw->bchw", lam, outputs)
-        error = (denoised - x0).square().flatten(1).mean(dim=1)
-        return (loss_weight(sigma.flatten(), sigma_data) * error).mean()
+        error = (denoised - x0).square().flatten(1).sum(dim=1)
+        return (objective.weight(sigma.flatten()) * error).mean()
 
     return {"weights": weights}, {"sgd": optimizer}, [Update("sgd", "weights", loss)]
 

@@ -4,7 +4,9 @@
     runs/<name>/data/                  shards + manifest.json, the feature classifier
     runs/<name>/aux/<k>/               one auxiliary model: checkpoints/, ema.safetensors + model.json,
                                        samples.png, metrics.jsonl, done.json
-    runs/<name>/fuse/                  lambda.json, lambda.png, samples.png, sgd/ (the paper's SGD fit), done.json
+    runs/<name>/fuse/                  lambda.json, lambda.png, samples.png, sgd/ (the paper's SGD fit), mixture.json,
+                                       mixture-samples.png, done.json
+    runs/<name>/router/                the mixture's router: checkpoints/, router.safetensors + router.json, done.json
     runs/<name>/baselines/<b>/         target-scratch, target-finetune (trained), checkpoint-merge (weights averaged)
     runs/<name>/distill/               teacher/ (shards), checkpoints/, generator.safetensors + generator.json,
                                        samples.png, metrics.jsonl, done.json
@@ -13,6 +15,9 @@
     runs/<name>/figures/               copies-<model>.png: each model's most-copied samples
     runs/<name>/slurm/                 batch job logs
     runs/<name>/report.md, report.json
+    runs/<name>/sweep/n<n>/            the sweep over the target size: one run per n (its data, fuse, baselines,
+                                       report), sharing the parent's auxiliaries, classifier and cache
+    runs/<name>/sweep/sweep.md, sweep.json, <metric>.png
 
 A stage directory is finished when it holds done.json (one rule for every stage; the engine writes it last,
 after the stage's model). The data directory's marker is its manifest.json, which `prepare` writes last.
@@ -34,9 +39,11 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # a stage's TensorBoard events (train.log_with)
 GRID = "samples.png"
+MIXTURE_GRID = "mixture-samples.png"  # the fuse stage's second grid: the mixture-fused model's samples
 # A trained denoiser (the EMA weights) and what rebuilds it; the one-step generator likewise.
 DENOISER_FILES = ("ema.safetensors", "model.json")
 GENERATOR_FILES = ("generator.safetensors", "generator.json")
+ROUTER_FILES = ("router.safetensors", "router.json")
 
 
 def _file_name(label: str) -> str:
@@ -68,11 +75,22 @@ def finished_info(stage_dir: Path) -> dict:
 
 @dataclass(frozen=True)
 class RunDir:
+    """A run directory; a sweep's run at one target size (`parent` set) keeps its own data, fits, baselines
+    and report, and reads the auxiliaries, the feature classifier and the evaluation cache of its parent."""
     root: Path
+    parent: "RunDir | None" = None
 
     @classmethod
     def of(cls, cfg) -> "RunDir":
-        return cls(Path(cfg.root) / cfg.name)
+        base = cls(Path(cfg.root) / cfg.name)
+        return cls(base.sweep_member(cfg.sweep.n), base) if cfg.sweep.n else base
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / "sweep"
+
+    def sweep_member(self, n: int) -> Path:
+        return self.sweep / f"n{n}"
 
     @property
     def config_file(self) -> Path:
@@ -85,10 +103,10 @@ class RunDir:
     @property
     def classifier(self) -> Path:
         """The feature classifier of the offline Fréchet distance and the class proportions."""
-        return self.data / "classifier.safetensors"
+        return (self.parent or self).data / "classifier.safetensors"
 
     def aux(self, name: str) -> Path:
-        return self.root / "aux" / name
+        return (self.parent or self).root / "aux" / name
 
     def aux_dirs(self, cfg) -> dict[str, Path]:
         return {p.name: self.aux(p.name) for p in cfg.data.aux}
@@ -114,6 +132,16 @@ class RunDir:
         return self.fuse / "sgd"
 
     @property
+    def mixture_file(self) -> Path:
+        """The mixture fit: pi by EM on the router's density ratios (and on the auxiliaries' likelihoods)."""
+        return self.fuse / "mixture.json"
+
+    @property
+    def router(self) -> Path:
+        """The mixture's router, trained on the auxiliary populations (so a sweep's runs share the parent's)."""
+        return (self.parent or self).root / "router"
+
+    @property
     def baselines(self) -> Path:
         return self.root / "baselines"
 
@@ -130,7 +158,7 @@ class RunDir:
 
     @property
     def eval_cache(self) -> Path:
-        return self.root / "eval_cache"
+        return (self.parent or self).root / "eval_cache"
 
     def copies_figure(self, label: str) -> Path:
         """The most-copied samples of a model beside their nearest training images."""

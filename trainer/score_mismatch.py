@@ -1,4 +1,4 @@
-"""Score Mismatching (METHODS.md §2): a one-step generator G trained against a score network D.
+"""Score Mismatching (docs/METHODS.md §2): a one-step generator G trained against a score network D.
 
 * Networks. G(z) = Dn_G(g_sigma * z; g_sigma): an EDM-preconditioned UNet evaluated once (warm start: with
   teacher-side weights, so G starts as the teacher's first denoising step; scratch: fresh weights, same

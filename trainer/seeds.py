@@ -24,6 +24,8 @@ class Stream(IntEnum):
     BOOTSTRAP = 7     # resampling of the evaluation intervals
     SPLIT = 8         # random splits (floors, classifier hold-out)
     REAL_MIX = 9      # which "real" samples of the distillation are target images
+    LAMBDA_INIT = 10  # the paper's N(0, 1) logits of the SGD fit of lambda
+    MIXTURE = 11      # the noise of the router's density ratios on the target images
 
 
 def seed_of(*words: int) -> int:

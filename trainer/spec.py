@@ -58,7 +58,7 @@ class TrainSpec:
 
 @dataclass
 class FuseSpec:
-    """ScoreFusion: fit the barycenter weights lambda on the target population (METHODS.md §1)."""
+    """ScoreFusion: fit the barycenter weights lambda on the target population (docs/METHODS.md §1)."""
     method: str = "exact"            # exact (Gram statistics + simplex QP) | sgd (the paper's softmax SGD)
     objective: str = "edm"           # edm (training's sigma law and weighting) | paper (ScoreFusion's VE SDE loss)
     sigma_bins: List[float] = field(default_factory=list)  # sigma edges of piecewise-constant lambda; [] = one lambda
@@ -75,16 +75,28 @@ class FuseSpec:
     finetune_kimg: float = 10.0      # target-finetune: the best auxiliary, fine-tuned on the n target images
     finetune_lr: float = 2e-4
     test_draws_per_image: int = 16   # draws per held-out image for the target test loss in the report
+    # Mixture fusion (trainer/mixture.py): a router trained on the auxiliary populations, mixture weights pi by
+    # EM on the n target images, and the fused model "fused-mixture".
+    mixture: bool = True
+    router_kimg: float = 20.0        # the router's training length (the auxiliary populations in equal shares)
+    router_preset: str = "tiny"      # the width of its encoder (trainer/unet.py presets): a classifier needs little
+    router_batch: int = 96           # global batch: a multiple of processes x accum x the number of auxiliaries
+    router_lr: float = 1e-3
+    router_sigma: float = 0.05       # the small noise level at which its posteriors give the density ratios
+    router_draws: int = 8            # noise draws per target image averaged for them
+    mixture_weights: str = "router"  # router | nll: the EM fit the fused-mixture model uses
+    nll_check: bool = True           # also fit pi by EM on each auxiliary's PF-ODE likelihood of the n images
+    mixture_skip: float = 0.0        # a network whose weight is below it for a whole batch is not run (0: exact)
 
 
 @dataclass
 class DistillSpec:
-    """Score Mismatching (METHODS.md §2): a one-step generator G trained against a score network D,
+    """Score Mismatching (docs/METHODS.md §2): a one-step generator G trained against a score network D,
     with samples of the fused ScoreFusion teacher as the "real" data. Learning rates, betas and the
     R1 settings default to the paper's; schedules are in kimg of generated images (one kimg = 1000 z)."""
     teacher_samples: int = 2000      # N samples drawn once from the fused teacher (written as shards)
     teacher_steps: int = 0           # Heun steps of the teacher sampler; 0 = edm.sampler_steps
-    teacher_fit: str = ""            # exact | sgd: which lambda; "" = fuse.method
+    teacher_fit: str = ""            # exact | sgd | mixture: which fused model; "" = fuse.method's barycenter
     real_mix: float = 0.0            # probability that a "real" sample is one of the n target images
     # The paper's from-scratch setting: the "real" side is this prepared population (e.g. all CIFAR-10
     # training images) instead of teacher samples; no teacher, no fuse stage (init/score_init scratch).

@@ -31,7 +31,7 @@ class StageContext:
     acc: object                 # accelerate.Accelerator
     manifest: dict
     log: Callable[[str], None]
-    _features: FeatureSpace | None = field(default=None, repr=False)
+    _spaces: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, cfg: RunConfig, ddp_because: str = "") -> "StageContext":
@@ -52,7 +52,8 @@ class StageContext:
         """Whether a stage runs: not when it already finished. train.resume=none starts it afresh, after
         moving its old directory aside (nothing is deleted)."""
         stage_dir = Path(stage_dir)
-        if self.cfg.train.resume == "none" and stage_dir.exists():
+        own = self.run.root in stage_dir.parents  # a sweep's run never restarts its parent's models
+        if self.cfg.train.resume == "none" and own and stage_dir.exists():
             if self.acc.is_main_process:
                 self.log(f"train.resume=none: {stage_dir} moved to {set_aside(stage_dir)}")
             self.acc.wait_for_everyone()
@@ -80,24 +81,24 @@ class StageContext:
         return partial(heun_sample, denoiser, num_steps=steps or e.sampler_steps, sigma_min=e.sigma_min,
                        sigma_max=e.sigma_max, rho=e.rho)
 
-    def features(self) -> FeatureSpace:
-        """The feature space of the run's Fréchet distances (built once)."""
-        if self._features is None:
-            extractor = extractor_for(self.cfg)
+    def features(self, extractor: str | None = None) -> FeatureSpace:
+        """The feature space of the run's Fréchet distances, or of `extractor` (each built once)."""
+        extractor = extractor or extractor_for(self.cfg)
+        if extractor not in self._spaces:
             weights = str(self.run.classifier) if extractor == "classifier" else self.cfg.eval.inception_weights
-            self._features = FeatureSpace(extractor, weights, self.run.eval_cache, self.cfg.eval.batch,
-                                          self.device, self.ranks, self.cfg.eval.sample_batch)
-        return self._features
+            self._spaces[extractor] = FeatureSpace(extractor, weights, self.run.eval_cache, self.cfg.eval.batch,
+                                                   self.device, self.ranks, self.cfg.eval.sample_batch)
+        return self._spaces[extractor]
 
     @property
     def fd_reference(self) -> str:
         """The population Fréchet distances compare with (eval.fd_reference, by default data.reference)."""
         return self.cfg.eval.fd_reference or self.cfg.data.reference.name
 
-    def reference(self, population: str) -> torch.Tensor:
+    def reference(self, population: str, extractor: str | None = None) -> torch.Tensor:
         """Features of a population of the data directory (cached by its content hash)."""
         entry = population_entry(self.manifest, population)
-        return self.features().reference(entry["hash"], lambda: read_population(self.run.data, population)[0])
+        return self.features(extractor).reference(entry["hash"], lambda: read_population(self.run.data, population)[0])
 
     def trackers(self, stage_dir: Path) -> tuple:
         """Accelerate's trackers for one training run (train.log_with), on the main process: TensorBoard
@@ -125,12 +126,12 @@ class StageContext:
     def classifier(self):
         return load_classifier(self.run.classifier).to(self.device)
 
-    def save_grid(self, sample_fn, stage_dir: Path) -> None:
+    def save_grid(self, sample_fn, stage_dir: Path, name: str = GRID) -> None:
         """A grid of eval.grid_images samples, the same latents for every model and snapshot; main process."""
         latents = per_image_normal(0, Stream.GRID, range(self.cfg.eval.grid_images), self.shape).to(self.device)
         with torch.no_grad():
             images = sample_fn(latents)
-        save_grid(images, Path(stage_dir) / GRID, scale=max(1, 64 // self.shape[-1]))
+        save_grid(images, Path(stage_dir) / name, scale=max(1, 64 // self.shape[-1]))
 
     def training_hooks(self, stage_dir: Path, population: str, spec, sample_fn_of) -> tuple[Hook, ...]:
         """Periodic Fréchet distance of the EMA model to `population` (named by its sample count, spread over

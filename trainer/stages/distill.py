@@ -33,7 +33,9 @@ from trainer.score_mismatch import (build_networks, check_shapes, d_step_loss, e
 from trainer.seeds import Stream, generator, per_image_normal
 from trainer.spec import DistillSpec, TrainSpec
 from trainer.stages.context import StageContext
-from trainer.stages.fuse import best_auxiliary, fused_denoiser, load_auxiliaries, load_fit, single_lambda
+from trainer.router import load_router
+from trainer.stages.fuse import (best_auxiliary, fused_denoiser, load_auxiliaries, load_fit, load_mixture,
+                                 mixture_denoiser, single_lambda)
 
 TEACHER_POPULATION = "teacher"
 TEACHER_CHUNK = 250      # teacher samples per chunk = per shard
@@ -64,8 +66,13 @@ def teacher_parts(ctx: StageContext):
     fit = load_fit(cfg)
     which = cfg.distill.teacher_fit or fit["method"]
     auxiliaries = load_auxiliaries(cfg)
-    teacher = fused_denoiser(fit, auxiliaries, which, batched=cfg.fuse.batched)
-    info = {"fit": which, "lambda": fit[which]["lambda"], "names": fit["names"], "sigma_edges": fit["sigma_edges"]}
+    if which == "mixture":
+        mixture = load_mixture(cfg)
+        teacher = mixture_denoiser(cfg, mixture, auxiliaries, load_router(ctx.run.router))
+        info = {"fit": which, "pi": mixture[mixture["weights"]]["pi"], "names": mixture["names"]}
+    else:
+        teacher = fused_denoiser(fit, auxiliaries, which, batched=cfg.fuse.batched)
+        info = {"fit": which, "lambda": fit[which]["lambda"], "names": fit["names"], "sigma_edges": fit["sigma_edges"]}
     d, warm = cfg.distill, None
     if d.init == "warm" or d.score_init == "aux":
         if d.warm_from == "best":

@@ -144,17 +144,22 @@ def run(cfg: RunConfig) -> dict:
     for model in finished_models(cfg):
         measured.append(measure(ctx, cache, model, reference, reference_hash))
         ctx.log(f"evaluate: measured {model.label}")
+    # Reference features are collective (the main process computes, the others wait): every rank asks here.
     own = {m.facts["population"]: ctx.reference(m.facts["population"]) for m in measured if "population" in m.facts}
+    domain = ctx.reference(ctx.fd_reference, "classifier") \
+        if ctx.features().extractor != "classifier" and ctx.run.classifier.is_file() else None
     if ctx.acc.is_main_process:
         report(ctx, measured, floors(ctx, fd_images, reference_features, target), reference, reference_features,
-               target, own)
+               target, own, domain)
     ctx.acc.wait_for_everyone()
     return {"models": [m.label for m in measured]}
 
 
 # ---- the report -----------------------------------------------------------------------------------------------
 
-def report(ctx, measured, floor_rows, reference, reference_features, target, own) -> None:
+def report(ctx, measured, floor_rows, reference, reference_features, target, own, domain_reference) -> None:
+    """The rows, the verdict and the notes, on the main process. `own`: each auxiliary's population features;
+    `domain_reference`: with FID as the main distance, the reference in the classifier's feature space."""
     cfg, ev = ctx.cfg, ctx.cfg.eval
     name = f"{ctx.features().metric(ev.num_samples)} vs {ctx.fd_reference}"
     classes = ctx.manifest["class_names"]
@@ -162,6 +167,8 @@ def report(ctx, measured, floor_rows, reference, reference_features, target, own
     reference_props = class_proportions(classifier, to_unit(reference)) if classifier is not None else None
     held_out = reference[: len(target)]  # as many as the training images: nearest-neighbour distances compare
     rms = reference[0].numel() ** 0.5  # distances as a root-mean-square difference per pixel (0..255)
+    domain = None if domain_reference is None else \
+        (f"{ctx.features('classifier').metric(ev.num_samples)} vs {ctx.fd_reference}", domain_reference)
     rows, stats = [], {}
     for m in [*measured, *floor_rows]:
         interval = frechet_interval(m.features, m.reference if m.reference is not None else reference_features,
@@ -182,14 +189,16 @@ def report(ctx, measured, floor_rows, reference, reference_features, target, own
             props = class_proportions(classifier, to_unit(m.images))
             row["class TV"] = round(_total_variation(props, reference_props), 3)
             row["class proportions"] = _format_mixture(props)
+        if domain is not None:  # FID is the main distance: the classifier's feature space beside it, offline
+            row[domain[0]] = round(frechet(ctx.features("classifier").extract(m.images), domain[1]), 3)
         if "population" in m.facts:
             row[f"{name} own population"] = round(frechet(m.features, own[m.facts["population"]]), 3)
         if m in measured:  # floors have no picture: their "copies" are real images
             copies_figure(m.images, target, copies, ctx.run.copies_figure(m.label))
         row.update({"NFE": m.nfe, "samples/s": round(len(m.images) / m.seconds, 1) if m.seconds else None,
                     "fit minutes": round(m.facts["minutes"], 2) if "minutes" in m.facts else None,
-                    "lambda": " | ".join(_format_mixture(r) for r in np.atleast_2d(m.facts["lambda"]))
-                    if "lambda" in m.facts else None, "what": m.description})
+                    "weights": " | ".join(_format_mixture(r) for r in np.atleast_2d(m.facts["weights"]))
+                    if "weights" in m.facts else None, "fit gap %": m.facts.get("fit gap %"), "what": m.description})
         rows.append(row)
     floor_tv = (_total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
                 if reference_props is not None else None)
@@ -198,8 +207,10 @@ def report(ctx, measured, floor_rows, reference, reference_features, target, own
     populations = [{"population": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
                     "class mixture": _format_mixture(_mixture_vector(e["mixture"], classes))}
                    for p, e in sorted(ctx.manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
-    write_report(ctx.run.report, f"scorefuse report: {cfg.name}",
-                 [("Verdict", text), ("Models and floors", rows), ("Populations", populations)], notes)
+    title = f"scorefuse report: {cfg.name}" + (f", sweep run at target size n = {cfg.sweep.n}" if cfg.sweep.n else "")
+    write_report(ctx.run.report, title,
+                 [("Verdict", text), ("Models and floors", rows),
+                  ("Fusion against the baselines", comparisons(measured, stats)), ("Populations", populations)], notes)
     ctx.log(f"evaluate: report in {ctx.run.report}")
 
 
@@ -224,19 +235,17 @@ def verdict(ctx, measured: list[Measured], stats: dict) -> list[str]:
         lines.append(f"Fréchet distance: {ranked[0].label} is lowest at {_interval(best)}"
                      + (f", indistinguishable (overlapping 95% intervals) from {', '.join(ties)}." if ties
                         else ", and its interval overlaps no other model's."))
-    fused = next((m for m in measured if m.label == f"fused-{cfg.fuse.method}"), None)
-    for baseline in ("target-scratch", "target-finetune"):
-        other = next((m for m in measured if m.label == baseline), None)
-        if fused is None or other is None:
+    for row in comparisons(measured, stats):
+        if row["fused"] != f"fused-{cfg.fuse.method}" or row["baseline"] not in ("target-scratch", "target-finetune"):
             continue
         parts = []
-        if fused.nll is not None and other.nll is not None and len(fused.nll) > 1:
-            parts.append(_paired("NLL", other, fused, "bits/dim"))
-        a, b = stats[fused.label]["fd"], stats[other.label]["fd"]
-        if a is not None and b is not None:
-            relation = "indistinguishable" if not separated(a, b) else ("lower" if a.value < b.value else "higher")
-            parts.append(f"Fréchet distance {_interval(a)} vs {_interval(b)} ({relation})")
-        lines.append(f"Fusion ({fused.label}) against {baseline}: " + "; ".join(parts) + ".")
+        if row["NLL difference"] is not None:
+            d = row["NLL difference"]
+            parts.append(f"NLL difference {d['mean']:+.3f} ± {d['se']:.3f} bits/dim, paired ({row['NLL']})")
+        if row["FD"] is not None:
+            parts.append(f"Fréchet distance {_interval(stats[row['fused']]['fd'])} vs "
+                         f"{_interval(stats[row['baseline']]['fd'])} ({row['FD']})")
+        lines.append(f"Fusion ({row['fused']}) against {row['baseline']}: " + "; ".join(parts) + ".")
     threshold = cfg.eval.copy_threshold
     copying = [(m.label, stats[m.label]["copies"]) for m in measured if stats[m.label]["copies"]["copy_share"] >= 0.1]
     if copying:
@@ -250,6 +259,31 @@ def verdict(ctx, measured: list[Measured], stats: dict) -> list[str]:
             lines.append(f"No model copies its training images: at most {100 * stats[worst.label]['copies']['copy_share']:.0f}% "
                          f"of samples ({worst.label}) pass the ratio test.")
     return lines
+
+
+def comparisons(measured: list[Measured], stats: dict) -> list[dict]:
+    """Every fused model against every baseline: the paired NLL difference (fused - baseline) and whether
+    it, and the Fréchet distance, say better, worse or indistinguishable (2 paired standard errors;
+    overlapping 95% intervals). The sweep reads these rows."""
+    by_label = {m.label: m for m in measured}
+    rows = []
+    for fused in (m for m in measured if m.label.startswith("fused-")):
+        for baseline in (b for b in ("target-scratch", "target-finetune", "checkpoint-merge") if b in by_label):
+            other = by_label[baseline]
+            row = {"fused": fused.label, "baseline": baseline, "NLL difference": None, "NLL": None, "FD": None}
+            if fused.nll is not None and other.nll is not None and len(fused.nll) > 1:
+                difference, se = paired_difference(fused.nll, other.nll)
+                row["NLL difference"] = {"mean": difference, "se": se}
+                row["NLL"] = _relation(difference < -2 * se, difference > 2 * se)
+            a, b = stats[fused.label]["fd"], stats[baseline]["fd"]
+            if a is not None and b is not None:
+                row["FD"] = _relation(separated(a, b) and a.value < b.value, separated(a, b) and a.value > b.value)
+            rows.append(row)
+    return rows
+
+
+def _relation(better: bool, worse: bool) -> str:
+    return "better" if better else "worse" if worse else "indistinguishable"
 
 
 def report_notes(ctx, name: str, floor_tv: float | None) -> list[str]:
@@ -277,7 +311,12 @@ def report_notes(ctx, name: str, floor_tv: float | None) -> list[str]:
         notes.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
                      f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "
                      "true target mixture on the held-out images.")
-    notes.append("NFE: network evaluations per sample; samples/s: sampling and feature extraction, when first measured.")
+    notes.append("NFE: network evaluations per sample (at most, for fused-mixture: networks may be skipped); samples/s: "
+                 "sampling and feature extraction, when first measured; weights: lambda of a barycenter (per sigma bin) "
+                 "or of checkpoint-merge, pi of the mixture.")
+    notes.append(f"fit gap %: how far the lambda fit's loss is above the exact optimum on the same Gram statistics "
+                 f"({cfg.fuse.objective} objective; the paper's SGD: its loss summed over pixels, N(0, 1) logits, "
+                 f"lr {cfg.fuse.sgd_lr}, momentum {cfg.fuse.sgd_momentum}, {cfg.fuse.sgd_epochs} epochs).")
     return notes
 
 

@@ -1,7 +1,7 @@
 """fuse: fit the ScoreFusion weights lambda of the K frozen auxiliaries on the n target images, then build the
 baselines fusion is compared with.
 
-Two fits, on the same target images and the same loss (METHODS.md §1):
+Two fits, on the same target images and the same loss (docs/METHODS.md §1):
 - exact (the default): one pass of forward evaluations accumulates the float64 Gram statistics
   A_ij = E[w <D_i, D_j>], b_i = E[w <D_i, x0>] (summed over ranks), then the quadratic program on the
   simplex is solved exactly, per sigma bin (trainer/lambda_fit.py). No backpropagation through any network.
@@ -10,28 +10,38 @@ Two fits, on the same target images and the same loss (METHODS.md §1):
 Both are written to fuse/lambda.json; fuse.method says which one is *the* fused model. Each fit is judged on
 the same Gram statistics, so their losses compare exactly.
 
+Mixture fusion (fuse.mixture, trainer/mixture.py): a router trained on the auxiliary populations (through the
+engine, resumable, data-parallel; shared by a sweep's runs), then the mixture weights pi by EM on the n target
+images: on the router's density ratios, and as a check on each auxiliary's own PF-ODE likelihood of the images,
+each with the mixture likelihood it reaches (fuse/mixture.json); the fused model "fused-mixture".
+
 Baselines (fuse.baselines): target-scratch (the auxiliary recipe on the n target images), target-finetune
 (the auxiliary with the lowest target loss, fine-tuned on them), checkpoint-merge (weights averaged with
 lambda: a different model from the fused one).
 """
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from evaluation.plots import lambda_chart
 from shards.atomic import write_atomically
 from shards.errors import CheckpointError, ModelError
 from shards.stream import read_population, train_loader
 from trainer.config import RunConfig
-from trainer.engine import Engine
+from trainer.engine import Engine, Update, adam
 from trainer.export import build_denoiser, export_denoiser, load_denoiser
 from trainer.fused_denoiser import FusedDenoiser, merge_weights
-from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, sgd_fit_parts
+from evaluation.likelihood import nll_bits_per_dim
+from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, objective_of, sgd_fit_parts
+from trainer.mixture import MixtureDenoiser, em_mixture_weights
+from trainer.router import Router, load_router, log_density_ratios, router_loss, save_router
 from shards.pixels import to_unit
-from trainer.rundir import RunDir, mark_finished
+from trainer.rundir import MIXTURE_GRID, RunDir, mark_finished
 from trainer.seeds import Stream, generator
 from trainer.spec import BASELINES
 from trainer.stages.context import StageContext
@@ -112,17 +122,18 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser) -> dict:
 
     t0 = time.perf_counter()
     batches = ((x.to(ctx.device), g) for x, g in target_batches(images, fuse.batch, cfg.train.seed, rank, world))
-    stats = accumulate_gram(fused, batches, fuse.draws_per_image, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data,
-                            sigma_edges=edges, autocast_dtype=autocast,
+    objective = objective_of(fuse.objective, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data)
+    stats = accumulate_gram(fused, batches, fuse.draws_per_image, objective, sigma_edges=edges, autocast_dtype=autocast,
                             reduce=(lambda t: acc.reduce(t, "sum")) if world > 1 else None)
     exact = fit_barycenter_weights(stats, fused.names)
     exact_seconds = time.perf_counter() - t0
-    ctx.log(f"fuse (exact): lambda {_fmt(exact['lambda'])}, loss {exact['report']['loss']:.5f} "
-            f"in {exact_seconds:.1f} s ({fuse.draws_per_image} draws x {len(images)} images)")
+    ctx.log(f"fuse (exact, {fuse.objective} objective): lambda {_fmt(exact['lambda'])}, loss "
+            f"{exact['report']['loss']:.5f} in {exact_seconds:.1f} s ({fuse.draws_per_image} draws x {len(images)} images)")
 
     spec = sgd_spec(cfg, len(images))
-    modules, optimizers, updates = sgd_fit_parts(fused, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data,
-                                                 sigma_edges=edges, momentum=fuse.sgd_momentum, autocast_dtype=autocast)
+    modules, optimizers, updates = sgd_fit_parts(fused, objective, sigma_edges=edges, momentum=fuse.sgd_momentum,
+                                                 autocast_dtype=autocast,
+                                                 init=generator(cfg.train.seed, Stream.LAMBDA_INIT))
     micro = fuse.batch // world
 
     def target_stream(start_batch):
@@ -136,12 +147,96 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser) -> dict:
                     batches=target_stream, log=ctx.log, trackers=ctx.trackers(ctx.run.sgd_fit))
     engine.run()
     sgd_lam = engine.unwrap("weights").weights().detach().double().cpu()
-    sgd = {"lambda": sgd_lam.tolist(), "loss": float(stats.loss(sgd_lam)), "seconds": engine.seconds,
-           "steps": engine.step, "epochs": fuse.sgd_epochs}
-    ctx.log(f"fuse (sgd): lambda {_fmt(sgd_lam)}, loss {sgd['loss']:.5f} in {engine.seconds:.1f} s")
-    return {"method": fuse.method, "names": fused.names, "sigma_edges": edges, "target": cfg.data.target.name,
+    sgd_loss, exact_loss = float(stats.loss(sgd_lam)), exact["report"]["loss"]
+    sgd = {"lambda": sgd_lam.tolist(), "loss": sgd_loss, "seconds": engine.seconds, "steps": engine.step,
+           "epochs": fuse.sgd_epochs, "gap_percent": 100 * (sgd_loss - exact_loss) / abs(exact_loss)}
+    ctx.log(f"fuse (sgd): lambda {_fmt(sgd_lam)}, loss {sgd_loss:.5f} ({sgd['gap_percent']:+.3f}% from the exact "
+            f"optimum) in {engine.seconds:.1f} s")
+    return {"method": fuse.method, "objective": fuse.objective, "names": fused.names, "sigma_edges": edges,
+            "target": cfg.data.target.name,
             "target_images": len(images),
             "exact": {"lambda": exact["lambda"].tolist(), "seconds": exact_seconds, **exact["report"]}, "sgd": sgd}
+
+
+# ---- mixture fusion -------------------------------------------------------------------------------------
+
+def train_router(ctx: StageContext, names: list[str]) -> Router:
+    """The router, trained on the K auxiliary populations in equal shares (or loaded when finished)."""
+    cfg, acc, f = ctx.cfg, ctx.acc, ctx.cfg.fuse
+    stage, k = ctx.run.router, len(names)
+    if ctx.begin(stage):
+        rank, world = acc.process_index, acc.num_processes
+        if f.router_batch % (world * cfg.train.accum * k):
+            raise ModelError(f"fuse.router_batch={f.router_batch} must be a multiple of processes ({world}) x "
+                             f"train.accum ({cfg.train.accum}) x auxiliaries ({k})")
+        per = f.router_batch // (world * cfg.train.accum * k)  # images of each population per micro-batch
+        c, size, _ = ctx.shape
+        meta = {"image_size": size, "channels": c, "classes": k, "preset": f.router_preset,
+                "sigma_data": cfg.edm.sigma_data, "populations": names}
+        set_seed(cfg.train.seed)
+        router = Router(size, c, k, f.router_preset, cfg.edm.sigma_data)
+        optimizer = adam(router.parameters(), f.router_lr, cfg.train.adam_betas, cfg.train.adam_eps)
+        set_seed(cfg.train.seed, device_specific=True)
+        labels = torch.arange(k).repeat_interleave(per).to(ctx.device)
+
+        def batches(start_batch: int):
+            streams = [iter(train_loader(ctx.run.data, name, batch_size=per, seed=cfg.train.seed + i, rank=rank,
+                                         world_size=world, num_workers=cfg.data.workers, start_batch=start_batch,
+                                         max_bad_samples=cfg.data.max_bad_samples)) for i, name in enumerate(names)]
+            while True:
+                yield torch.cat([next(stream)[0] for stream in streams]).to(ctx.device), labels
+
+        spec = replace(cfg.train, batch=f.router_batch, lr=f.router_lr, lr_rampup_kimg=0, total_kimg=f.router_kimg,
+                       eval_every_kimg=0, snapshot_every_kimg=0, log_every_kimg=max(f.router_kimg / 20, 1e-3),
+                       checkpoint_every_kimg=max(f.router_kimg / 4, 1e-3))
+        e = cfg.edm
+        engine = Engine(acc, spec, stage, modules={"router": router}, optimizers={"adam": optimizer},
+                        updates=[Update("adam", "router", lambda m, batch, step: router_loss(
+                            m["router"], batch[0], batch[1], e.p_mean, e.p_std))],
+                        batches=batches, log=ctx.log, trackers=ctx.trackers(stage))
+        engine.run(finish=lambda engine: save_router(stage, engine.unwrap("router"), meta))
+    return load_router(stage)
+
+
+def fit_mixture(ctx: StageContext, auxiliaries: dict, router: Router) -> dict:
+    """pi by EM on the n target images: on the router's density ratios at fuse.router_sigma, and (nll_check)
+    on each auxiliary's PF-ODE log-likelihood of the images; each with the bits/dim the mixture of the
+    auxiliaries' likelihoods reaches with it (a comparable yardstick for both). Main process."""
+    cfg, f, ev = ctx.cfg, ctx.cfg.fuse, ctx.cfg.eval
+    started = time.perf_counter()
+    images, _ = read_population(ctx.run.data, cfg.data.target.name, cfg.data.max_bad_samples)
+    log_r = log_density_ratios(router.to(ctx.device), to_unit(images).to(ctx.device), f.router_sigma,
+                               f.router_draws, generator(cfg.train.seed, Stream.MIXTURE))
+    pi, _ = em_mixture_weights(log_r)
+    result = {"names": list(auxiliaries), "priors": [1 / len(auxiliaries)] * len(auxiliaries),
+              "router_sigma": f.router_sigma, "target_images": len(images), "weights": f.mixture_weights,
+              "router": {"pi": pi.tolist()}}
+    if f.nll_check:
+        dims = images[0].numel() * math.log(2)
+        log_p = torch.stack([-dims * nll_bits_per_dim(
+            denoiser.to(ctx.device), images, range(len(images)), cfg.train.seed, steps=ev.nll_steps,
+            probes=ev.nll_probes, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max, rho=cfg.edm.rho,
+            batch_size=ev.batch, device=ctx.device) for denoiser in auxiliaries.values()], dim=1)
+        pi_nll, best = em_mixture_weights(log_p)
+        reached = float(torch.logsumexp(log_p + pi.clamp(min=1e-300).log(), dim=1).mean())
+        result["router"]["nll_bits_per_dim"] = -reached / dims
+        result["nll"] = {"pi": pi_nll.tolist(), "nll_bits_per_dim": -best / dims}
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def mixture_denoiser(cfg: RunConfig, mixture: dict, auxiliaries: dict, router: Router) -> MixtureDenoiser:
+    """The mixture-fused model of a fit (fuse.mixture_weights' pi)."""
+    return MixtureDenoiser([auxiliaries[n] for n in mixture["names"]], router, mixture[mixture["weights"]]["pi"],
+                           mixture["priors"], names=mixture["names"], batched=cfg.fuse.batched,
+                           skip=cfg.fuse.mixture_skip)
+
+
+def load_mixture(cfg: RunConfig) -> dict:
+    path = RunDir.of(cfg).mixture_file
+    if not path.is_file():
+        raise ModelError(f"no {path}: run `scorefuse fuse` with fuse.mixture=true first")
+    return json.loads(path.read_text())
 
 
 # ---- the baselines ----------------------------------------------------------------------------------------
@@ -163,7 +258,7 @@ def target_finetune(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path
 
 
 def checkpoint_merge(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
-    """Weights averaged with the fitted lambda: a different model from the fused one (METHODS.md §1). Needs
+    """Weights averaged with the fitted lambda: a different model from the fused one (docs/METHODS.md §1). Needs
     one lambda: with sigma bins, the single-lambda fit on the same draws."""
     if ctx.acc.is_main_process:
         lam = single_lambda(fit)
@@ -202,6 +297,17 @@ def run(cfg: RunConfig) -> dict:
                          title=f"ScoreFusion lambda ({fit['method']} fit, n = {fit['target_images']})")
             fused = fused_denoiser(fit, auxiliaries, batched=cfg.fuse.batched).to(ctx.device)
             ctx.save_grid(ctx.sampler(fused), run_dir.fuse)
+        if cfg.fuse.mixture:
+            router = train_router(ctx, list(auxiliaries))
+            if ctx.acc.is_main_process:
+                mixture = fit_mixture(ctx, auxiliaries, router)
+                write_atomically(run_dir.mixture_file, (json.dumps(mixture, indent=1) + "\n").encode())
+                ctx.log(f"fuse (mixture): pi {' '.join(f'{v:.3f}' for v in mixture['router']['pi'])} (router EM)"
+                        + (f", {' '.join(f'{v:.3f}' for v in mixture['nll']['pi'])} (likelihood EM)"
+                           if "nll" in mixture else ""))
+                model = mixture_denoiser(cfg, mixture, auxiliaries, router).to(ctx.device)
+                ctx.save_grid(ctx.sampler(model), run_dir.fuse, MIXTURE_GRID)
+        if ctx.acc.is_main_process:
             mark_finished(run_dir.fuse, {"seconds": fit["exact"]["seconds"] + fit["sgd"]["seconds"]})
         ctx.acc.wait_for_everyone()
     for name in cfg.fuse.baselines:

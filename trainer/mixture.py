@@ -1,0 +1,109 @@
+"""Mixture fusion (docs/METHODS.md §1b): the second fusion rule, for a target that is a mixture of the auxiliary
+populations, p = sum_i pi_i p_i, which the barycenter (a product of experts) cannot express in general.
+
+The noised target is the same mixture of the noised p_i, so its denoiser is exactly
+
+    D(x; sigma) = sum_i w_i(x, sigma) D_i(x; sigma),   w_i = pi_i p_i(x; sigma) / sum_j pi_j p_j(x; sigma).
+
+The posteriors come from a router: a noise-conditional classifier trained to tell which auxiliary population a
+noised image came from, with class priors rho_i, outputs q_i = rho_i p_i / sum_j rho_j p_j, so
+w_i is proportional to pi_i q_i / rho_i. The weights pi are fitted on the n target images by EM on density
+ratios r_i = q_i / rho_i at a small sigma (or, as a check, on each auxiliary's own likelihood of the images):
+
+    pi_i <- mean_x [pi_i r_i(x) / sum_j pi_j r_j(x)].
+"""
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from shards.errors import ModelError
+from trainer.fused_denoiser import FusedDenoiser, check_weights
+
+EM_TOLERANCE = 1e-10
+
+
+def em_mixture_weights(log_ratios: torch.Tensor, steps: int = 10_000) -> tuple[torch.Tensor, float]:
+    """Maximum-likelihood mixture weights by EM from per-image log density ratios (or log-likelihoods)
+    log r_i(x) [N, K], any constant per image allowed: (pi [K], mean over images of log sum_i pi_i r_i(x)).
+    Starts uniform; each step cannot lower the log-likelihood; stops when pi moves less than EM_TOLERANCE."""
+    log_r = torch.as_tensor(log_ratios, dtype=torch.float64)
+    if log_r.dim() != 2 or len(log_r) == 0:
+        raise ModelError(f"EM needs per-image log ratios [N, K], got shape {tuple(log_r.shape)}")
+    pi = torch.full((log_r.shape[1],), 1 / log_r.shape[1], dtype=torch.float64)
+    for _ in range(steps):
+        responsibilities = torch.softmax(log_r + pi.log(), dim=1)
+        new = responsibilities.mean(dim=0)
+        done = (new - pi).abs().max() < EM_TOLERANCE
+        pi = new
+        if done:
+            break
+    return pi, float(torch.logsumexp(log_r + pi.clamp(min=1e-300).log(), dim=1).mean())
+
+
+class MixtureDenoiser(nn.Module):
+    """D(x; sigma) = sum_i w_i(x, sigma) D_i(x; sigma) with w_i proportional to pi_i exp(router logit_i) / rho_i,
+    with the call signature of trainer.edm.Denoiser.
+
+    router: (x, sigma) -> logits [B, K], log p_i(x; sigma) up to a constant per sample, trained with class
+        priors `priors` (rho; uniform when the router saw the populations equally often).
+    skip: networks whose weight is below it for every sample of a call are not run, and the others' weights
+        renormalised (the cost then approaches one network where the posterior is sure, small sigma); 0 runs
+        all K always. With pi = e_j every other weight is exactly 0, so only network j runs and the output is
+        D_j's bit for bit.
+    The auxiliaries are held by a FusedDenoiser (its batched vmapped path and error messages); its own lambda
+    plays no part.
+    """
+
+    def __init__(self, denoisers: Sequence[nn.Module], router: nn.Module, pi, priors=None,
+                 names: Sequence[str] | None = None, batched: bool | None = None, skip: float = 0.0):
+        super().__init__()
+        k = len(denoisers)
+        self.networks = FusedDenoiser(denoisers, torch.full((k,), 1 / k), names=names, batched=batched)
+        self.router = router.eval().requires_grad_(False)
+        self.register_buffer("pi", check_weights(pi, k)[0])
+        priors = torch.full((k,), 1 / k) if priors is None else priors
+        self.register_buffer("log_prior_ratio", self.pi.clamp(min=1e-300).log()
+                             - check_weights(priors, k)[0].log())
+        self.register_buffer("active", self.pi > 0)
+        self.skip = skip
+        self.names = self.networks.names
+        self.sigma_data = self.networks.sigma_data
+        if hasattr(self.networks, "image_shape"):
+            self.image_shape = self.networks.image_shape
+
+    @property
+    def num_models(self) -> int:
+        return self.networks.num_models
+
+    @property
+    def networks_per_call(self) -> int:
+        """At most; fewer run where the router is sure (skip) or pi is 0."""
+        return int(self.active.sum())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.router.eval()
+        return self
+
+    def weights(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """w [B, K], float64: the posterior of each population for each sample."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        logits = self.router(x.to(torch.float32), sigma).to(torch.float64)
+        logits = torch.where(self.active, logits + self.log_prior_ratio, -math.inf)
+        return torch.softmax(logits, dim=1)
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        w = self.weights(x, sigma)
+        run = (w >= self.skip).any(dim=0) & self.active if self.skip > 0 else self.active
+        indices = run.nonzero().flatten().tolist()
+        if len(indices) == 1:
+            return self.networks._run_one(indices[0], x, sigma)
+        if len(indices) == self.num_models:
+            outputs = self.networks.all_outputs(x, sigma)
+        else:
+            outputs = torch.stack([self.networks._run_one(i, x, sigma) for i in indices])
+        w = w[:, indices]
+        w = (w / w.sum(dim=1, keepdim=True)).to(outputs.dtype)
+        return (w.T[:, :, None, None, None] * outputs).sum(dim=0)

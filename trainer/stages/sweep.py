@@ -1,0 +1,114 @@
+"""sweep: ScoreFusion's experiment, the target size n against every method (the paper's figure: NLL vs n).
+
+Each n in sweep.sizes is a run of its own, runs/<name>/sweep/n<n>/: its data directory holds a target of n
+images cut like the main run's (nested: a smaller target is a subset of a larger one) and shares the main
+run's auxiliary and reference shards (shards/prepare.py, shared=); it fits lambda and trains the baselines on
+those n images (the fuse stage) and is evaluated against the same held-out images (the evaluate stage). The
+auxiliaries, the feature classifier and the evaluation cache are the main run's (trainer/rundir.py), so the
+auxiliaries are trained once and each one's samples are measured once. Every step skips what is finished:
+the sweep resumes like any stage, and `scorefuse submit` runs the sizes as an array job.
+
+The summary, written once every size has its report: sweep.md (how fusion compares with the baselines at
+each n, then a table per metric), sweep.json (the same, and under "data" every metric of every model at every
+n with its uncertainty) and one plot per metric (metric vs n, a line per method, error bars).
+"""
+import json
+
+from evaluation.plots import metric_vs_n
+from evaluation.report import write_report
+from shards.errors import ConfigError, ModelError
+from trainer.config import RunConfig, sweep_member
+from trainer.engine import make_accelerator
+from trainer.progress import say
+from trainer.rundir import RunDir, is_finished
+from trainer.stages import evaluate, fuse, prepare
+
+# The methods on the plots (every model of a member's report is in sweep.json): fusion and its baselines.
+METHODS = ("fused-exact", "fused-sgd", "fused-mixture", "target-scratch", "target-finetune", "checkpoint-merge")
+# report column -> (the plot's file name, what the error bar shows)
+METRICS = {"NLL bits/dim": ("nll", "± standard error"), "held-out loss": ("loss", "± standard error"),
+           "KID": ("kid", "± std over subsets"), "copies %": ("copies", "")}
+
+
+def run(cfg: RunConfig, sizes: list[int] | None = None) -> None:
+    """Run the sweep's sizes (all of sweep.sizes, or `sizes`), then the summary if every size is done."""
+    if cfg.sweep.n:
+        raise ConfigError(f"sweep.n={cfg.sweep.n} names one run of a sweep; run the sweep from the main config")
+    if not cfg.sweep.sizes:
+        raise ConfigError("sweep.sizes is empty: give the target sizes, e.g. sweep.sizes=[16,32,64]")
+    unknown = sorted(set(sizes or []) - set(cfg.sweep.sizes))
+    if unknown:
+        raise ConfigError(f"n={','.join(map(str, unknown))}: not in sweep.sizes {list(cfg.sweep.sizes)}")
+    main = RunDir.of(cfg)
+    missing = [name for name, stage in main.aux_dirs(cfg).items() if not is_finished(stage)]
+    if missing:
+        raise ModelError(f"the sweep reuses the trained auxiliaries, and {', '.join(missing)} is not trained: run "
+                         f"`scorefuse run stages=prepare,train-aux` first")
+    acc = make_accelerator(cfg.train, cfg.launch.timeout_minutes)
+    for n in sizes or cfg.sweep.sizes:
+        member = sweep_member(cfg, n)
+        say(f"sweep: target size n = {n} in {RunDir.of(member).root}")
+        if acc.is_main_process:  # one process writes the data
+            prepare.run(member, shared=main.data)
+        acc.wait_for_everyone()
+        fuse.run(member)
+        evaluate.run(member)
+    reports = {n: RunDir.of(sweep_member(cfg, n)).report.with_suffix(".json") for n in cfg.sweep.sizes}
+    if acc.is_main_process and all(path.is_file() for path in reports.values()):
+        summarise(cfg, {n: json.loads(path.read_text()) for n, path in reports.items()})
+
+
+def _section(report: dict, name: str) -> list:
+    return next((s.get("rows", s.get("text")) for s in report["sections"] if s["name"] == name), [])
+
+
+def summarise(cfg: RunConfig, reports: dict[int, dict]) -> None:
+    main = RunDir.of(cfg)
+    sizes = sorted(reports)
+    rows = {n: {row["model"]: row for row in _section(reports[n], "Models and floors")} for n in sizes}
+    fd_column = next(k for k in rows[sizes[0]][METHODS[0]] if k.startswith(("fd", "fid")) and " vs " in k)
+    metrics = {**METRICS, fd_column: ("fd", "95% bootstrap interval")}
+    models = [m for m in rows[sizes[0]] if all(m in rows[n] for n in sizes)]
+    table = {metric: {model: {n: rows[n][model].get(metric) for n in sizes} for model in models} for metric in metrics}
+    comparisons = {n: _section(reports[n], "Fusion against the baselines") for n in sizes}
+
+    sections = [("Fusion against the baselines", _findings(comparisons, cfg))]
+    for metric, (file_name, bars) in metrics.items():
+        series = {model: [(n, *_bar(value)) for n, value in table[metric][model].items() if value is not None]
+                  for model in METHODS if model in table[metric]}
+        metric_vs_n(series, main.sweep / f"{file_name}.png", metric,
+                    f"{metric} vs target size n ({bars})" if bars else f"{metric} vs target size n")
+        sections.append((metric, [{"model": model, **{f"n = {n}": table[metric][model][n] for n in sizes}}
+                                  for model in models]))
+    notes = ["Each n is the run sweep/n<n>/ (its report.md has the details and the floors); every model is "
+             "measured on the same held-out images at every n.",
+             "Plots: " + ", ".join(f"{file_name}.png" for file_name, _ in metrics.values()) + " in this directory."]
+    write_report(main.sweep / "sweep.md", f"scorefuse sweep: {cfg.name}, target sizes {sizes}", sections, notes,
+                 data={"sizes": sizes, "metrics": table, "comparisons": comparisons})
+    say(f"sweep: summary in {main.sweep / 'sweep.md'}")
+
+
+def _bar(value) -> tuple[float, float, float]:
+    """(value, low, high) of a report cell: an interval, a mean with its standard error or std, a number."""
+    if isinstance(value, dict) and "low" in value:
+        return value["value"], value["low"], value["high"]
+    if isinstance(value, dict):
+        spread = value.get("se", value.get("std", 0.0))
+        return value["mean"], value["mean"] - spread, value["mean"] + spread
+    return float(value), float(value), float(value)
+
+
+def _findings(comparisons: dict[int, list[dict]], cfg: RunConfig) -> list[str]:
+    """Per baseline and metric, the sizes at which the fused model (fuse.method's) is better, worse or
+    indistinguishable: computed from the members' paired comparisons."""
+    lines = []
+    for fused in (f"fused-{cfg.fuse.method}", "fused-mixture"):
+        for baseline in ("target-scratch", "target-finetune", "checkpoint-merge"):
+            for metric, name in (("NLL", "held-out NLL (paired)"), ("FD", "Fréchet distance (95% intervals)")):
+                verdicts = {n: row[metric] for n, rows in comparisons.items() for row in rows
+                            if row["fused"] == fused and row["baseline"] == baseline and row[metric]}
+                if verdicts:
+                    by = {v: [n for n in sorted(verdicts) if verdicts[n] == v] for v in ("better", "indistinguishable", "worse")}
+                    lines.append(f"{fused} against {baseline} on {name}: " + "; ".join(
+                        f"{v} at n = {', '.join(map(str, ns))}" for v, ns in by.items() if ns) + ".")
+    return lines
