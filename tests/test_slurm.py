@@ -18,8 +18,8 @@ from trainer.preemption import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-# conftest.FAST without the sample grids during training
-FAST = [f for f in PIPELINE_FAST if f != "train.snapshot_every_kimg=0.32"]
+# conftest.FAST without the sample grids during training, and without the digits config's sweep
+FAST = [f for f in PIPELINE_FAST if f != "train.snapshot_every_kimg=0.32"] + ["sweep.sizes=[]"]
 # One CPU per job: the node has 2, so two array tasks run at once.
 SBATCH = ["--cpus-per-task=1", "--time=00:30:00"]
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -94,6 +94,15 @@ def test_submit_runs_the_whole_pipeline_with_an_array_job(slurm_cluster, tmp_pat
     models = {row["model"] for section in report["sections"] for row in section.get("rows", []) if "model" in row}
     assert {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused-exact", "distill"} <= models
     assert (run / "report.md").is_file()
+
+
+def test_a_refused_job_is_one_line_naming_it(slurm_cluster, tmp_path):
+    proc = scorefuse("submit", "--config", DIGITS, "--sbatch=--partition=nosuchpartition", f"root={tmp_path}",
+                     "sweep.sizes=[]", check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scorefuse: error: sbatch refused the prepare job:"), lines
+    assert "partition" in lines[0].lower()
 
 
 def train_args(root, total_steps, workers=0):

@@ -246,6 +246,20 @@ def verdict(ctx, measured: list[Measured], stats: dict) -> list[str]:
             parts.append(f"Fréchet distance {_interval(stats[row['fused']]['fd'])} vs "
                          f"{_interval(stats[row['baseline']]['fd'])} ({row['FD']})")
         lines.append(f"Fusion ({row['fused']}) against {row['baseline']}: " + "; ".join(parts) + ".")
+    by_label = {m.label: m for m in measured}
+    barycenter, mixture = by_label.get(f"fused-{cfg.fuse.method}"), by_label.get("fused-mixture")
+    if barycenter is not None and mixture is not None:
+        parts = []
+        if mixture.nll is not None and barycenter.nll is not None and len(mixture.nll) > 1:
+            difference, se = paired_difference(mixture.nll, barycenter.nll)
+            parts.append(f"NLL difference {difference:+.3f} ± {se:.3f} bits/dim, paired "
+                         f"({_relation(difference < -2 * se, difference > 2 * se)})")
+        a, b = stats[mixture.label]["fd"], stats[barycenter.label]["fd"]
+        if a is not None and b is not None:
+            parts.append(f"Fréchet distance {_interval(a)} vs {_interval(b)} "
+                         f"({_relation(separated(a, b) and a.value < b.value, separated(a, b) and a.value > b.value)})")
+        if parts:
+            lines.append(f"Mixture fusion against the barycenter ({barycenter.label}): " + "; ".join(parts) + ".")
     threshold = cfg.eval.copy_threshold
     copying = [(m.label, stats[m.label]["copies"]) for m in measured if stats[m.label]["copies"]["copy_share"] >= 0.1]
     if copying:
