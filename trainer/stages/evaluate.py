@@ -312,8 +312,9 @@ def report_notes(ctx, name: str, floor_tv: float | None) -> list[str]:
         "(sigma, noise) draws per image, the same draws for every model; mean ± standard error.",
         f"{name}: Fréchet distance of {ev.num_samples} samples to the population `{ctx.fd_reference}` in {extractor} feature "
         f"space{'' if extractor == 'inception' else ' (not FID)'}, [95% bootstrap interval, {ev.bootstrap} rounds "
-        "resampling samples and held-out images]; KID: unbiased MMD^2 (cubic kernel), mean ± std over "
-        f"{ev.kid_subsets} subsets.",
+        "resampling samples and held-out images]; KID: unbiased MMD^2 (cubic kernel) in the same features' units, "
+        f"mean ± std over {ev.kid_subsets} subsets of min({ev.kid_subset_size}, the smaller set) images (where both "
+        "sets are that small, every subset is all of them and the std is 0).",
         f"copies: share of samples whose nearest target training image (pixel L2) is nearer than {ev.copy_threshold:.2f} "
         "x the second nearest; NN train / NN held-out: mean distance of a sample to its nearest training image / "
         "to the nearest of as many held-out images, as a root-mean-square pixel difference (0..255). Pictures of "
