@@ -3,12 +3,17 @@ run of its own sharing the main run's auxiliaries and shards, the targets are ne
 table and a plot per metric; under `submit` the sizes are an array job after the auxiliaries."""
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shards.manifest import load_manifest, shard_paths
+from shards.populations import allocate_counts
 from shards.stream import read_population
 from tests.conftest import DIGITS, scorefuse
+from trainer.config import load_config
+from trainer.stages import sweep as sweep_stage
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +35,7 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
         assert (sweep / f"{name}.png").is_file()
     md = (sweep / "sweep.md").read_text()
     assert "fused-exact against target-scratch on held-out NLL (paired):" in md
+    assert "The targets are nested" in md
 
     small, large = (sweep / "n8" / "data"), (sweep / "n16" / "data")
     targets = [set(map(tuple, read_population(d, "target")[0].flatten(1).tolist())) for d in (small, large)]
@@ -48,3 +54,15 @@ def test_submit_queues_the_sizes_as_an_array_after_the_auxiliaries(tmp_path):
     lines = {line.split("=", 1)[0]: line for line in out.splitlines()}
     assert '"--dependency=afterok:$train_aux" --array=0-1' in lines["sweep_runs"] and "n=16,32" in lines["sweep_runs"]
     assert '"--dependency=afterok:$sweep_runs"' in lines["sweep"]
+
+
+def test_sizes_whose_rounding_breaks_nesting_are_named(monkeypatch):
+    """Largest-remainder rounding of the digits' target mixture gives class 5 two images at n = 16 and one at
+    n = 17: the n = 16 target is then not inside the n = 17 one, and the summary says so."""
+    cfg = load_config(DIGITS, [])
+    mixture = np.array([cfg.data.target.mixture[str(k)] for k in range(10)])
+    histograms = {n: {str(k): int(c) for k, c in enumerate(allocate_counts(n, mixture))} for n in (16, 17, 32)}
+    monkeypatch.setattr(sweep_stage, "load_manifest", lambda data: {"populations": {cfg.data.target.name: {
+        "class_histogram": histograms[int(Path(data).parent.name[1:])]}}})
+    assert "NOT nested at n = 16 -> 17:" in sweep_stage._nesting(cfg, [16, 17, 32])
+    assert sweep_stage._nesting(cfg, [16, 32]).startswith("The targets are nested")

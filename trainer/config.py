@@ -29,7 +29,7 @@ class LaunchSpec:
 @dataclass
 class SweepSpec:
     """The sweep over the target size n (`scorefuse sweep`): each n is a run of its own under
-    <run>/sweep/n<n>/ with a target of n images (nested: a smaller target is a subset of a larger one),
+    <run>/sweep/n<n>/ with a target of n images (nested where rounding the mixture allows: sweep.md says),
     the same auxiliaries, reference and feature classifier."""
     sizes: List[int] = field(default_factory=list)
     n: Optional[int] = None  # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it
