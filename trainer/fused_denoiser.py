@@ -3,7 +3,7 @@
 Because the weights sum to one, fusing denoisers is the same as fusing scores
 (s = (D - x) / sigma^2 is affine in D), so sampling the KL barycenter of the auxiliaries is running the
 ordinary sampler on D_lambda (docs/METHODS.md §1). The weights are checked to sum to one but may be
-negative: the sum-to-one optimum without the sign constraint (trainer/barycenter.py) is a useful
+negative: the sum-to-one optimum without the sign constraint (trainer/lambda_fit.py) is a useful
 diagnostic model too. lambda is one vector for every sigma (the paper) or piecewise constant over
 sigma bins (one vector per bin, a natural extension).
 
@@ -136,8 +136,7 @@ class FusedDenoiser(nn.Module):
     def networks_per_call(self) -> int:
         """Networks one call at one sigma runs (as in the sampler), the most over the sigma bins: 1 where
         that bin's lambda is one-hot (forward runs only that model), else K."""
-        one_hot = (self.weights == 1).any(dim=1) & ((self.weights == 0).sum(dim=1) == self.num_models - 1)
-        return 1 if bool(one_hot.all()) else self.num_models
+        return 1 if bool(_one_hot(self.weights).all()) else self.num_models
 
     @property
     def num_bins(self) -> int:
@@ -162,10 +161,10 @@ class FusedDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         lam = self.weights_for(sigma, x.shape[0])
-        one_hot = (lam == 1).any(dim=1) & ((lam == 0).sum(dim=1) == self.num_models - 1)
+        one_hot = _one_hot(lam)
         chosen = lam.argmax(dim=1)
         if one_hot.all() and (chosen == chosen[0]).all():
-            return self._run_one(int(chosen[0]), x, sigma)
+            return self.run_one(int(chosen[0]), x, sigma)
         outputs = self.all_outputs(x, sigma)
         lam = lam.to(device=outputs.device, dtype=outputs.dtype)
         fused = (lam.T[:, :, None, None, None] * outputs).sum(dim=0)
@@ -180,13 +179,14 @@ class FusedDenoiser(nn.Module):
         """Every auxiliary's D_i(x; sigma), float32 [K, B, C, H, W]."""
         if self.uses_batched(x.device):
             return self._run_batched(x, sigma)
-        return torch.stack([self._run_one(i, x, sigma) for i in range(self.num_models)])
+        return torch.stack([self.run_one(i, x, sigma) for i in range(self.num_models)])
 
     def _apply(self, fn, *args, **kwargs):
         self._stacked = None  # .to(), .cpu(), .half() ...: the stacked copy would stay behind on the old device
         return super()._apply(fn, *args, **kwargs)
 
-    def _run_one(self, index: int, x: torch.Tensor, sigma) -> torch.Tensor:
+    def run_one(self, index: int, x: torch.Tensor, sigma) -> torch.Tensor:
+        """D_index(x; sigma), float32, its failures named."""
         try:
             output = self.denoisers[index](x, sigma)
         except torch.OutOfMemoryError:
@@ -250,6 +250,11 @@ def merge_weights(denoisers: Sequence[nn.Module], lam) -> dict[str, torch.Tensor
                 raise ModelError(f"cannot merge non-float buffer {key!r}: it differs between models")
             merged[key] = first.detach().clone()
     return merged
+
+
+def _one_hot(weights: torch.Tensor) -> torch.Tensor:
+    """Which rows of weights [rows, K] are a vertex e_j of the simplex, bool [rows]."""
+    return (weights == 1).any(dim=1) & ((weights == 0).sum(dim=1) == weights.shape[1] - 1)
 
 
 def _common_image_shape(denoisers: Sequence[nn.Module], names: list[str]) -> tuple | None:

@@ -332,8 +332,8 @@ def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, 
     per rank by the engine's caller, as in the diffusion stage), compute the K outputs without gradients,
     and return the mean over the batch of w(sigma) * the squared error summed over pixels, the paper's
     scaling (P times the GramStats value under the per-pixel edm objective; the same under paper). Logits
-    start from `init` (N(0, 1)). The engine writes its own learning rate (train.lr) into the optimizer every
-    step, so the paper's lr 0.1 must also be the run's train.lr."""
+    start from `init` (N(0, 1)). Under the engine the optimizer's rate is the TrainSpec's, written every step
+    (the fuse stage's spec carries fuse.sgd_lr); `lr` serves a loop of one's own (bench/fusion.py)."""
     weights = SoftmaxWeights(fused.num_models, sigma_edges, init)
     optimizer = torch.optim.SGD(weights.parameters(), lr=lr, momentum=momentum, fused=True)
 

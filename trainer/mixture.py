@@ -99,11 +99,11 @@ class MixtureDenoiser(nn.Module):
         run = (w >= self.skip).any(dim=0) & self.active if self.skip > 0 else self.active
         indices = run.nonzero().flatten().tolist()
         if len(indices) == 1:
-            return self.networks._run_one(indices[0], x, sigma)
+            return self.networks.run_one(indices[0], x, sigma)
         if len(indices) == self.num_models:
             outputs = self.networks.all_outputs(x, sigma)
         else:
-            outputs = torch.stack([self.networks._run_one(i, x, sigma) for i in indices])
+            outputs = torch.stack([self.networks.run_one(i, x, sigma) for i in indices])
         w = w[:, indices]
         w = (w / w.sum(dim=1, keepdim=True)).to(outputs.dtype)
         return (w.T[:, :, None, None, None] * outputs).sum(dim=0)

@@ -36,8 +36,8 @@ def seed_of(*words: int) -> int:
 
 
 def generator(*words: int, device="cpu") -> torch.Generator:
-    """A torch.Generator on `device` seeded by `words`. Draw on the generator's own device: a CPU
-    generator cannot fill a CUDA tensor (torch.randn(..., generator=cpu, device="cuda") raises)."""
+    """A torch.Generator on `device` seeded by `words`. Draw on the generator's own device: PyTorch refuses
+    a draw whose tensor lives on another device than its generator (a CPU generator cannot fill CUDA memory)."""
     return torch.Generator(device=device).manual_seed(seed_of(*words))
 
 

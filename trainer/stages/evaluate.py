@@ -235,31 +235,24 @@ def verdict(ctx, measured: list[Measured], stats: dict) -> list[str]:
         lines.append(f"Fréchet distance: {ranked[0].label} is lowest at {_interval(best)}"
                      + (f", indistinguishable (overlapping 95% intervals) from {', '.join(ties)}." if ties
                         else ", and its interval overlaps no other model's."))
-    for row in comparisons(measured, stats):
-        if row["fused"] != f"fused-{cfg.fuse.method}" or row["baseline"] not in ("target-scratch", "target-finetune"):
-            continue
-        parts = []
-        if row["NLL difference"] is not None:
-            d = row["NLL difference"]
-            parts.append(f"NLL difference {d['mean']:+.3f} ± {d['se']:.3f} bits/dim, paired ({row['NLL']})")
-        if row["FD"] is not None:
-            parts.append(f"Fréchet distance {_interval(stats[row['fused']]['fd'])} vs "
-                         f"{_interval(stats[row['baseline']]['fd'])} ({row['FD']})")
-        lines.append(f"Fusion ({row['fused']}) against {row['baseline']}: " + "; ".join(parts) + ".")
     by_label = {m.label: m for m in measured}
-    barycenter, mixture = by_label.get(f"fused-{cfg.fuse.method}"), by_label.get("fused-mixture")
-    if barycenter is not None and mixture is not None:
-        parts = []
-        if mixture.nll is not None and barycenter.nll is not None and len(mixture.nll) > 1:
-            difference, se = paired_difference(mixture.nll, barycenter.nll)
-            parts.append(f"NLL difference {difference:+.3f} ± {se:.3f} bits/dim, paired "
-                         f"({_relation(difference < -2 * se, difference > 2 * se)})")
-        a, b = stats[mixture.label]["fd"], stats[barycenter.label]["fd"]
-        if a is not None and b is not None:
-            parts.append(f"Fréchet distance {_interval(a)} vs {_interval(b)} "
-                         f"({_relation(separated(a, b) and a.value < b.value, separated(a, b) and a.value > b.value)})")
-        if parts:
-            lines.append(f"Mixture fusion against the barycenter ({barycenter.label}): " + "; ".join(parts) + ".")
+    barycenter = by_label.get(f"fused-{cfg.fuse.method}")
+    if barycenter is not None:
+        pairs = [(f"Fusion ({barycenter.label}) against {b}", barycenter, by_label[b])
+                 for b in ("target-scratch", "target-finetune") if b in by_label]
+        if "fused-mixture" in by_label:
+            pairs.append((f"Mixture fusion against the barycenter ({barycenter.label})", by_label["fused-mixture"],
+                          barycenter))
+        for title, a, b in pairs:
+            row, parts = compare(a, b, stats), []
+            if row["NLL difference"] is not None:
+                d = row["NLL difference"]
+                parts.append(f"NLL difference {d['mean']:+.3f} ± {d['se']:.3f} bits/dim, paired ({row['NLL']})")
+            if row["FD"] is not None:
+                parts.append(f"Fréchet distance {_interval(stats[a.label]['fd'])} vs "
+                             f"{_interval(stats[b.label]['fd'])} ({row['FD']})")
+            if parts:
+                lines.append(f"{title}: " + "; ".join(parts) + ".")
     threshold = cfg.eval.copy_threshold
     copying = [(m.label, stats[m.label]["copies"]) for m in measured if stats[m.label]["copies"]["copy_share"] >= 0.1]
     if copying:
@@ -276,24 +269,25 @@ def verdict(ctx, measured: list[Measured], stats: dict) -> list[str]:
 
 
 def comparisons(measured: list[Measured], stats: dict) -> list[dict]:
-    """Every fused model against every baseline: the paired NLL difference (fused - baseline) and whether
-    it, and the Fréchet distance, say better, worse or indistinguishable (2 paired standard errors;
-    overlapping 95% intervals). The sweep reads these rows."""
+    """Every fused model against every baseline (compare); the sweep reads these rows."""
     by_label = {m.label: m for m in measured}
-    rows = []
-    for fused in (m for m in measured if m.label.startswith("fused-")):
-        for baseline in (b for b in ("target-scratch", "target-finetune", "checkpoint-merge") if b in by_label):
-            other = by_label[baseline]
-            row = {"fused": fused.label, "baseline": baseline, "NLL difference": None, "NLL": None, "FD": None}
-            if fused.nll is not None and other.nll is not None and len(fused.nll) > 1:
-                difference, se = paired_difference(fused.nll, other.nll)
-                row["NLL difference"] = {"mean": difference, "se": se}
-                row["NLL"] = _relation(difference < -2 * se, difference > 2 * se)
-            a, b = stats[fused.label]["fd"], stats[baseline]["fd"]
-            if a is not None and b is not None:
-                row["FD"] = _relation(separated(a, b) and a.value < b.value, separated(a, b) and a.value > b.value)
-            rows.append(row)
-    return rows
+    return [{"fused": fused.label, "baseline": baseline, **compare(fused, by_label[baseline], stats)}
+            for fused in measured if fused.label.startswith("fused-")
+            for baseline in ("target-scratch", "target-finetune", "checkpoint-merge") if baseline in by_label]
+
+
+def compare(a: Measured, b: Measured, stats: dict) -> dict:
+    """Model a against model b: the paired NLL difference (a - b), and whether it and the Fréchet distance
+    say better, worse or indistinguishable (2 paired standard errors; overlapping 95% intervals)."""
+    row = {"NLL difference": None, "NLL": None, "FD": None}
+    if a.nll is not None and b.nll is not None and len(a.nll) > 1:
+        difference, se = paired_difference(a.nll, b.nll)
+        row["NLL difference"] = {"mean": difference, "se": se}
+        row["NLL"] = _relation(difference < -2 * se, difference > 2 * se)
+    fa, fb = stats[a.label]["fd"], stats[b.label]["fd"]
+    if fa is not None and fb is not None:
+        row["FD"] = _relation(separated(fa, fb) and fa.value < fb.value, separated(fa, fb) and fa.value > fb.value)
+    return row
 
 
 def _relation(better: bool, worse: bool) -> str:
@@ -337,10 +331,9 @@ def report_notes(ctx, name: str, floor_tv: float | None) -> list[str]:
 
 def _paired(what: str, other: Measured, best: Measured, unit: str) -> str:
     difference, se = paired_difference(getattr(other, what.lower()), getattr(best, what.lower()))
-    verdict = "indistinguishable" if abs(difference) <= 2 * se else ("lower" if difference > 0 else "higher")
-    return (f"{what} {best.label} - {other.label} = {-difference:+.3f} ± {se:.3f} {unit} paired "
-            f"({best.label} {verdict} than {other.label})" if verdict != "indistinguishable" else
-            f"{what} {best.label} - {other.label} = {-difference:+.3f} ± {se:.3f} {unit} paired (indistinguishable)")
+    relation = "indistinguishable" if abs(difference) <= 2 * se else \
+        f"{best.label} {'lower' if difference > 0 else 'higher'} than {other.label}"
+    return f"{what} {best.label} - {other.label} = {-difference:+.3f} ± {se:.3f} {unit} paired ({relation})"
 
 
 def _interval(i: Interval) -> str:

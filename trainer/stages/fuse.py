@@ -110,12 +110,9 @@ def sgd_spec(cfg: RunConfig, target_images: int):
                    checkpoint_every_kimg=max(kimg / 4, 1e-3))
 
 
-def fit_lambda(ctx: StageContext, fused: FusedDenoiser) -> dict:
-    """Both fits on the target images; returns (and on the main process writes) lambda.json's content."""
+def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) -> dict:
+    """Both fits on the target images (uint8); returns (and on the main process writes) lambda.json's content."""
     cfg, acc, fuse = ctx.cfg, ctx.acc, ctx.cfg.fuse
-    images, _ = read_population(ctx.run.data, cfg.data.target.name, cfg.data.max_bad_samples)
-    if len(images) == 0:
-        raise ModelError(f"target population {cfg.data.target.name} has no images")
     edges = list(fuse.sigma_bins) or None
     autocast = AUTOCAST[cfg.train.precision]
     rank, world = acc.process_index, acc.num_processes
@@ -198,13 +195,12 @@ def train_router(ctx: StageContext, names: list[str]) -> Router:
     return load_router(stage)
 
 
-def fit_mixture(ctx: StageContext, auxiliaries: dict, router: Router) -> dict:
-    """pi by EM on the n target images: on the router's density ratios at fuse.router_sigma, and (nll_check)
+def fit_mixture(ctx: StageContext, images: torch.Tensor, auxiliaries: dict, router: Router) -> dict:
+    """pi by EM on the n target images (uint8): on the router's density ratios at fuse.router_sigma, and (nll_check)
     on each auxiliary's PF-ODE log-likelihood of the images; each with the bits/dim the mixture of the
     auxiliaries' likelihoods reaches with it (a comparable yardstick for both). Main process."""
     cfg, f, ev = ctx.cfg, ctx.cfg.fuse, ctx.cfg.eval
     started = time.perf_counter()
-    images, _ = read_population(ctx.run.data, cfg.data.target.name, cfg.data.max_bad_samples)
     log_r = log_density_ratios(router.to(ctx.device), to_unit(images).to(ctx.device), f.router_sigma,
                                f.router_draws, generator(cfg.train.seed, Stream.MIXTURE))
     pi, _ = em_mixture_weights(log_r)
@@ -267,7 +263,7 @@ def checkpoint_merge(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Pat
         merged.load_state_dict(merge_weights([auxiliaries[n] for n in fit["names"]], lam))
         export_denoiser(stage, merged, meta)
         mark_finished(stage, {"lambda": lam, "seconds": 0.0})
-        ctx.log(f"checkpoint-merge: weights averaged with lambda {' '.join(f'{v:.3f}' for v in lam)}")
+        ctx.log(f"checkpoint-merge: weights averaged with lambda {_fmt(lam)}")
     ctx.acc.wait_for_everyone()
 
 
@@ -288,7 +284,10 @@ def run(cfg: RunConfig) -> dict:
         names = list(auxiliaries)
         uniform = FusedDenoiser(list(auxiliaries.values()), torch.full((len(names),), 1 / len(names)), names=names,
                                 batched=cfg.fuse.batched).to(ctx.device)
-        fit = fit_lambda(ctx, uniform)
+        images, _ = read_population(ctx.run.data, cfg.data.target.name, cfg.data.max_bad_samples)
+        if len(images) == 0:
+            raise ModelError(f"target population {cfg.data.target.name} has no images")
+        fit = fit_lambda(ctx, uniform, images)
         if ctx.acc.is_main_process:
             write_atomically(run_dir.lambda_file, json.dumps(fit, indent=1).encode())
             edges = fit["sigma_edges"]
@@ -300,10 +299,10 @@ def run(cfg: RunConfig) -> dict:
         if cfg.fuse.mixture:
             router = train_router(ctx, list(auxiliaries))
             if ctx.acc.is_main_process:
-                mixture = fit_mixture(ctx, auxiliaries, router)
+                mixture = fit_mixture(ctx, images, auxiliaries, router)
                 write_atomically(run_dir.mixture_file, (json.dumps(mixture, indent=1) + "\n").encode())
-                ctx.log(f"fuse (mixture): pi {' '.join(f'{v:.3f}' for v in mixture['router']['pi'])} (router EM)"
-                        + (f", {' '.join(f'{v:.3f}' for v in mixture['nll']['pi'])} (likelihood EM)"
+                ctx.log(f"fuse (mixture): pi {_fmt(mixture['router']['pi'])} (router EM)"
+                        + (f", {_fmt(mixture['nll']['pi'])} (likelihood EM)"
                            if "nll" in mixture else ""))
                 model = mixture_denoiser(cfg, mixture, auxiliaries, router).to(ctx.device)
                 ctx.save_grid(ctx.sampler(model), run_dir.fuse, MIXTURE_GRID)
@@ -324,4 +323,6 @@ def _bin_labels(edges) -> list[str]:
 
 
 def _fmt(lam) -> str:
-    return " | ".join(" ".join(f"{v:.3f}" for v in row) for row in torch.as_tensor(lam).reshape(-1, lam.shape[-1]).tolist())
+    """Weights for the log: one row, or rows per sigma bin separated by |."""
+    lam = torch.as_tensor(lam)
+    return " | ".join(" ".join(f"{v:.3f}" for v in row) for row in lam.reshape(-1, lam.shape[-1]).tolist())
