@@ -123,6 +123,11 @@ def run(argv: list[str]) -> int:
         from launch.submit import submit
         return submit(ns)
     args, overrides = split_arguments(ns.command, ns.items)
+    # aux=all starts a launcher per model: refused under a launcher before anything is written (run's prepare
+    # comes before its train-aux)
+    if args.get("aux") == "all" or ns.command == "run" and "train-aux" in stages_to_run(args.get("stages")):
+        from launch.local import refuse_under_launcher
+        refuse_under_launcher("scorefuse run" if ns.command == "run" else "scorefuse train-aux aux=all")
     cfg = load_config(ns.config, overrides)
     import torch
     if not torch.cuda.is_available():  # DeepSpeed would say "Setting accelerator to CPU" in every stage

@@ -1,25 +1,48 @@
-"""Training several auxiliary models on one machine: concurrently on disjoint GPU subsets, or on CPU
-one after another (or a configured number at a time).
+"""Training several auxiliary models on one machine: on disjoint GPU subsets of equal size, as many at a time
+as finishes them soonest, or on CPU one after another (or a configured number at a time).
 
 Each model is its own process (`accelerate launch` when it has GPUs), so one model's failure or
 preemption does not take the others down, and each resumes on its own.
 """
+import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import torch
 
+from shards.errors import ConfigError
 from trainer.config import RunConfig
 from trainer.rundir import RunDir
 
+# How a launcher tells its processes how many they are (the variables Accelerate reads: torchrun's, MPI's).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
-def gpu_groups(num_gpus: int, num_models: int, parallel: int) -> list[list[int]]:
-    """Split GPUs 0..num_gpus-1 into `slots` disjoint groups of equal size, slots = how many models
-    train at once (parallel, or as many as there are GPUs, capped by the number of models)."""
-    slots = min(parallel or num_gpus, num_gpus, num_models)
-    size = num_gpus // slots
-    return [list(range(i * size, (i + 1) * size)) for i in range(slots)]
+
+def refuse_under_launcher(command: str) -> None:
+    """`train-aux aux=all` starts a launcher per auxiliary itself: in a process started by a launcher with
+    several processes, each of them would start the whole set again, on the same GPUs and ports."""
+    for name in WORLD_SIZE_VARIABLES:
+        n = int(os.environ.get(name) or 1)
+        if n > 1:
+            raise ConfigError(
+                f"{command} starts its own launchers (one per auxiliary model), but this process is one of {n} "
+                f"started by a launcher ({name}={n}): run it as a plain process (scorefuse train-aux aux=all ...), "
+                f"or train one auxiliary per `accelerate launch` with aux=NAME")
+
+
+def aux_schedule(num_gpus: int, num_models: int, step_batch: int, max_parallel: int = 0) -> tuple[int, int]:
+    """(p, s): train p models at a time on s GPUs each. s divides the per-step global batch (every rank
+    takes an equal share), p * s <= num_gpus, p <= num_models and p <= max_parallel when set (0: no limit).
+    Minimises the wall time ceil(num_models / p) / s (rounds of training, each s GPUs wide); ties go to
+    more GPUs used, then to fewer models at a time (less contention for memory, disks and cores)."""
+    options = []
+    for p in range(1, min(num_models, num_gpus, max_parallel or num_models) + 1):
+        s = max(d for d in range(1, num_gpus // p + 1) if step_batch % d == 0)
+        options.append((Fraction(math.ceil(num_models / p), s), -p * s, p, s))
+    _, _, p, s = min(options)
+    return p, s
 
 
 def physical_gpu_ids(group: list[int], visible: str | None) -> list[str]:
@@ -33,34 +56,50 @@ def physical_gpu_ids(group: list[int], visible: str | None) -> list[str]:
     return [ids[i] for i in group]
 
 
-def aux_commands(cfg: RunConfig, config_path: str, overrides: list[str]) -> tuple[list[tuple[str, list[str], dict]], int]:
+def thread_share(processes: int) -> dict:
+    """OMP_NUM_THREADS for each of `processes` processes running at once: an equal share of the cores this
+    process may use (a SLURM allocation or taskset gives fewer than os.cpu_count()), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"OMP_NUM_THREADS": str(max(1, cores // processes))}
+
+
+def aux_commands(cfg: RunConfig, config_path: str, overrides: list[str],
+                 log=print) -> tuple[list[tuple[str, list[str], dict]], int]:
     """(aux name, command, extra environment) per auxiliary model, and how many may run at once."""
     num_gpus = torch.cuda.device_count()
     names = [p.name for p in cfg.data.aux]
     base = ["-m", "launch.cli", "train-aux", "--config", config_path, *overrides]
     jobs = []
     if num_gpus:
-        groups = gpu_groups(num_gpus, len(names), cfg.launch.aux_parallel)
+        step_batch = cfg.train.batch // cfg.train.accum
+        parallel, size = aux_schedule(num_gpus, len(names), step_batch, cfg.launch.aux_parallel)
+        if idle := num_gpus - parallel * size:
+            cap = f", at most launch.aux_parallel={cfg.launch.aux_parallel} at a time" if cfg.launch.aux_parallel else ""
+            log(f"aux=all: {idle} of {num_gpus} GPUs stay idle: {parallel} model(s) at a time on {size} GPU(s) each "
+                f"is the fastest split for {len(names)} models (a model's GPU count must divide "
+                f"train.batch / train.accum = {step_batch}{cap})")
+        env = thread_share(parallel * size)  # accelerate launch gives its OMP_NUM_THREADS to each of its ranks
         for i, name in enumerate(names):
-            gpus = groups[i % len(groups)]
-            ids = physical_gpu_ids(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(len(gpus)),
-                   "--gpu_ids", ",".join(ids), "--main_process_port", str(29500 + i % len(groups)),
+            slot = i % parallel  # model i starts when model i - parallel, on the same GPUs, has finished
+            group = list(range(slot * size, (slot + 1) * size))
+            ids = physical_gpu_ids(group, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(size),
+                   "--gpu_ids", ",".join(ids), "--main_process_port", str(29500 + slot),
                    "--mixed_precision", cfg.train.precision, "--dynamo_backend", "no"]
-            if len(gpus) > 1:
+            if size > 1:
                 cmd.append("--multi_gpu")
-            jobs.append((name, cmd + base + [f"aux={name}"], {}))
-        return jobs, len(groups)
-    parallel = max(1, cfg.launch.aux_parallel)
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+            jobs.append((name, cmd + base + [f"aux={name}"], env))
+        return jobs, parallel
+    parallel = min(len(names), max(1, cfg.launch.aux_parallel))
+    env = thread_share(parallel)
     for name in names:
-        jobs.append((name, [sys.executable, *base, f"aux={name}"], {"OMP_NUM_THREADS": str(threads)}))
+        jobs.append((name, [sys.executable, *base, f"aux={name}"], env))
     return jobs, parallel
 
 
 def train_all(cfg: RunConfig, config_path: str, overrides: list[str], log=print) -> int:
     """Run every auxiliary's training; returns the first non-zero exit code (or 0)."""
-    jobs, parallel = aux_commands(cfg, config_path, overrides)
+    jobs, parallel = aux_commands(cfg, config_path, overrides, log)
     running: list[tuple[str, subprocess.Popen, object]] = []
     failures = []
 

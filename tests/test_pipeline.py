@@ -3,9 +3,7 @@ import json
 import os
 
 import numpy as np
-import pytest
 
-from launch.local import gpu_groups, physical_gpu_ids
 from tests.conftest import DIGITS, FAST, SHORT_TRAIN, scorefuse
 
 
@@ -64,26 +62,6 @@ def test_train_aux_before_prepare_says_so(tmp_path):
 def test_unknown_aux_is_named(tmp_path):
     proc = scorefuse("train-aux", "--config", DIGITS, f"root={tmp_path}", "aux=nope", check=False)
     assert proc.returncode == 2 and "aux=nope" in proc.stderr and "aux-low" in proc.stderr
-
-
-@pytest.mark.parametrize("gpus, models, parallel, expected", [
-    (8, 3, 0, [[0, 1], [2, 3], [4, 5]]),
-    (8, 2, 0, [[0, 1, 2, 3], [4, 5, 6, 7]]),
-    (2, 3, 0, [[0], [1]]),
-    (8, 4, 1, [[0, 1, 2, 3, 4, 5, 6, 7]]),
-])
-def test_gpu_groups_are_disjoint_subsets(gpus, models, parallel, expected):
-    assert gpu_groups(gpus, models, parallel) == expected
-
-
-@pytest.mark.parametrize("group, visible, expected", [
-    ([0, 1], None, ["0", "1"]),
-    ([0, 1], "4,5,6,7", ["4", "5"]),           # a SLURM job's GPUs: never another job's 0 and 1
-    ([2, 3], "4,5,6,7", ["6", "7"]),
-    ([1], "GPU-aaaa,GPU-bbbb", ["GPU-bbbb"]),
-])
-def test_gpu_groups_index_the_visible_devices(group, visible, expected):
-    assert physical_gpu_ids(group, visible) == expected
 
 
 def test_corrupt_shards_stop_training_with_one_line_naming_the_file(digits_run):

@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # conftest.FAST without the sample grids during training, and without the digits config's sweep
 FAST = [f for f in PIPELINE_FAST if f != "train.snapshot_every_kimg=0.32"] + ["sweep.sizes=[]"]
-# One CPU per job: the node has 2, so two array tasks run at once.
-SBATCH = ["--cpus-per-task=1", "--time=00:30:00"]
+# One CPU per job: the node has 2, so two array tasks run at once. No GPUs: the test cluster has none (sbatch
+# refuses the script's --gpus-per-node=8), and 0 tells the script to run each stage as one CPU process.
+SBATCH = ["--cpus-per-task=1", "--time=00:30:00", "--gpus-per-node=0"]
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
@@ -97,8 +98,8 @@ def test_submit_runs_the_whole_pipeline_with_an_array_job(slurm_cluster, tmp_pat
 
 
 def test_a_refused_job_is_one_line_naming_it(slurm_cluster, tmp_path):
-    proc = scorefuse("submit", "--config", DIGITS, "--sbatch=--partition=nosuchpartition", f"root={tmp_path}",
-                     "sweep.sizes=[]", check=False)
+    proc = scorefuse("submit", "--config", DIGITS, *[f"--sbatch={a}" for a in SBATCH],
+                     "--sbatch=--partition=nosuchpartition", f"root={tmp_path}", "sweep.sizes=[]", check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("scorefuse: error: sbatch refused the prepare job:"), lines
