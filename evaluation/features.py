@@ -11,10 +11,11 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.utils import create_feature_extractor
@@ -93,23 +94,54 @@ def frechet(features: torch.Tensor, reference: torch.Tensor) -> float:
     return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
 
 
+def frechet_float64(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """frechet in float64 torch on the features' device, for an accelerator: tr sqrt(S1 S2) as the trace of the
+    square root of the symmetric sqrt(S2) S1 sqrt(S2), which has the same eigenvalues, so two symmetric
+    eigendecompositions (fast on a GPU) replace torch-fidelity's general eig, which at D = 2048 takes seconds
+    of a CPU core. Both clip the eigenvalues that rounding makes negative to 0. It differs from frechet by at
+    most 1e-7 of tr S1 + tr S2 (tests/test_intervals.py; torch-fidelity's means are float32)."""
+    a, b = features.to(torch.float64), reference.to(torch.float64)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_b)
+    root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+    tr_covmean = torch.linalg.eigvalsh(root @ cov_a @ root).clamp(min=0).sqrt().sum()
+    return float((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_covmean)
+
+
 @dataclass
 class Ranks:
     """How work is spread: this process's rank, the world size, and the collectives (accelerator.gather,
-    accelerator.wait_for_everyone); one process needs none."""
+    accelerator.wait_for_everyone, accelerate's gather_object: every rank's list, concatenated in rank order);
+    one process needs none."""
     rank: int = 0
     world: int = 1
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     barrier: Callable[[], None] = lambda: None
+    gather_objects: Optional[Callable[[list], list]] = None
 
     @classmethod
     def of(cls, accelerator) -> "Ranks":
         return cls(accelerator.process_index, accelerator.num_processes, accelerator.gather,
-                   accelerator.wait_for_everyone)
+                   accelerator.wait_for_everyone, gather_object)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence) -> list:
+        """[fn(item) for item in items] on every rank, the items dealt round-robin: in each round every rank
+        computes at most one item, then all exchange the round's results. So no rank waits at a collective
+        longer than the slowest single item takes, however many items there are: that bound, not the whole
+        share of a rank, is what must stay below the process group's timeout. Results are picklable (CPU)."""
+        if self.world == 1:
+            return [fn(item) for item in items]
+        if self.gather_objects is None:
+            raise ValueError("spreading work over several ranks needs Ranks.gather_objects")
+        results = []
+        for start in range(0, len(items), self.world):
+            mine = start + self.rank
+            results += self.gather_objects([fn(items[mine])] if mine < len(items) else [])
+        return results
 
 
 class FeatureSpace:

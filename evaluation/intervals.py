@@ -5,18 +5,20 @@ A data-scarce target has a reference set of a few hundred images, so the referen
 of any difference between two models; the intervals here resample it too. All randomness comes from
 trainer.seeds, so the same features and seed give the same interval.
 """
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
-from evaluation.features import frechet
+from evaluation.features import frechet, frechet_float64
 from trainer.seeds import Stream, generator, seed_of
 
 # Bootstrap round r of frechet_interval draws from the words (seed, Stream.BOOTSTRAP, r), r = 0, 1, ...; KID's
 # subsets use this word instead, which no round reaches, so the two never share a seed.
 KID_WORD = 2**32 - 1
+
+Distance = Callable[[torch.Tensor, torch.Tensor], float]  # two feature sets [N, D], [M, D] -> their distance
 
 
 class Interval(NamedTuple):
@@ -26,8 +28,10 @@ class Interval(NamedTuple):
 
 
 def frechet_interval(sample_features: torch.Tensor, reference_features: torch.Tensor, rounds: int, seed: int,
-                     level: float = 0.95, method: str = "centered") -> Interval:
-    """(value, low, high): the Fréchet distance of the full sets and a bootstrap interval at `level`.
+                     level: float = 0.95, method: str = "centered", distance: Distance = frechet) -> Interval:
+    """(value, low, high): the Fréchet distance of the full sets and a bootstrap interval at `level`, as
+    bootstrap_interval(distance(samples, reference), [bootstrap_round(..., r) for r < rounds]); the report
+    computes the same pieces spread over the ranks. `distance`: frechet_on(the features' device).
 
     Each round resamples BOTH sets with replacement, so a small reference set's noise is in the interval.
     Round r draws from trainer.seeds.generator(seed, Stream.BOOTSTRAP, r), the reference indices first: two
@@ -50,29 +54,49 @@ def frechet_interval(sample_features: torch.Tensor, reference_features: torch.Te
     D x D product (a general, non-symmetric eig). D = 64: 200 rounds take 0.2 s at N = M = 300, 1.3 s at
     N = 10,000. D = 2048 (Inception): 3-4 s for the eigenvalues plus 1 s (N = 10,000) to 5 s (N = 50,000)
     for the covariance, i.e. 200 rounds at N = 50,000 take about half an hour; on shared cores keep BLAS to
-    one thread (OMP_NUM_THREADS=1), a contended 2-thread eig was 4-10x slower.
+    one thread (OMP_NUM_THREADS=1), a contended 2-thread eig was 4-10x slower. On a GPU, frechet_float64.
     """
+    _check_settings(rounds, level, method)
+    draws = [bootstrap_round(sample_features, reference_features, seed, r, distance) for r in range(rounds)]
+    return bootstrap_interval(distance(sample_features, reference_features), draws, level, method)
+
+
+def frechet_on(device) -> Distance:
+    """The Fréchet distance computed where features on `device` are: torch-fidelity's own on the CPU (the
+    report's numbers are torch-fidelity's), frechet_float64 on an accelerator."""
+    return frechet if torch.device(device).type == "cpu" else frechet_float64
+
+
+def bootstrap_round(sample_features: torch.Tensor, reference_features: torch.Tensor, seed: int, r: int,
+                    distance: Distance = frechet) -> float:
+    """The distance of round r's resamples of both sets (frechet_interval): the same value on any rank."""
     if len(sample_features) < 2 or len(reference_features) < 2:
         raise ValueError(f"need at least 2 samples and 2 reference features for a covariance, got "
                          f"{len(sample_features)} and {len(reference_features)}")
-    if rounds < 1 or not 0 < level < 1:
-        raise ValueError(f"need rounds >= 1 and 0 < level < 1, got rounds={rounds}, level={level}")
-    if method not in ("centered", "percentile", "basic"):
-        raise ValueError(f"method must be 'centered', 'percentile' or 'basic', got {method!r}")
-    samples, reference = sample_features.detach().cpu(), reference_features.detach().cpu()
-    value = frechet(samples, reference)
-    draws = []
-    for r in range(rounds):
-        g = generator(seed, Stream.BOOTSTRAP, r)
-        reference_rows = torch.randint(len(reference), (len(reference),), generator=g)
-        sample_rows = torch.randint(len(samples), (len(samples),), generator=g)
-        draws.append(frechet(samples[sample_rows], reference[reference_rows]))
+    g = generator(seed, Stream.BOOTSTRAP, r)
+    reference_rows = torch.randint(len(reference_features), (len(reference_features),), generator=g)
+    sample_rows = torch.randint(len(sample_features), (len(sample_features),), generator=g)
+    return distance(sample_features[sample_rows.to(sample_features.device)],
+                    reference_features[reference_rows.to(reference_features.device)])
+
+
+def bootstrap_interval(value: float, draws: Sequence[float], level: float = 0.95,
+                       method: str = "centered") -> Interval:
+    """The interval of frechet_interval from the full sets' value and the rounds' draws, in round order."""
+    _check_settings(len(draws), level, method)
     low, middle, high = np.quantile(draws, [(1 - level) / 2, 0.5, (1 + level) / 2])
     if method == "basic":
         low, high = 2 * value - high, 2 * value - low
     elif method == "centered":
         low, high = value - (middle - low), value + (high - middle)
     return Interval(value, float(low), float(high))
+
+
+def _check_settings(rounds: int, level: float, method: str) -> None:
+    if rounds < 1 or not 0 < level < 1:
+        raise ValueError(f"need rounds >= 1 and 0 < level < 1, got rounds={rounds}, level={level}")
+    if method not in ("centered", "percentile", "basic"):
+        raise ValueError(f"method must be 'centered', 'percentile' or 'basic', got {method!r}")
 
 
 def kernel_distance(sample_features: torch.Tensor, reference_features: torch.Tensor, subsets: int,

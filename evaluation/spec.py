@@ -15,17 +15,23 @@ class EvalSpec:
     # The population the Fréchet distance and KID compare samples with; null: data.reference (the held-out
     # images of the target mixture). The papers' FID-50k compares with the 50,000 training images instead.
     fd_reference: Optional[str] = None
-    batch: int = 256               # images per batch of feature extraction, NLL and held-out loss
+    batch: int = 256               # images per batch of feature extraction and held-out loss
     # Images per sampler call. Samples are computed in groups aligned to their indices (image i with the
     # images of group i // sample_batch), so image i does not depend on how the work is cut into chunks or
     # spread over processes; a network's floating-point rounding does depend on its batch's shape, so
     # changing sample_batch may change the last bit of a sample.
     sample_batch: int = 256
     grid_images: int = 64
+    # Autocast of every sampler that feeds a measurement (evaluate, the periodic Fréchet distance, grids):
+    # no (float32) | bf16. One setting, so a model's FD is measured at one precision during and after training.
+    sample_precision: str = "no"
     # Negative log-likelihood by the probability-flow ODE (evaluation/likelihood.py) on held-out images.
     nll_images: int = 200          # held-out reference images it is measured on (0: no NLL)
     nll_steps: int = 64            # Heun steps of the ODE (64: within ~0.01 bits/dim of the exact integral)
     nll_probes: int = 1            # Rademacher probes of the Hutchinson trace estimator per image
+    # Images per NLL batch (evaluate, and the likelihood check of fuse): autograd keeps one network's graph per
+    # image, about 111 MiB for EDM's DDPM++ at 32x32 and 289 MiB at 64x64; 16 fits any GPU.
+    nll_batch: int = 16
     # Uncertainty (evaluation/intervals.py) and memorisation (evaluation/memorisation.py).
     bootstrap: int = 200           # bootstrap rounds of the Fréchet distance's 95% interval
     kid_subsets: int = 100         # KID: mean and std over this many subsets ...

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from evaluation.features import frechet as frechet_distance
-from evaluation.intervals import (Interval, frechet_interval, kernel_distance, mean_se,
+from evaluation.features import frechet as frechet_distance, frechet_float64
+from evaluation.intervals import (Interval, frechet_interval, frechet_on, kernel_distance, mean_se,
                                   paired_difference, separated)
 
 
@@ -19,6 +19,20 @@ def test_frechet_distance_of_a_shifted_copy_is_the_squared_shift():
     shift = torch.arange(8.0) / 4
     assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()), rel=1e-6)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("n, m, d", [(300, 200, 16), (40, 50, 64)])  # the second: singular covariances
+def test_the_accelerators_frechet_distance_is_torch_fidelitys(n, m, d):
+    """frechet_float64 (symmetric eigendecompositions, for GPUs) against torch-fidelity's general eig: within
+    1e-7 of the covariances' traces (torch-fidelity's means are float32); selected by the device."""
+    mixing = torch.randn(d, d, generator=torch.Generator().manual_seed(2)) / d ** 0.5
+    a, b = gaussian(n, d, seed=0, shift=0.3) @ mixing, gaussian(m, d, seed=1) @ mixing.T
+    scale = float(torch.cov(a.T).trace() + torch.cov(b.T).trace())
+    assert frechet_float64(a, b) == pytest.approx(frechet_distance(a, b), abs=1e-7 * scale)
+    assert frechet_float64(a, a) == pytest.approx(0.0, abs=1e-7 * scale)
+    got = frechet_interval(a, b, rounds=20, seed=0, distance=frechet_float64)
+    assert got == pytest.approx(frechet_interval(a, b, rounds=20, seed=0), abs=1e-7 * scale)
+    assert frechet_on("cpu") is frechet_distance and frechet_on(torch.device("cuda", 1)) is frechet_float64
 
 
 def test_interval_contains_the_value_when_the_mean_shift_dominates():

@@ -14,6 +14,9 @@ from torch import nn
 
 from evaluation.likelihood import DEFAULT_STEPS, dequantize, log_likelihood, nll_bits_per_dim
 from trainer.edm import Denoiser
+from trainer.fused_denoiser import FusedDenoiser
+from trainer.mixture import MixtureDenoiser
+from trainer.router import Router
 from trainer.unet import build_unet
 
 ROOT = Path(__file__).parents[1]
@@ -166,10 +169,10 @@ def test_error_is_second_order_in_the_steps():
     assert mean_error(DEFAULT_STEPS) < 0.0125, "DEFAULT_STEPS no longer brings the bias to ~0.01 bits/dim"
 
 
-def random_unet_denoiser(resolution: int) -> Denoiser:
+def random_unet_denoiser(resolution: int, seed: int = 0) -> Denoiser:
     """The tiny UNet with its zero-initialised tensors filled: as built, its output layer is zero and
     D = c_skip x, whose Jacobian is diagonal (probes would be exact)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = build_unet("tiny", resolution, 1)
     with torch.no_grad():
         for parameter in net.parameters():
@@ -205,3 +208,100 @@ def test_unet_bits_per_dim_shape_and_finiteness():
 
 def test_bench_runs():
     subprocess.run([sys.executable, "bench/likelihood.py", "--tiny"], check=True, cwd=ROOT)
+
+
+def tiny_unets(count: int) -> list[Denoiser]:
+    """`count` 8x8 tiny UNet denoisers with other weights each, frozen as a fused model freezes them."""
+    return [random_unet_denoiser(8, seed).requires_grad_(False) for seed in range(count)]
+
+
+def random_router(classes: int) -> Router:
+    """An 8x8 `tiny` router whose posteriors vary with x (perturbed weights)."""
+    torch.manual_seed(5)
+    router = Router(8, 1, classes)
+    with torch.no_grad():
+        for parameter in router.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return router
+
+
+def probes_and_images(batch: int = 2, probes: int = 3):
+    y = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    signs = torch.randint(0, 2, (batch, probes, 1, 8, 8), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return y, signs.float()
+
+
+@pytest.mark.parametrize("fusion", ["barycenter", "mixture"])
+def test_the_trace_taken_one_network_at_a_time_equals_the_joint_one(fusion):
+    """A fused model's weighted_networks lets the trace be taken one network at a time; hiding it (a plain
+    callable) differentiates the whole fused forward at once. Same probes: equal to float32 rounding. For the
+    mixture the router's term, sum_k (v . D_k)(grad w_k . v), is part of it (0.1-0.3 nats here)."""
+    models = tiny_unets(3)
+    model = FusedDenoiser(models, torch.tensor([0.5, 0.7, -0.2])) if fusion == "barycenter" else \
+        MixtureDenoiser(models, random_router(3), torch.tensor([0.5, 0.3, 0.2]))
+    y, probes = probes_and_images()
+    with torch.no_grad():
+        split = log_likelihood(model, y, probes, steps=2)
+        joint = log_likelihood(lambda x, sigma: model(x, sigma), y, probes, steps=2)
+    torch.testing.assert_close(split, joint, atol=1e-3, rtol=0)
+
+
+class SavedBytes:
+    """A peak-memory proxy: the bytes of the tensors that autograd's live graphs hold for their backward passes
+    (saved_tensors_hooks), counted when saved and uncounted when the graph lets them go."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, tensor):
+        size = tensor.nelement() * tensor.element_size()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        return tensor, Release(self, size)
+
+    def peak_of(self, denoiser, y, probes) -> int:
+        with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(self.pack, lambda packed: packed[0]):
+            log_likelihood(denoiser, y, probes, steps=1)
+        return self.peak
+
+
+class Release:
+    def __init__(self, counter: SavedBytes, size: int):
+        self.counter, self.size = counter, size
+
+    def __del__(self):
+        self.counter.live -= self.size
+
+
+def test_one_network_graph_at_a_time():
+    """The fused model of K = 3 networks holds one network's graph at a time, as a lone network does (the
+    joint forward holds all three); the mixture holds one network's and its router's."""
+    models = tiny_unets(3)
+    fused = FusedDenoiser(models, torch.tensor([0.5, 0.7, -0.2]))
+    y, probes = probes_and_images()
+    one = SavedBytes().peak_of(lambda x, sigma: models[0](x, sigma), y, probes)
+    assert SavedBytes().peak_of(fused, y, probes) == one
+    assert SavedBytes().peak_of(lambda x, sigma: fused(x, sigma), y, probes) >= 2.9 * one
+    mixture = MixtureDenoiser(models, random_router(3), torch.tensor([0.5, 0.3, 0.2]))
+    assert one < SavedBytes().peak_of(mixture, y, probes) < 1.5 * one  # the tiny router's encoder: 0.2 x
+
+
+def test_the_network_runs_without_tf32():
+    """cuDNN's and cuBLAS's TF32 flags (PyTorch's default for convolutions on Ampere+) are off inside the NLL,
+    and restored after it."""
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, x, sigma):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return x * 0.5
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        images = torch.randint(0, 256, (2, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        nll_bits_per_dim(Recording(), images, [0, 1], seed=0, steps=2)
+        assert seen and set(seen) == {(False, False)}
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
