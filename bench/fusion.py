@@ -34,7 +34,8 @@ from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, objectiv
 from trainer.seeds import Stream, generator  # noqa: E402
 from shards.pixels import to_unit  # noqa: E402
 from trainer.rundir import RunDir  # noqa: E402
-from trainer.stages.fuse import AUTOCAST, target_batches  # noqa: E402
+from trainer.precision import autocast_dtype  # noqa: E402
+from trainer.stages.fuse import target_batches  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -50,7 +51,7 @@ def exact_fit(fused, images, cfg, draws, seed):
     t0 = time.perf_counter()
     stats = accumulate_gram(fused, target_batches(images, cfg.fuse.batch, seed, 0, 1), draws, objective(cfg),
                             sigma_edges=list(cfg.fuse.sigma_bins) or None,
-                            autocast_dtype=AUTOCAST[cfg.train.precision])  # returns on the CPU: synchronised
+                            autocast_dtype=autocast_dtype(cfg.fuse.precision))  # returns on the CPU: synchronised
     fit = fit_barycenter_weights(stats, fused.names)
     return stats, fit, time.perf_counter() - t0
 
@@ -71,7 +72,7 @@ def sgd_fit(fused, images, cfg, stats, optimum, max_epochs, device):
     torch.manual_seed(cfg.train.seed)
     modules, optimizers, updates = sgd_fit_parts(fused, objective(cfg), sigma_edges=list(cfg.fuse.sigma_bins) or None,
                                                  lr=cfg.fuse.sgd_lr, momentum=cfg.fuse.sgd_momentum,
-                                                 autocast_dtype=AUTOCAST[cfg.train.precision],
+                                                 autocast_dtype=autocast_dtype(cfg.fuse.precision),
                                                  init=generator(cfg.train.seed, Stream.LAMBDA_INIT))
     opt, loss_fn, weights = optimizers["sgd"], updates[0].loss, modules["weights"].to(device)
 

@@ -24,7 +24,8 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from trainer.edm import Denoiser, denoising_loss  # noqa: E402
 from trainer.ema import ema_beta, make_ema, update_ema  # noqa: E402
-from trainer.engine import Engine, Update, adam, make_accelerator  # noqa: E402
+from trainer.accelerator import make_accelerator  # noqa: E402
+from trainer.engine import Engine, Update, adam  # noqa: E402
 from trainer.spec import TrainSpec  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402
 

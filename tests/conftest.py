@@ -55,3 +55,13 @@ def finished_digits(tmp_path_factory) -> tuple[Path, list[str], str]:
     overrides = [f"root={root}", *FAST]
     proc = scorefuse("run", "--config", DIGITS, *overrides)
     return root / "digits", overrides, proc.stderr
+
+
+@pytest.fixture
+def fuse_pending(finished_digits, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the finished fast run with its auxiliaries only: fuse, the router and the baselines not yet
+    run. (its run directory, the overrides that point at it)."""
+    run, overrides, _ = finished_digits
+    dst = tmp_path / "digits"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("fuse", "router", "baselines", "distill", "eval_cache"))
+    return dst, [f"root={tmp_path}", *overrides[1:]]

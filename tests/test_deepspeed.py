@@ -30,10 +30,11 @@ TRAIN = ["aux=aux-low", *SHORT_TRAIN, "train.log_every_kimg=0.032", "data.worker
 DDP = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def _launch(launcher: list[str], port: int, root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
-           "--main_process_port", str(port), "-m", "launch.cli", "train-aux", "--config", str(DIGITS),
-           *TRAIN, f"root={root}", *overrides]
+def _launch(launcher: list[str], port: int, root: Path, *overrides: str, stage: tuple = ("train-aux", *TRAIN),
+            processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(processes),
+           "--main_process_port", str(port), "-m", "launch.cli", stage[0], "--config", str(DIGITS),
+           *stage[1:], f"root={root}", *overrides]
     # DS_ACCELERATOR=cpu: no GPU probing. DeepSpeed builds its shared-memory comm op on the first start
     # (~1 minute); the default cache keeps it for later runs.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu",
@@ -98,3 +99,15 @@ def test_distill_under_zero2_falls_back_to_ddp_with_a_message(tmp_path):
     assert {p.name for p in ckpt.glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert not list(ckpt.rglob("zero_pp_rank_*"))
     assert (stage / "generator.safetensors").is_file()
+
+
+def test_fuse_trains_its_fit_router_and_baseline_under_zero2(fuse_pending):
+    """The fuse stage trains three models one after another (the SGD fit, the router, a baseline), each with
+    its own batch size, under one DeepSpeed launch: each fills the config's "auto" values afresh."""
+    run, overrides = fuse_pending
+    _launch(["--config_file", str(ZERO2)], 29538, run.parent, *overrides[1:], "fuse.baselines=[target-scratch]",
+            "fuse.nll_check=false", stage=("fuse",), processes=1)
+    for stage in ("fuse", "router", "baselines/target-scratch"):
+        assert (run / stage / "done.json").is_file(), stage
+    ckpt = sorted((run / "baselines" / "target-scratch" / "checkpoints").glob("ckpt-*"))[-1]
+    assert list(ckpt.rglob("zero_pp_rank_0_*optim_states.pt"))  # DeepSpeed trained it, not a fallback

@@ -367,3 +367,14 @@ def test_shape_mismatch_is_a_clear_error():
         check_shapes(G, lambda x, t: x[:, :, :8], SHAPE)
     with pytest.raises(ModelError, match="cannot take"):
         check_shapes(G, D, (1, 10, 10))  # the tiny UNet needs a multiple of 4
+
+
+def test_the_generator_holds_its_sigma_on_its_device_and_saves_the_same_weights():
+    """G's noise level is a buffer that moves with G (a Python float would be a blocking host-to-GPU copy at
+    every call) and is not saved: the exported weights are the denoiser's alone."""
+    G, _ = tiny_pair()
+    assert G.sigma.device == next(G.parameters()).device and G.sigma.dtype == torch.float32
+    assert set(G.state_dict()) == {f"denoiser.{k}" for k in G.denoiser.state_dict()}
+    z = torch.randn(2, 1, 16, 16)
+    assert torch.equal(G(z), G.denoiser(z * 80.0, 80.0))
+    assert G.to("meta").sigma.device.type == "meta"

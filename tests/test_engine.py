@@ -3,6 +3,7 @@ checkpoint rotation and the fall-back from a truncated checkpoint."""
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -290,8 +291,83 @@ def test_resume_option_latest_none_or_a_path(tmp_path):
 
 
 def test_a_launcher_precision_other_than_train_precision_is_named(monkeypatch, capsys):
-    from trainer.engine import make_accelerator
+    from trainer.accelerator import make_accelerator
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     make_accelerator(TrainSpec(precision="no"))
     err = capsys.readouterr().err
     assert "--mixed_precision bf16 is not used: train.precision=no decides" in err
+
+
+def test_runs_on_one_accelerator_share_neither_models_nor_accumulation(tmp_path):
+    """The fuse stage trains several models one after another on one Accelerator (the SGD fit, the router,
+    the baselines). A later run steps at its own train.accum, not the Accelerator's, and its checkpoints
+    hold its own model alone, so a fresh process that builds only that run resumes from them."""
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    spec = TrainSpec(batch=8, accum=2, lr=0.05, lr_rampup_kimg=0, total_kimg=0.08, checkpoint_every_kimg=0.04,
+                     log_every_kimg=0.04)
+    first = nn.Linear(4, 1)
+    Engine(acc, spec, tmp_path / "first", modules={"net": first},
+           optimizers={"sgd": torch.optim.SGD(first.parameters(), lr=0.05)}, updates=[Update("sgd", "net", mse)],
+           batches=regression_batches(4), log=lambda m: None).run()
+
+    def later_run(accelerator):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+        return Engine(accelerator, replace(spec, accum=1), tmp_path / "later", modules={"net": net},
+                      optimizers={"adam": optimizer}, updates=[Update("adam", "net", mse)],
+                      batches=regression_batches(8), log=lambda m: None), optimizer
+    later, optimizer = later_run(acc)
+    later.run()
+    assert all(state["step"] == 10 for state in optimizer.state.values())  # one step per iteration, not 5
+    checkpoint = later.checkpointer.complete()[0]
+    assert sorted(p.name for p in checkpoint.glob("model*.safetensors")) == ["model.safetensors"]
+
+    AcceleratorState._reset_state(True)  # a fresh process
+    GradientState._reset_state()
+    fresh, _ = later_run(Accelerator(cpu=True, gradient_accumulation_steps=2))
+    assert fresh.resume() and fresh.step == 10
+
+
+def test_the_ema_evaluates_in_float32_under_mixed_precision_training(tmp_path):
+    """Accelerate gives the prepared module an autocast forward; the EMA (what the periodic Fréchet distance
+    and evaluate sample) must not inherit it, or one model would be measured at two precisions."""
+    net = nn.Linear(4, 1)
+    e = Engine(Accelerator(cpu=True, mixed_precision="bf16"), TrainSpec(batch=8, precision="bf16"), tmp_path,
+               modules={"net": net}, optimizers={"sgd": torch.optim.SGD(net.parameters(), lr=0.1)},
+               updates=[Update("sgd", "net", mse)], batches=regression_batches(8), ema=("net",), log=lambda m: None)
+    assert "forward" in e.unwrap("net").__dict__  # the premise: Accelerate's patched forward
+    x = torch.randn(16, 4)
+    ema = e.ema["net"]
+    assert torch.equal(ema(x), nn.functional.linear(x, ema.weight, ema.bias))
+
+
+def test_compile_wraps_the_prepared_module_and_spares_a_double_backward(tmp_path):
+    """train.compile compiles the module as prepared (around DDP, so the all-reduce overlaps the backward),
+    unwrap still reaches the module itself, and a module trained through a double backward (R1) stays
+    uncompiled, since torch.compile cannot differentiate twice."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+    spec = TrainSpec(batch=8, lr_rampup_kimg=0, total_kimg=0.08, compile=True)
+    messages = []
+    engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules={"a": a, "b": b},
+                    optimizers={"sa": torch.optim.SGD(a.parameters(), lr=0.1),
+                                "sb": torch.optim.SGD(b.parameters(), lr=0.1)},
+                    updates=[Update("sa", "a", mse), Update("sb", "b", mse, double_backward=True)],
+                    batches=regression_batches(8), log=messages.append)
+    assert isinstance(engine.modules["a"], torch._dynamo.eval_frame.OptimizedModule)
+    assert engine.modules["b"] is b
+    assert engine.unwrap("a") is a and engine.unwrap("b") is b
+    assert engine.modules["a"]._orig_mod is a  # unwrapping left the compiled module as it was
+    assert any("b not compiled" in m for m in messages)
+
+
+@pytest.mark.parametrize("benchmark", [True, False])
+def test_cudnn_autotuning_follows_the_config(benchmark):
+    from trainer.accelerator import make_accelerator
+    before = torch.backends.cudnn.benchmark
+    try:
+        make_accelerator(TrainSpec(cudnn_benchmark=benchmark))
+        assert torch.backends.cudnn.benchmark is benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before

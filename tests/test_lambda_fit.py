@@ -2,12 +2,14 @@
 whose optimal EDM denoiser is D_i(x; sigma) = mu_i + s_i^2 / (s_i^2 + sigma^2) (x - mu_i), so no
 network is trained and every expected answer is known (docs/METHODS.md §1)."""
 import itertools
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from tests.conftest import DIGITS, scorefuse
 from trainer.lambda_fit import (GramStats, SoftmaxWeights, accumulate_gram, edm_objective, fit_barycenter_weights,
                                 paper_objective, paper_sigma,
                                 project_to_simplex, projected_gradient_qp, sgd_fit_parts,
@@ -414,3 +416,47 @@ def test_paper_sgd_fit_through_the_engine_approaches_the_exact_fit(tmp_path):
     # lambda, and within half a percent of the exact fit's loss on the same statistics
     torch.testing.assert_close(lam, exact, atol=0.05, rtol=0)
     assert float(stats.loss(lam)) <= 1.005 * float(stats.loss(exact))
+
+
+def test_lambda_is_fitted_in_float32_whatever_the_training_precision(fuse_pending, finished_digits):
+    """fuse.precision (default no) decides the lambda fit's forward passes, not train.precision: a run that
+    trains in bf16 (configs/cifar10.yaml) fits the same lambda as one in float32."""
+    run, overrides = fuse_pending
+    scorefuse("fuse", "--config", DIGITS, *overrides, "train.precision=bf16", "fuse.baselines=[]", "fuse.mixture=false")
+    fp32 = json.loads((finished_digits[0] / "fuse" / "lambda.json").read_text())
+    bf16 = json.loads((run / "fuse" / "lambda.json").read_text())
+    assert bf16["exact"]["lambda"] == fp32["exact"]["lambda"]
+    assert bf16["exact"]["loss"] == fp32["exact"]["loss"]
+
+
+class Tf32Witness(nn.Module):
+    """A Gaussian denoiser that records whether TF32 was allowed (cuDNN, cuBLAS) when it ran."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.inner, self.seen = GaussianDenoiser(mu, s), []
+
+    def forward(self, x, sigma):
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return self.inner(x, sigma)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_the_float32_lambda_fit_runs_without_tf32(autocast):
+    """TF32 convolutions are PyTorch's default on Ampere and newer GPUs; a float32 fit (fuse.precision=no)
+    turns them off for its forward passes, the Gram pass and the SGD fit's alike, and puts them back."""
+    mus = means(2, seed=2)
+    witnesses = [Tf32Witness(mu, 0.4) for mu in mus]
+    fused = FusedDenoiser(witnesses, torch.full((2,), 0.5))
+    x0 = gaussian_batches(mus[0], 0.4, 8, 8, seed=1)[0]
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        accumulate_gram(fused, [x0], 1, OBJECTIVE, autocast_dtype=autocast)
+        modules, _, updates = sgd_fit_parts(fused, OBJECTIVE, autocast_dtype=autocast)
+        updates[0].loss(modules, x0, 0)
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    seen = {flags for w in witnesses for flags in w.seen}
+    assert seen == ({(False, False)} if autocast is None else {(True, False)})

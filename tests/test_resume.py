@@ -110,3 +110,38 @@ def test_stop_signal_checkpoints_and_exits_with_the_documented_code(digits_run, 
     # The next start resumes from exactly there.
     out = scorefuse(*train_args(digits_run, total_kimg=(stopped_at + 5) * 32 / 1000, workers=0)).stderr
     assert f"step {stopped_at}" in out and "resumed from" in out
+
+
+def fuse_args(run_dir, overrides):
+    # target-scratch only, 30 steps with a checkpoint every 2: time to kill it in the middle
+    return ["fuse", "--config", DIGITS, *overrides, "fuse.mixture=false", "fuse.baselines=[target-scratch]",
+            "fuse.scratch_kimg=0.96", "train.checkpoint_every_kimg=0.064"]
+
+
+@pytest.mark.slow
+def test_fuse_killed_during_a_baseline_resumes_it_bit_identically(fuse_pending, tmp_path):
+    """The fuse stage trains the paper's SGD fit, then the baselines, on one Accelerator. Killed during a
+    baseline, a fresh process (which trains only the baseline: the fit is finished) must resume the
+    baseline's checkpoints, and end where an uninterrupted fuse ends."""
+    killed, overrides = fuse_pending
+    straight = tmp_path / "straight" / "digits"
+    shutil.copytree(killed, straight)
+    scorefuse(*fuse_args(straight, [f"root={straight.parent}", *overrides[1:]]))
+
+    proc = popen(fuse_args(killed, overrides))
+    stage = killed / "baselines" / "target-scratch"
+    wait_for_step(proc, stage, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (stage / "done.json").exists(), "the baseline finished before it was killed"
+    # the baseline's own weights alone, not the SGD fit's that was trained before it in the same process
+    assert {p.name for p in (stage / "checkpoints").glob("*/model*.safetensors")} == {"model.safetensors"}
+    out = scorefuse(*fuse_args(killed, overrides)).stderr
+    assert "resumed from" in out and "skipping checkpoint" not in out
+
+    a, b = final_state(straight / "baselines" / "target-scratch"), final_state(stage)
+    assert a[0] == b[0] == "ckpt-000000030"
+    for x, y in zip(a[1:], b[1:]):
+        tx, ty = dict(flat_tensors(x)), dict(flat_tensors(y))
+        assert tx.keys() == ty.keys()
+        assert all(torch.equal(tx[k], ty[k]) for k in tx)

@@ -26,6 +26,7 @@ from shards.errors import ConfigError
 from trainer.config import RunConfig
 from trainer.edm import heun_sample
 from trainer.export import has_denoiser, load_denoiser
+from trainer.precision import with_autocast
 from shards.pixels import to_uint8
 from trainer.router import load_router
 from trainer.rundir import DENOISER_FILES, GENERATOR_FILES, ROUTER_FILES, RunDir, finished_info, is_finished
@@ -44,12 +45,12 @@ class Model:
     facts: dict = field(default_factory=dict)
 
     def sampler(self, network: nn.Module, cfg: RunConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-        """latents [B, C, H, W] -> images in [-1, 1]: the generator itself, or the run's Heun sampler."""
-        if self.one_step:
-            return network
+        """latents [B, C, H, W] -> images in [-1, 1]: the generator itself, or the run's Heun sampler, under
+        autocast of eval.sample_precision."""
         e = cfg.edm
-        return partial(heun_sample, network, num_steps=e.sampler_steps, sigma_min=e.sigma_min,
-                       sigma_max=e.sigma_max, rho=e.rho)
+        sample = network if self.one_step else partial(heun_sample, network, num_steps=e.sampler_steps,
+                                                       sigma_min=e.sigma_min, sigma_max=e.sigma_max, rho=e.rho)
+        return with_autocast(sample, cfg.eval.sample_precision)
 
     def nfe(self, network: nn.Module, cfg: RunConfig) -> int:
         """Network evaluations per sample: 1 for a generator; 2 x steps - 1 Heun evaluations, times the

@@ -154,6 +154,7 @@ RANGES = {
     "eval.sample_batch": (_positive, "positive"),
     "eval.grid_images": (_positive, "positive"), "eval.nll_images": (_non_negative, "0 (off) or more"),
     "eval.nll_steps": (lambda x: x >= 1, "at least 1"), "eval.nll_probes": (_non_negative, "0 (exact trace) or more"),
+    "eval.nll_batch": (_positive, "positive"),
     "eval.bootstrap": (_non_negative, "0 (off) or more"), "eval.kid_subsets": (_positive, "positive"),
     "eval.kid_subset_size": (lambda x: x >= 2, "at least 2"), "eval.copy_threshold": (lambda x: 0 < x < 1, "in (0, 1)"),
     "fuse.draws_per_image": (_positive, "positive"), "fuse.batch": (_positive, "positive"),
@@ -182,6 +183,7 @@ CHOICES = {
     "fuse.method": ("exact", "sgd"), "fuse.objective": ("edm", "paper"),
     "distill.init": ("warm", "scratch"), "distill.warm_from": ("best", "merge"), "distill.score_init": ("aux", "scratch"),
     "distill.teacher_fit": ("", "exact", "sgd", "mixture"), "fuse.mixture_weights": ("router", "nll"),
+    "fuse.precision": ("no", "bf16"), "distill.teacher_precision": ("no", "bf16"), "eval.sample_precision": ("no", "bf16"),
 }
 
 

@@ -18,13 +18,19 @@ def ema_beta(batch_images: int, nimg: int, halflife_kimg: float, rampup_ratio: f
 
 
 def make_ema(module: nn.Module) -> nn.Module:
-    """A frozen fp32 copy that follows `module`."""
-    return copy.deepcopy(module).float().eval().requires_grad_(False)
+    """A frozen fp32 copy that follows `module`, with the module's own forward: Accelerate's prepare replaces
+    the instance's forward by an autocast one under mixed precision, and a deep copy would inherit it, so the
+    EMA would sample at the training precision in one place and at another in the next."""
+    ema = copy.deepcopy(module)
+    for patched in ("forward", "_original_forward"):
+        ema.__dict__.pop(patched, None)
+    return ema.float().eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, module: nn.Module, beta: float) -> None:
-    for p_ema, p in zip(ema.parameters(), module.parameters()):
-        p_ema.copy_(p.detach().float().lerp(p_ema, beta))
+    """ema <- beta ema + (1 - beta) module: one fused op over all parameters (a loop would launch one kernel
+    per tensor, over 400 for DDPM++), then the buffers copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach().float() for p in module.parameters()], 1 - beta)
     for b_ema, b in zip(ema.buffers(), module.buffers()):
         b_ema.copy_(b)

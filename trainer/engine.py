@@ -17,8 +17,6 @@ other optimizers fall back to one host read of the gradient norm per step.
 """
 import json
 import math
-import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 from shards.errors import ModelError
+from trainer.accelerator import claim, is_deepspeed
 from trainer.checkpoint import Checkpointer
 from trainer.ema import ema_beta, make_ema, update_ema
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
@@ -60,6 +59,8 @@ class Update:
     every: run only at steps divisible by it (lazy regularisation: an R1 step every 16 iterations).
     lr_scale: multiplies the engine's learning rate for this update (a score network stepping faster than a
         generator).
+    double_backward: the loss differentiates through a gradient (R1). torch.compile does not support that, so
+        under train.compile the module this update trains is left uncompiled.
     """
     optimizer: str
     module: str
@@ -67,6 +68,7 @@ class Update:
     lr_scale: float = 1.0
     takes_batch: bool = True
     every: int = 1
+    double_backward: bool = False
     name: str = ""  # how metrics name its loss when there are several updates (default: the module's name)
 
     def runs_before(self, step: int) -> int:
@@ -110,9 +112,8 @@ class Engine:
         self.hooks = hooks
         self.trackers = trackers  # Accelerate trackers (TensorBoard, W&B) of the main process: metrics.jsonl's rows
         self.log = log or (say if accelerator.is_main_process else (lambda message: None))
-        self.deepspeed = _is_deepspeed(accelerator)
-        if self.deepspeed:
-            _fill_deepspeed_config(accelerator, spec, modules, optimizers)
+        self.deepspeed = is_deepspeed(accelerator)
+        claim(accelerator, spec, modules, optimizers)
         if spec.channels_last:
             for module in modules.values():
                 module.to(memory_format=torch.channels_last)
@@ -124,8 +125,8 @@ class Engine:
         # they are only evaluated and saved.
         self.ema = {name: make_ema(self.unwrap(name)) for name in ema}
         if spec.compile:
-            for name in modules:
-                self.unwrap(name).compile()
+            self._compile([name for name in modules if not any(u.double_backward and u.module == name
+                                                                for u in updates)])
         self.checkpointer = Checkpointer(self.dir / CHECKPOINTS, accelerator, spec.keep_checkpoints, self.log)
         self.nimg = 0
         self.step = 0
@@ -137,7 +138,23 @@ class Engine:
         self._session_start = time.time()
 
     def unwrap(self, name: str) -> nn.Module:
-        return self.acc.unwrap_model(self.modules[name])
+        # keep_torch_compile=False: with it, Accelerate re-points the compiled wrapper at the bare module,
+        # which would silently take DDP out of the compiled training module
+        return self.acc.unwrap_model(self.modules[name], keep_torch_compile=False)
+
+    def _compile(self, names: list[str]) -> None:
+        """torch.compile the prepared modules `names`; the others are named in the log."""
+        for name in names:
+            if self.deepspeed:
+                self.modules[name].compile()  # DeepSpeed's engine compiles its module inside its own hooks
+            else:
+                # The DDP wrapper, not the module inside it: compiled around DDP, the graph is split at the
+                # gradient buckets so that their all-reduce overlaps the backward pass.
+                self.modules[name] = torch.compile(self.modules[name])
+        skipped = [name for name in self.modules if name not in names]
+        if skipped:
+            self.log(f"train.compile: {', '.join(skipped)} not compiled (trained through a double backward, "
+                     "which torch.compile does not support)")
 
     @property
     def kimg(self) -> float:
@@ -381,97 +398,3 @@ class Engine:
         if path.exists():
             rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             path.write_text("".join(r + "\n" for r in rows))
-
-
-def _deepspeed_launch() -> bool:
-    """Started by `accelerate launch` with a DeepSpeed config (distributed_type: DEEPSPEED)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def _fill_deepspeed_config(accelerator, spec: TrainSpec, modules: dict, optimizers: dict) -> None:
-    """Fill the DeepSpeed config's "auto" batch sizes, clipping and autocast from the run config, before
-    prepare.
-
-    No DataLoader goes through prepare(), so Accelerate cannot infer the micro-batch; and it would turn
-    "gradient_clipping": "auto" into 1.0 where train.grad_clip=0 means no clipping under DDP. A value
-    the JSON fixes that disagrees with the run config is an error rather than a silently different run."""
-    if len(modules) != 1 or len(optimizers) != 1:
-        # Accelerate wraps one model with one optimizer per DeepSpeed engine, and backward() steps only
-        # the engine prepared last; several models need several DeepSpeed plugins (not supported here).
-        raise ModelError(f"DeepSpeed: the engine supports one module and one optimizer, got modules "
-                            f"{list(modules)} and optimizers {list(optimizers)}")
-    plugin = accelerator.state.deepspeed_plugin
-    if spec.precision == "fp16" and plugin.get_value("torch_autocast.enabled") == "auto":
-        raise ModelError("train.precision=fp16 under DeepSpeed ZeRO: torch autocast there has no loss "
-                            "scaler; use train.precision=bf16")
-    values = {"train_micro_batch_size_per_gpu": spec.batch // (accelerator.num_processes * spec.accum),
-              "train_batch_size": spec.batch, "gradient_accumulation_steps": spec.accum,
-              "gradient_clipping": float(spec.grad_clip) if spec.grad_clip > 0 else 0.0,
-              # fp32 weights and bf16 autocast, as under DDP (configs/accelerate/deepspeed_zero2.yaml)
-              "torch_autocast.enabled": spec.precision == "bf16", "torch_autocast.dtype": "bfloat16"}
-    mismatches = []
-    for key, value in values.items():
-        plugin.fill_match(key, mismatches, must_match=True, **{key: value})
-    if mismatches:
-        raise ModelError("the DeepSpeed config disagrees with the run config (set these to \"auto\"):\n"
-                            + "\n".join(mismatches))
-
-
-def use_deterministic_algorithms() -> None:
-    """Bit-identical reruns and resumes on a GPU (train.deterministic): deterministic kernels only (torch
-    raises where an op has none), cuDNN without autotuning, and cuBLAS with a fixed workspace, which must be
-    set before its first use (the stage calls this before any CUDA work). bench/gpu_check.py measures the
-    cost. On the CPU training is deterministic without it."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def make_accelerator(spec: TrainSpec, timeout_minutes: int = 60, ddp_because: str = ""):
-    """The Accelerator every stage trains with. The process group timeout is explicit and long, so
-    that ranks waiting at a collective while others evaluate or checkpoint do not time out. Whether
-    it is DDP or DeepSpeed comes from `accelerate launch --config_file ...`; a stage that cannot run
-    under DeepSpeed passes `ddp_because` (why) and gets DDP on the same processes, with a message.
-
-    Without GPUs: DDP needs `cpu=True` (gloo). Under DeepSpeed, `cpu=True` would make Accelerate
-    silently ignore DeepSpeed and train with DDP, so there it is `cpu=False` with the gloo backend
-    named explicitly (Accelerate would otherwise find no backend and run each rank alone)."""
-    from datetime import timedelta
-
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    if _deepspeed_launch() and ddp_because:
-        # The launcher only sets environment variables (torchrun's ranks and rendezvous are the same
-        # for DDP); Accelerate reads this one to decide, when the first Accelerator is created.
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"scorefuse: DeepSpeed is not used here ({ddp_because}); training with DDP on the same "
-                  f"{os.environ.get('WORLD_SIZE', '1')} processes", file=sys.stderr, flush=True)
-    if _deepspeed_launch():
-        import importlib.util
-        if importlib.util.find_spec("transformers") is None:
-            # Accelerate's DeepSpeedPlugin imports transformers' HfDeepSpeedConfig even for ZeRO-1/2
-            # (a bare PackageNotFoundError otherwise)
-            raise ModelError("DeepSpeed through Accelerate needs the `transformers` package: "
-                                "pip install transformers")
-    if spec.deterministic:
-        use_deterministic_algorithms()
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher not in ("no", spec.precision) and int(os.environ.get("RANK", "0")) == 0:
-        # "no" is also what `accelerate launch` sets when it was not asked, so only an explicit choice is named
-        print(f"scorefuse: warning: accelerate launch --mixed_precision {launcher} is not used: train.precision="
-              f"{spec.precision} decides (set train.precision={launcher} to train in {launcher})",
-              file=sys.stderr, flush=True)
-    no_gpu = not torch.cuda.is_available()
-    deepspeed_on_cpu = no_gpu and _deepspeed_launch()
-    init = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes),
-                                  **({"backend": "gloo"} if deepspeed_on_cpu else {}))
-    return Accelerator(mixed_precision=spec.precision, gradient_accumulation_steps=spec.accum,
-                       cpu=no_gpu and not deepspeed_on_cpu, kwargs_handlers=[init])

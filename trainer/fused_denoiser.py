@@ -14,7 +14,8 @@ Checkpoint merging (`merge_weights`) averages parameters instead of outputs: a d
 SDXL baseline of the paper.
 """
 import copy
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -83,8 +84,8 @@ class FusedDenoiser(nn.Module):
         (grouped convolutions with per-model weights) were slower than the loop. Both paths run on any
         device, so the tests check one against the other on the CPU. vmap's batched convolutions bypass
         autocast, so under autocast the batched path runs a copy of the stacked weights in the autocast
-        dtype (normalisation layers included, where autocast would keep some in float32): it agrees with
-        the loop at that dtype's precision.
+        dtype (normalisation layers included, where autocast would keep some in float32) and casts the
+        inputs of its convolutions and linear layers to it: it agrees with the loop at that dtype's precision.
 
     The auxiliaries are frozen in place (eval mode, requires_grad False) and stay in eval mode under
     .train(), so that dropout never makes D_i random.
@@ -171,6 +172,15 @@ class FusedDenoiser(nn.Module):
         selected = outputs[chosen.to(outputs.device), torch.arange(x.shape[0], device=outputs.device)]
         return torch.where(one_hot.to(outputs.device)[:, None, None, None], selected, fused)
 
+    def weighted_networks(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, list[Callable]]:
+        """D_lambda(x; sigma) as sum_k weights[:, k] D_k(x): (weights float64 [B, n] on x's device, the n
+        networks with a nonzero weight for some sample, each as x -> D_k(x; sigma) float32), so that a caller
+        can run them one at a time (evaluation/likelihood.py differentiates one network's graph and frees it
+        before the next). lambda depends on sigma alone: the weights carry no gradient."""
+        lam = self.weights_for(sigma, x.shape[0])
+        used = (lam != 0).any(dim=0).nonzero().flatten().tolist()
+        return lam[:, used].to(x.device), [partial(self.run_one, i, sigma=sigma) for i in used]
+
     def uses_batched(self, device: torch.device) -> bool:
         batched = self.batched if self.batched is not None else device.type == "cuda" and self.same_architecture
         return batched and self.num_models > 1
@@ -210,6 +220,13 @@ class FusedDenoiser(nn.Module):
             tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                        for k, v in {**params, **buffers}.items()}
             template = copy.deepcopy(self.denoisers[0]).to("meta")
+            if dtype is not None:
+                # Ops that autocast keeps in float32 (CUDA's: group_norm, upsampling) hand the next layer a
+                # float32 input, which a vmapped convolution, bypassing autocast, refuses with weights in
+                # `dtype`: cast it as autocast would.
+                for module in template.modules():
+                    if isinstance(module, (nn.Conv2d, nn.Linear)):
+                        module.register_forward_pre_hook(_input_to_weight_dtype)
             self._stacked = (key, tensors, template)
         _, tensors, template = self._stacked
 
@@ -220,6 +237,10 @@ class FusedDenoiser(nn.Module):
         # and would run once per model.
         with sdpa_kernel(SDPBackend.MATH):
             return vmap(one_model, in_dims=(0, None, None))(tensors, x, sigma).to(torch.float32)
+
+
+def _input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
 
 
 def merge_weights(denoisers: Sequence[nn.Module], lam) -> dict[str, torch.Tensor]:

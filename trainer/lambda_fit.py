@@ -33,6 +33,7 @@ from shards.errors import ModelError
 from trainer.edm import loss_weight, sample_sigma
 from trainer.engine import Update
 from trainer.fused_denoiser import FusedDenoiser
+from trainer.precision import forward_precision
 from trainer.seeds import normal
 
 MAX_EXACT_K = 12  # 2^12 - 1 supports, each a (|S| + 1)-dimensional linear solve: well under a second
@@ -118,7 +119,8 @@ def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: in
         how batches are split over ranks. Plain tensors draw from `generator` (None: torch's global RNG).
     For each batch, `draws_per_image` times: sigma (the objective's law) then noise are drawn (for the edm
     objective exactly as trainer.edm.denoising_loss draws them), the K outputs
-    are computed (under torch.autocast(autocast_dtype) when given; D_i itself stays float32), and the
+    are computed (under torch.autocast(autocast_dtype) when given, else in float32 without TF32; D_i's output
+    stays float32 either way), and the
     products are summed in float64.
     sigma_edges: bins for a piecewise-constant lambda (None: one bin); independent of fused's own bins.
     reduce: sums a tensor over ranks, e.g. `lambda t: accelerator.reduce(t, "sum")`; None for one process.
@@ -141,7 +143,7 @@ def accumulate_gram(fused: FusedDenoiser, batches: Iterable, draws_per_image: in
             sigma = objective.sample(batch, batch_generator, device)
             noise = normal(x0.shape, batch_generator, device)
             sigma = sigma.reshape(batch, 1, 1, 1)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with forward_precision(device.type, autocast_dtype):
                 outputs = fused.all_outputs(x0 + sigma * noise, sigma)
             outputs = outputs.flatten(2).to(torch.float64)  # [K, B, P]
             weight = objective.weight(sigma.flatten().to(torch.float64)) / objective.pixel_norm(pixels)
@@ -342,8 +344,7 @@ def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, 
         batch = x0.shape[0]
         sigma = objective.sample(batch, None, x0.device).reshape(batch, 1, 1, 1)
         noise = torch.randn_like(x0)
-        with torch.no_grad(), torch.autocast(x0.device.type, dtype=autocast_dtype,
-                                             enabled=autocast_dtype is not None):
+        with torch.no_grad(), forward_precision(x0.device.type, autocast_dtype):
             outputs = fused.all_outputs(x0 + sigma * noise, sigma)
         lam = modules["weights"](sigma.flatten()).to(torch.float32)  # through the DDP wrapper, if any
         denoised = torch.einsum("bk,kbchw->bchw", lam, outputs)

@@ -13,7 +13,8 @@ ratios r_i = q_i / rho_i at a small sigma (or, as a check, on each auxiliary's o
     pi_i <- mean_x [pi_i r_i(x) / sum_j pi_j r_j(x)].
 """
 import math
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,12 +27,15 @@ EM_TOLERANCE = 1e-10
 
 def em_mixture_weights(log_ratios: torch.Tensor, steps: int = 10_000) -> tuple[torch.Tensor, float]:
     """Maximum-likelihood mixture weights by EM from per-image log density ratios (or log-likelihoods)
-    log r_i(x) [N, K], any constant per image allowed: (pi [K], mean over images of log sum_i pi_i r_i(x)).
+    log r_i(x) [N, K], any constant per image allowed: (pi [K] float64 on the CPU, mean over images of
+    log sum_i pi_i r_i(x)). EM runs on the device of log_ratios; pi comes back on the CPU whatever that device,
+    so that callers mix it freely with CPU values (fuse's fit_mixture: with the per-image log-likelihoods of
+    evaluation.likelihood, which are on the CPU, and into json).
     Starts uniform; each step cannot lower the log-likelihood; stops when pi moves less than EM_TOLERANCE."""
     log_r = torch.as_tensor(log_ratios, dtype=torch.float64)
     if log_r.dim() != 2 or len(log_r) == 0:
         raise ModelError(f"EM needs per-image log ratios [N, K], got shape {tuple(log_r.shape)}")
-    pi = torch.full((log_r.shape[1],), 1 / log_r.shape[1], dtype=torch.float64)
+    pi = torch.full((log_r.shape[1],), 1 / log_r.shape[1], dtype=torch.float64, device=log_r.device)
     for _ in range(steps):
         responsibilities = torch.softmax(log_r + pi.log(), dim=1)
         new = responsibilities.mean(dim=0)
@@ -39,7 +43,7 @@ def em_mixture_weights(log_ratios: torch.Tensor, steps: int = 10_000) -> tuple[t
         pi = new
         if done:
             break
-    return pi, float(torch.logsumexp(log_r + pi.clamp(min=1e-300).log(), dim=1).mean())
+    return pi.cpu(), float(torch.logsumexp(log_r + pi.clamp(min=1e-300).log(), dim=1).mean())
 
 
 class MixtureDenoiser(nn.Module):
@@ -94,16 +98,29 @@ class MixtureDenoiser(nn.Module):
         logits = torch.where(self.active, logits + self.log_prior_ratio, -math.inf)
         return torch.softmax(logits, dim=1)
 
+    def weighted_networks(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, list[Callable]]:
+        """D(x; sigma) as sum_k weights[:, k] D_k(x) over the networks that forward runs (skip, pi > 0):
+        (weights float64 [B, n], renormalised over them as forward does, each network as x -> D_k(x; sigma)
+        float32), so that a caller can run them one at a time. The weights are the router's, a function of x
+        with its autograd graph: d/dx of sum_k w_k D_k has the term sum_k D_k (grad w_k)^T too."""
+        w, indices = self._running(x, sigma)
+        return w, [partial(self.networks.run_one, i, sigma=sigma) for i in indices]
+
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        w = self.weights(x, sigma)
-        run = (w >= self.skip).any(dim=0) & self.active if self.skip > 0 else self.active
-        indices = run.nonzero().flatten().tolist()
+        w, indices = self._running(x, sigma)
         if len(indices) == 1:
             return self.networks.run_one(indices[0], x, sigma)
         if len(indices) == self.num_models:
             outputs = self.networks.all_outputs(x, sigma)
         else:
             outputs = torch.stack([self.networks.run_one(i, x, sigma) for i in indices])
+        return (w.to(outputs.dtype).T[:, :, None, None, None] * outputs).sum(dim=0)
+
+    def _running(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, list[int]]:
+        """The networks that run (pi > 0, and with skip a weight above it for some sample), and their weights
+        renormalised over them, float64 [B, n]."""
+        w = self.weights(x, sigma)
+        run = (w >= self.skip).any(dim=0) & self.active if self.skip > 0 else self.active
+        indices = run.nonzero().flatten().tolist()
         w = w[:, indices]
-        w = (w / w.sum(dim=1, keepdim=True)).to(outputs.dtype)
-        return (w.T[:, :, None, None, None] * outputs).sum(dim=0)
+        return w / w.sum(dim=1, keepdim=True), indices

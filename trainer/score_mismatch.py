@@ -58,9 +58,12 @@ class OneStepGenerator(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.sigma_max = float(sigma_max)
+        # sigma as a tensor that moves with the module: a Python float would be copied to the GPU, blocking,
+        # at every call (twice an iteration); not persistent, so the saved weights stay as they were
+        self.register_buffer("sigma", torch.tensor(self.sigma_max), persistent=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.denoiser(z * self.sigma_max, self.sigma_max)
+        return self.denoiser(z * self.sigma_max, self.sigma)
 
 
 class ScoreNet(nn.Module):

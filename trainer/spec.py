@@ -54,6 +54,7 @@ class TrainSpec:
     deterministic: bool = False    # deterministic kernels: bit-identical resume on a GPU, at a cost
     compile: bool = False          # torch.compile the trained networks
     channels_last: bool = False    # NHWC memory format for the networks and their inputs
+    cudnn_benchmark: bool = True   # cuDNN autotuning of convolutions (off under deterministic)
 
 
 @dataclass
@@ -87,6 +88,9 @@ class FuseSpec:
     mixture_weights: str = "router"  # router | nll: the EM fit the fused-mixture model uses
     nll_check: bool = True           # also fit pi by EM on each auxiliary's PF-ODE likelihood of the n images
     mixture_skip: float = 0.0        # a network whose weight is below it for a whole batch is not run (0: exact)
+    # The lambda fit's forward passes (Gram statistics and the SGD fit): no (float32, TF32 off) | bf16. It is
+    # forward-only and cheap, and lambda is compared at 1e-3, so float32 unless measured otherwise.
+    precision: str = "no"
 
 
 @dataclass
@@ -96,6 +100,7 @@ class DistillSpec:
     R1 settings default to the paper's; schedules are in kimg of generated images (one kimg = 1000 z)."""
     teacher_samples: int = 2000      # N samples drawn once from the fused teacher (written as shards)
     teacher_steps: int = 0           # Heun steps of the teacher sampler; 0 = edm.sampler_steps
+    teacher_precision: str = "no"    # no (float32) | bf16: autocast of the teacher's sampling
     teacher_fit: str = ""            # exact | sgd | mixture: which fused model; "" = fuse.method's barycenter
     real_mix: float = 0.0            # probability that a "real" sample is one of the n target images
     # The paper's from-scratch setting: the "real" side is this prepared population (e.g. all CIFAR-10

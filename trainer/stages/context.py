@@ -17,7 +17,9 @@ from shards.manifest import image_shape, load_manifest, population_entry
 from shards.stream import read_population
 from trainer.config import RunConfig, extractor_for
 from trainer.edm import heun_sample
-from trainer.engine import Hook, make_accelerator
+from trainer.accelerator import make_accelerator
+from trainer.engine import Hook
+from trainer.precision import with_autocast
 from trainer.progress import say
 from shards.errors import ConfigError
 from trainer.rundir import GRID, TENSORBOARD, RunDir, is_finished, set_aside
@@ -66,6 +68,11 @@ class StageContext:
     @property
     def device(self) -> torch.device:
         return self.acc.device
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether loaders pin their batches: for a GPU, so that non_blocking copies overlap compute."""
+        return self.device.type == "cuda"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -143,7 +150,9 @@ class StageContext:
             name = self.features().metric(spec.eval_samples)
 
             def frechet_hook(engine):
-                features, _ = self.features().sample(sample_fn_of(engine), self.shape, spec.eval_samples, spec.seed)
+                # at the precision evaluate samples at, so that one model's distance means one thing
+                sample_fn = with_autocast(sample_fn_of(engine), self.cfg.eval.sample_precision)
+                features, _ = self.features().sample(sample_fn, self.shape, spec.eval_samples, spec.seed)
                 if not self.acc.is_main_process:
                     return None
                 value = frechet(features, reference)

@@ -24,7 +24,7 @@ from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
 from shards.prepare import canonical_json, write_manifest, write_shard
 from shards.stream import train_loader
 from trainer.config import RunConfig
-from trainer.edm import heun_sample
+from trainer.precision import with_autocast
 from trainer.engine import Engine, Update, adam
 from trainer.fused_denoiser import merge_weights
 from shards.pixels import to_uint8
@@ -91,7 +91,8 @@ def sample_teacher(ctx: StageContext, teacher, out_dir: Path, info: dict) -> dic
     reused. Returns the manifest."""
     cfg, acc, shape = ctx.cfg, ctx.acc, ctx.shape
     n, steps, e = cfg.distill.teacher_samples, cfg.distill.teacher_steps or cfg.edm.sampler_steps, cfg.edm
-    info = {**info, "samples": n, "steps": steps, "seed": cfg.train.seed, "shape": list(shape)}
+    info = {**info, "samples": n, "steps": steps, "seed": cfg.train.seed, "shape": list(shape),
+            **({"precision": cfg.distill.teacher_precision} if cfg.distill.teacher_precision != "no" else {})}
     fingerprint = sha256_text(canonical_json(info))
     if (out_dir / MANIFEST_NAME).is_file():
         manifest = load_manifest(out_dir)
@@ -109,10 +110,11 @@ def sample_teacher(ctx: StageContext, teacher, out_dir: Path, info: dict) -> dic
     if mine:
         ctx.log(f"teacher samples: {n} in {chunks} chunks of {TEACHER_CHUNK} ({steps}-step Heun)")
         teacher.to(ctx.device)
+    sample = with_autocast(ctx.sampler(teacher, steps), cfg.distill.teacher_precision)
     for i in mine:
         indices = range(i * TEACHER_CHUNK, min((i + 1) * TEACHER_CHUNK, n))
         z = per_image_normal(cfg.train.seed, Stream.TEACHER, indices, shape).to(ctx.device)
-        images = to_uint8(heun_sample(teacher, z, steps, e.sigma_min, e.sigma_max, e.rho)).permute(0, 2, 3, 1).cpu().numpy()
+        images = to_uint8(sample(z)).permute(0, 2, 3, 1).cpu().numpy()
         write_shard(out_dir / f"shard-{i:06d}.tar",
                     ((f"teacher-{j:07d}", image, -1) for j, image in zip(indices, images)))
     teacher.cpu()  # training needs only G and D on the device
@@ -161,7 +163,7 @@ def train(ctx: StageContext, teacher, warm_state: dict | None, teacher_info: dic
         def loader(directory, population, seed):
             return train_loader(directory, population, batch_size=micro, seed=seed, rank=rank, world_size=world,
                                 num_workers=cfg.data.workers, start_batch=start_batch,
-                                max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.device.type == "cuda")
+                                max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.pin_memory)
         mix = iter(loader(ctx.run.data, cfg.data.target.name, cfg.train.seed + 1)) if spec.real_mix > 0 else None
         for index, (images, _) in enumerate(loader(real_dir, real_name, cfg.train.seed), start=start_batch):
             if mix is not None:
@@ -179,7 +181,7 @@ def train(ctx: StageContext, teacher, warm_state: dict | None, teacher_info: dic
     if r1:
         updates.append(Update("adam_d", "D", lambda m, real, step: r1_step_loss(
             m["D"], real, spec.r1_gamma, spec.batch, gain=spec.r1_every, grad_scale=grad_scale()),
-            lr_scale=lr_scale_d, every=spec.r1_every, name="r1"))
+            lr_scale=lr_scale_d, every=spec.r1_every, name="r1", double_backward=True))
     updates.append(Update("adam_g", "G", lambda m, _, step: g_step_loss(m["D"], m["G"], micro, shape, ctx.device),
                           takes_batch=False, name="generator"))
     engine = Engine(acc, engine_spec, stage_dir, modules={"G": G, "D": D}, optimizers={"adam_g": opt_g, "adam_d": opt_d},

@@ -39,6 +39,7 @@ from trainer.fused_denoiser import FusedDenoiser, merge_weights
 from evaluation.likelihood import nll_bits_per_dim
 from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, objective_of, sgd_fit_parts
 from trainer.mixture import MixtureDenoiser, em_mixture_weights
+from trainer.precision import autocast_dtype
 from trainer.router import Router, load_router, log_density_ratios, router_loss, save_router
 from shards.pixels import to_unit
 from trainer.rundir import MIXTURE_GRID, RunDir, mark_finished
@@ -46,9 +47,6 @@ from trainer.seeds import Stream, generator
 from trainer.spec import BASELINES
 from trainer.stages.context import StageContext
 from trainer.stages.train_aux import model_meta, train_denoiser
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
-
 
 # ---- what later stages read of a finished fuse stage ------------------------------------------------------
 
@@ -114,7 +112,7 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
     """Both fits on the target images (uint8); returns (and on the main process writes) lambda.json's content."""
     cfg, acc, fuse = ctx.cfg, ctx.acc, ctx.cfg.fuse
     edges = list(fuse.sigma_bins) or None
-    autocast = AUTOCAST[cfg.train.precision]
+    autocast = autocast_dtype(fuse.precision)
     rank, world = acc.process_index, acc.num_processes
 
     t0 = time.perf_counter()
@@ -135,9 +133,9 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
 
     def target_stream(start_batch):
         loader = train_loader(ctx.run.data, cfg.data.target.name, batch_size=micro, seed=cfg.train.seed, rank=rank,
-                              world_size=world, num_workers=0, start_batch=start_batch)
+                              world_size=world, num_workers=0, start_batch=start_batch, pin_memory=ctx.pin_memory)
         for x, _ in loader:
-            yield x.to(ctx.device)
+            yield x.to(ctx.device, non_blocking=True)
 
     torch.manual_seed(cfg.train.seed * 7919 + rank)  # the SGD draws: per rank, saved in its checkpoints
     engine = Engine(acc, spec, ctx.run.sgd_fit, modules=modules, optimizers=optimizers, updates=updates,
@@ -179,9 +177,11 @@ def train_router(ctx: StageContext, names: list[str]) -> Router:
         def batches(start_batch: int):
             streams = [iter(train_loader(ctx.run.data, name, batch_size=per, seed=cfg.train.seed + i, rank=rank,
                                          world_size=world, num_workers=cfg.data.workers, start_batch=start_batch,
-                                         max_bad_samples=cfg.data.max_bad_samples)) for i, name in enumerate(names)]
+                                         max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.pin_memory))
+                       for i, name in enumerate(names)]
             while True:
-                yield torch.cat([next(stream)[0] for stream in streams]).to(ctx.device), labels
+                # each pinned piece copied on its own, asynchronously (a concatenation on the host is not pinned)
+                yield torch.cat([next(stream)[0].to(ctx.device, non_blocking=True) for stream in streams]), labels
 
         spec = replace(cfg.train, batch=f.router_batch, lr=f.router_lr, lr_rampup_kimg=0, total_kimg=f.router_kimg,
                        eval_every_kimg=0, snapshot_every_kimg=0, log_every_kimg=max(f.router_kimg / 20, 1e-3),
@@ -212,7 +212,7 @@ def fit_mixture(ctx: StageContext, images: torch.Tensor, auxiliaries: dict, rout
         log_p = torch.stack([-dims * nll_bits_per_dim(
             denoiser.to(ctx.device), images, range(len(images)), cfg.train.seed, steps=ev.nll_steps,
             probes=ev.nll_probes, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max, rho=cfg.edm.rho,
-            batch_size=ev.batch, device=ctx.device) for denoiser in auxiliaries.values()], dim=1)
+            batch_size=ev.nll_batch, device=ctx.device) for denoiser in auxiliaries.values()], dim=1)
         pi_nll, best = em_mixture_weights(log_p)
         reached = float(torch.logsumexp(log_p + pi.clamp(min=1e-300).log(), dim=1).mean())
         result["router"]["nll_bits_per_dim"] = -reached / dims

@@ -20,7 +20,7 @@ from evaluation.report import write_report
 from shards.errors import ConfigError, ModelError
 from shards.manifest import load_manifest
 from trainer.config import RunConfig, sweep_member
-from trainer.engine import make_accelerator
+from trainer.accelerator import make_accelerator
 from trainer.progress import say
 from trainer.rundir import RunDir, is_finished
 from trainer.stages import evaluate, fuse, prepare

@@ -50,7 +50,7 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
     def batches(start_batch: int):
         loader = train_loader(ctx.run.data, population, batch_size=micro_batch, seed=train.seed, rank=rank,
                               world_size=world, num_workers=cfg.data.workers, start_batch=start_batch,
-                              max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.device.type == "cuda")
+                              max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.pin_memory)
         for images, _labels in loader:
             yield images.to(ctx.device, non_blocking=True)
 
