@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from shards.prepare import prepare  # noqa: E402
 from shards.stream import train_loader  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from stages.config import load_config  # noqa: E402
 from trainer.edm import Denoiser, denoising_loss  # noqa: E402
 from trainer.engine import adam  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402

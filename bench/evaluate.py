@@ -15,8 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
-from trainer.config import load_config  # noqa: E402
-from trainer.rundir import RunDir  # noqa: E402
+from stages.config import load_config  # noqa: E402
+from stages.rundir import RunDir  # noqa: E402
 
 
 def evaluate(config: str, overrides: list[str]) -> float:

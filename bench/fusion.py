@@ -1,5 +1,5 @@
 """ScoreFusion costs on a finished run (after `make demo`, or at least `scorefuse fuse`), side by side in one
-process; the models come from the run's catalogue (trainer/catalogue.py) and run on the GPU when there is one:
+process; the models come from the run's catalogue (stages/catalogue.py) and run on the GPU when there is one:
 
 1. Fitting lambda: the exact fit (one Gram pass + the simplex QP) against the paper's fit (softmax
    logits, SGD with fuse.sgd_lr and fuse.sgd_momentum, minibatches of fuse.batch target images with fresh
@@ -28,14 +28,15 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 from shards.manifest import image_shape, load_manifest  # noqa: E402
 from shards.stream import read_population  # noqa: E402
-from trainer.catalogue import find, latents  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, objective_of, sgd_fit_parts  # noqa: E402
-from trainer.seeds import Stream, generator  # noqa: E402
+from stages.catalogue import find, latents  # noqa: E402
+from stages.config import load_config  # noqa: E402
+from stages.fuse import sgd_fit_parts  # noqa: E402
+from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, objective_of  # noqa: E402
+from shards.seeds import Stream, generator  # noqa: E402
 from shards.pixels import to_unit  # noqa: E402
-from trainer.rundir import RunDir  # noqa: E402
+from stages.rundir import RunDir  # noqa: E402
 from trainer.precision import autocast_dtype  # noqa: E402
-from trainer.stages.fuse import target_batches  # noqa: E402
+from stages.fuse import target_batches  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

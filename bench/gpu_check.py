@@ -51,17 +51,18 @@ from shards.prepare import write_manifest, write_shard  # noqa: E402
 from shards.stream import train_loader  # noqa: E402
 from trainer.accelerator import is_deepspeed, make_accelerator  # noqa: E402
 from trainer.checkpoint import Checkpointer  # noqa: E402
-from trainer.config import RunConfig  # noqa: E402
+from stages.config import RunConfig  # noqa: E402
 from trainer.edm import Denoiser, denoising_loss, heun_sample  # noqa: E402
 from trainer.ema import make_ema, update_ema  # noqa: E402
 from trainer.engine import Engine, Hook, Update, adam  # noqa: E402
 from trainer.fused_denoiser import FusedDenoiser  # noqa: E402
 from trainer.lambda_fit import accumulate_gram, edm_objective, fit_barycenter_weights  # noqa: E402
 from trainer.precision import autocast_dtype, full_fp32, with_autocast  # noqa: E402
-from trainer.rundir import CHECKPOINTS, DENOISER_FILES, METRICS, RunDir, finished_info, is_finished  # noqa: E402
+from stages.rundir import CHECKPOINTS, METRICS, RunDir, engine_paths, finished_info, is_finished  # noqa: E402
+from trainer.export import DENOISER_FILES  # noqa: E402
 from trainer.score_mismatch import (build_networks, d_step_loss, g_step_loss, lazy_adam_scaling,  # noqa: E402
                                     r1_step_loss)
-from trainer.seeds import Stream, generator  # noqa: E402
+from shards.seeds import Stream, generator  # noqa: E402
 from trainer.spec import DistillSpec, EDMSpec, TrainSpec  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402
 
@@ -200,7 +201,7 @@ def train(s: Sizes, work: Path, batch: int, **levers) -> None:
     reset_peak(acc.device)
     # sigma_data given: a DDP wrapper hides the denoiser's attribute
     update = Update("adam", "net", lambda m, x, step: denoising_loss(m["net"], x, None, sigma_data=0.5).mean())
-    engine = Engine(acc, spec, work, modules={"net": net}, updates=[update], batches=lambda start: itertools.repeat(x0),
+    engine = Engine(acc, spec, engine_paths(work), modules={"net": net}, updates=[update], batches=lambda start: itertools.repeat(x0),
                     optimizers={"adam": adam(net.parameters(), spec.lr, spec.adam_betas, spec.adam_eps)},
                     ema=("net",), hooks=(Hook(0, stop_after_last_window),), log=lambda message: None)
     try:
@@ -360,7 +361,7 @@ def nll_case(s: Sizes, work: Path) -> None:
 
 
 def distill_case(s: Sizes, work: Path) -> None:
-    """Score Mismatching's iteration as trainer/stages/distill.py builds it: a D step on real and generated images,
+    """Score Mismatching's iteration as stages/distill.py builds it: a D step on real and generated images,
     R1 every r1_every iterations, a G step through the frozen D; real images are a synthetic batch in memory."""
     spec = DistillSpec(batch=s.distill_batch, r1_every=s.r1_every)
     engine_spec = TrainSpec(batch=spec.batch, precision=s.precision, lr=spec.lr, adam_betas=list(spec.adam_betas),
@@ -383,7 +384,7 @@ def distill_case(s: Sizes, work: Path) -> None:
                Update("adam_g", "G", lambda m, _, step: g_step_loss(m["D"], m["G"], spec.batch, s.shape, acc.device),
                       takes_batch=False, name="generator")]
     reset_peak(acc.device)
-    engine = Engine(acc, engine_spec, work, modules={"G": G, "D": D}, optimizers={"adam_g": opt_g, "adam_d": opt_d},
+    engine = Engine(acc, engine_spec, engine_paths(work), modules={"G": G, "D": D}, optimizers={"adam_g": opt_g, "adam_d": opt_d},
                     updates=updates, batches=lambda start: itertools.repeat(real), ema=("G",),
                     hooks=(Hook(0, stop_after_last_window),), log=lambda message: None)
     try:

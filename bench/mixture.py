@@ -18,12 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from shards.manifest import image_shape, load_manifest  # noqa: E402
-from trainer.catalogue import find, latents  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from stages.catalogue import find, latents  # noqa: E402
+from stages.config import load_config  # noqa: E402
 from trainer.edm import Denoiser, denoising_loss, heun_sample  # noqa: E402
 from trainer.engine import adam  # noqa: E402
 from trainer.router import Router, router_loss  # noqa: E402
-from trainer.rundir import RunDir  # noqa: E402
+from stages.rundir import RunDir  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402
 
 

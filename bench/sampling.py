@@ -1,6 +1,6 @@
 """Sampling cost and quality of the one-step generator against its teacher, on a finished run (after
 `scorefuse distill`), side by side in one process on the same batch of latents (the catalogue's per-image
-latents). The models come from the run's catalogue (trainer/catalogue.py): `distill` and the fused model that
+latents). The models come from the run's catalogue (stages/catalogue.py): `distill` and the fused model that
 taught it (`fused-exact` or `fused-sgd`: distill.teacher_fit, else the fit's fuse.method), on the GPU when
 there is one.
 
@@ -36,11 +36,11 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 from evaluation.features import frechet  # noqa: E402
-from trainer.catalogue import find, latents  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from stages.catalogue import find, latents  # noqa: E402
+from stages.config import load_config  # noqa: E402
 from trainer.edm import sigma_steps  # noqa: E402
-from trainer.stages.context import StageContext  # noqa: E402
-from trainer.stages.fuse import load_fit  # noqa: E402
+from stages.context import StageContext  # noqa: E402
+from stages.catalogue import load_fit  # noqa: E402
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def timed(fn, z, repeats=1):
 
 
 def teacher_label(cfg) -> str:
-    """The catalogue label of the fused model distill was taught by (trainer/stages/distill.py's choice)."""
+    """The catalogue label of the fused model distill was taught by (stages/distill.py's choice)."""
     return f"fused-{cfg.distill.teacher_fit or load_fit(cfg)['method']}"
 
 

@@ -25,6 +25,7 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from trainer.edm import Denoiser, denoising_loss  # noqa: E402
 from trainer.ema import ema_beta, make_ema, update_ema  # noqa: E402
 from trainer.accelerator import make_accelerator  # noqa: E402
+from stages.rundir import engine_paths  # noqa: E402
 from trainer.engine import Engine, Update, adam  # noqa: E402
 from trainer.spec import TrainSpec  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402
@@ -54,7 +55,7 @@ def engine_rate(args, x0) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "engine"  # the name its progress line shows
-        eng = Engine(acc, spec, stage, modules={"net": den}, optimizers={"adam": opt},
+        eng = Engine(acc, spec, engine_paths(stage), modules={"net": den}, optimizers={"adam": opt},
                      updates=[Update("adam", "net", lambda m, x, step: denoising_loss(m["net"], x, None, sigma_data=0.5).mean())],
                      batches=batches, ema=("net",), log=lambda m: None)
         eng.run()

@@ -2,7 +2,7 @@
 
 Sampling a model and running the likelihood ODE are the expensive parts of `evaluate` (at CIFAR-10 scale,
 50,000 samples of every model on every resubmission). Each result is stored as one .npz whose name is a hash
-of its inputs: the model's weights (trainer.catalogue.Model.fingerprint), the settings that shape the result
+of its inputs: the model's weights (stages.catalogue.Model.fingerprint), the settings that shape the result
 (sample count, seed, sampler, feature weights, ODE steps ...) and what it was measured on (a population's
 content hash). Re-running `evaluate`, or running it after a new model appeared, recomputes only what changed;
 a change of any input is a new key, so nothing stale is ever read.

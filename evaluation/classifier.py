@@ -30,7 +30,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from shards.atomic import write_atomically
 from shards.errors import ConfigError, DataError
 from shards.pixels import to_unit
-from trainer.seeds import Stream, generator
+from shards.seeds import Stream, generator
 
 EXTRACTOR_NAME = "classifier"
 FEATURE_DIM = 64

@@ -25,7 +25,7 @@ from shards.atomic import sha256_file, write_atomically
 from shards.errors import ConfigError
 from shards.pixels import to_uint8
 from evaluation.spec import INCEPTION_FILE
-from trainer.seeds import Stream, per_image_normal
+from shards.seeds import Stream, per_image_normal
 
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
@@ -196,7 +196,7 @@ class FeatureSpace:
         """(features [num_samples, D], uint8 images [num_samples, C, H, W] or None) of `num_samples` samples of
         `sample_fn` (latents [B, C, H, W] -> images in [-1, 1]), in sample order, on every rank.
 
-        Image i has the latents of trainer.seeds Stream.SAMPLES and index i and is computed in the aligned group
+        Image i has the latents of shards.seeds Stream.SAMPLES and index i and is computed in the aligned group
         i // sample_batch, so it does not depend on the world size. The groups are dealt round-robin to the
         ranks, and every rank runs the same number of them (the last ones may be padding, discarded after the
         gather): no rank idles at the collective while another still samples (an idle rank at an all-gather

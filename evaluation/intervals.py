@@ -3,7 +3,7 @@ of per-image means, and the one rule the verdicts use ("indistinguishable" when 
 
 A data-scarce target has a reference set of a few hundred images, so the reference's own noise is a large part
 of any difference between two models; the intervals here resample it too. All randomness comes from
-trainer.seeds, so the same features and seed give the same interval.
+shards.seeds, so the same features and seed give the same interval.
 """
 from typing import Callable, NamedTuple, Sequence
 
@@ -12,7 +12,7 @@ import torch
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
 from evaluation.features import frechet, frechet_float64
-from trainer.seeds import Stream, generator, seed_of
+from shards.seeds import Stream, generator, seed_of
 
 # Bootstrap round r of frechet_interval draws from the words (seed, Stream.BOOTSTRAP, r), r = 0, 1, ...; KID's
 # subsets use this word instead, which no round reaches, so the two never share a seed.
@@ -34,7 +34,7 @@ def frechet_interval(sample_features: torch.Tensor, reference_features: torch.Te
     computes the same pieces spread over the ranks. `distance`: frechet_on(the features' device).
 
     Each round resamples BOTH sets with replacement, so a small reference set's noise is in the interval.
-    Round r draws from trainer.seeds.generator(seed, Stream.BOOTSTRAP, r), the reference indices first: two
+    Round r draws from shards.seeds.generator(seed, Stream.BOOTSTRAP, r), the reference indices first: two
     models evaluated with the same seed and reference see the same reference resamples, whatever their N.
 
     The Fréchet distance of finite sets is biased upwards (by about the value two sets from one distribution

@@ -42,7 +42,7 @@ import torch
 
 from trainer.edm import DenoiserFn, sigma_steps
 from trainer.precision import full_fp32
-from trainer.seeds import Stream, generator
+from shards.seeds import Stream, generator
 
 DEFAULT_STEPS = 64
 

@@ -1,7 +1,7 @@
 """The held-out denoising loss: EDM-weighted denoising score matching on images a model never saw.
 
 Every model is scored on the same (image, sigma, noise) draws: image i's draws come from its own generator
-(trainer.seeds, Stream.TEST_LOSS), so differences between rows of the report are differences between models,
+(shards.seeds, Stream.TEST_LOSS), so differences between rows of the report are differences between models,
 not between draws, and per-image values of two models are paired. With the training loss's sigma law and
 weighting, it is the loss ScoreFusion minimises over lambda, measured on held-out images.
 """
@@ -11,7 +11,7 @@ import torch
 
 from trainer.edm import loss_weight
 from shards.pixels import to_unit
-from trainer.seeds import Stream, generator
+from shards.seeds import Stream, generator
 
 
 def draws(seed: int, indices: Sequence[int], count: int, shape, p_mean: float, p_std: float):

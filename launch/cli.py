@@ -11,9 +11,9 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from launch.pipeline import COMMANDS, PIPELINE, stages_to_run
+from launch.pipeline import COMMANDS, PIPELINE, Invocation, stages_to_run
 from shards.errors import ConfigError, UserError
-from trainer.config import load_config, to_yaml
+from stages.config import load_config, to_yaml
 from trainer.preemption import EXIT_INTERRUPTED
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "digits.yaml"
@@ -75,46 +75,17 @@ def split_arguments(command: str, items: list[str]) -> tuple[dict, list[str]]:
     return args, overrides
 
 
-def run_stage(stage: str, cfg, args: dict, config_path: str, overrides: list[str]) -> int:
-    """One command on a loaded config; the stage bodies are imported here so that --help stays fast."""
-    if stage == "prepare":
-        from trainer.stages import prepare
-        prepare.run(cfg)
-    elif stage == "train-aux":
-        from launch.local import train_all
-        from trainer.stages import train_aux
-        if args["aux"] == "all":
-            return train_all(cfg, config_path, overrides)
-        for name in args["aux"].split(","):
-            train_aux.run(cfg, name)
-    elif stage == "fuse":
-        from trainer.stages import fuse
-        fuse.run(cfg)
-    elif stage == "distill":
-        from trainer.stages import distill
-        distill.run(cfg)
-    elif stage == "evaluate":
-        from trainer.stages import evaluate
-        evaluate.run(cfg)
-    elif stage == "sample":
-        from trainer.stages import sample
-        if not args["n"].isdigit():
-            raise ConfigError(f"n={args['n']}: the number of images must be a positive whole number")
-        sample.run(cfg, args["model"], int(args["n"]), args.get("out"))
-    elif stage == "sweep":
-        from trainer.stages import sweep
-        if args.get("n") and not all(n.isdigit() for n in args["n"].split(",")):
-            raise ConfigError(f"n={args['n']}: target sizes are comma-separated whole numbers")
-        sizes = [int(n) for n in args["n"].split(",")] if args.get("n") else None
-        sweep.run(cfg, sizes)
-    elif stage == "run":
-        for name in stages_to_run(args.get("stages")):
-            code = run_stage(name, cfg, {"aux": "all"}, config_path, overrides)
-            if code:
-                return code
-    elif stage == "config":
-        print(to_yaml(cfg), end="")
+def run_pipeline(cfg, args: dict, invocation: Invocation) -> int:
+    """`scorefuse run`: the stages in pipeline order, the auxiliaries all of them; the first failure's code."""
+    for name in stages_to_run(args.get("stages")):
+        code = COMMANDS[name].run(cfg, {"aux": "all"}, invocation)
+        if code:
+            return code
     return 0
+
+
+def print_config(cfg) -> None:
+    print(to_yaml(cfg), end="")
 
 
 def run(argv: list[str]) -> int:
@@ -132,7 +103,7 @@ def run(argv: list[str]) -> int:
     import torch
     if not torch.cuda.is_available():  # DeepSpeed would say "Setting accelerator to CPU" in every stage
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return run_stage(ns.command, cfg, args, ns.config, overrides)
+    return COMMANDS[ns.command].run(cfg, args, Invocation(ns.config, overrides))
 
 
 def _one_line(error: Exception) -> str:

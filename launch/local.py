@@ -13,8 +13,8 @@ from fractions import Fraction
 import torch
 
 from shards.errors import ConfigError
-from trainer.config import RunConfig
-from trainer.rundir import RunDir
+from stages.config import RunConfig
+from stages.rundir import RunDir
 
 # How a launcher tells its processes how many they are (the variables Accelerate reads: torchrun's, MPI's).
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -95,6 +95,16 @@ def aux_commands(cfg: RunConfig, config_path: str, overrides: list[str],
     for name in names:
         jobs.append((name, [sys.executable, *base, f"aux={name}"], env))
     return jobs, parallel
+
+
+def train_aux(cfg: RunConfig, args: dict, invocation) -> int:
+    """`scorefuse train-aux`: aux=all on this machine (train_all), else the named auxiliaries in this process."""
+    if args["aux"] == "all":
+        return train_all(cfg, invocation.config_path, invocation.overrides)
+    from stages import train_aux as stage
+    for name in args["aux"].split(","):
+        stage.run(cfg, name)
+    return 0
 
 
 def train_all(cfg: RunConfig, config_path: str, overrides: list[str], log=print) -> int:

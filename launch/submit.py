@@ -21,8 +21,8 @@ from pathlib import Path
 
 from launch.pipeline import COMMANDS, stages_to_run
 from shards.errors import ConfigError
-from trainer.config import RunConfig, load_config
-from trainer.rundir import RunDir
+from stages.config import RunConfig, load_config
+from stages.rundir import RunDir
 
 SCRIPT = Path(__file__).parent / "slurm" / "stage.sbatch"
 

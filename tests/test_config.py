@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shards.errors import ConfigError
-from trainer.config import load_config
+from stages.config import load_config
 
 DIGITS = Path(__file__).parents[1] / "configs" / "digits.yaml"
 

@@ -12,17 +12,18 @@ from evaluation.features import Ranks
 from evaluation.likelihood import nll_bits_per_dim
 from evaluation.score_matching import held_out_loss
 from tests.fake_cuda import fake_cuda
-from trainer.catalogue import draw
+from stages.catalogue import draw
 from trainer.edm import Denoiser, denoising_loss, heun_sample
 from trainer.fused_denoiser import FusedDenoiser
-from trainer.lambda_fit import accumulate_gram, edm_objective, paper_objective, sgd_fit_parts
+from stages.fuse import sgd_fit_parts
+from trainer.lambda_fit import accumulate_gram, edm_objective, paper_objective
 from trainer.mixture import MixtureDenoiser, em_mixture_weights
 from trainer.precision import with_autocast
 from trainer.router import Router, log_density_ratios, router_loss
 from trainer.score_mismatch import OneStepGenerator, ScoreNet, check_shapes, d_step_loss, g_step_loss, r1_step_loss
-from trainer.seeds import Stream, generator
-from trainer.stages.evaluate import gather_by_index, rank_share
-from trainer.stages.fuse import fit_mixture
+from shards.seeds import Stream, generator
+from stages.evaluate import gather_by_index, rank_share
+from stages.fuse import fit_mixture
 from trainer.unet import build_unet
 
 torch.set_num_threads(1)

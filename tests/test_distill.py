@@ -1,4 +1,4 @@
-"""Score Mismatching (trainer/score_mismatch.py) and the distill stage (trainer/stages/distill.py): gradient
+"""Score Mismatching (trainer/score_mismatch.py) and the distill stage (stages/distill.py): gradient
 isolation, the fake target's independence, R1's official relative weight and its double backward, Gaussian
 toys, teacher shards made once, bit-identical resume, and the user errors. Small on purpose: a fake fused
 stage of three untrained tiny auxiliaries."""
@@ -16,11 +16,11 @@ from torch import nn
 from shards.errors import ModelError
 from shards.prepare import data_fingerprint, write_manifest, write_shard
 from tests.conftest import DIGITS, scorefuse
-from trainer.config import load_config
+from stages.config import load_config
 from trainer.edm import Denoiser
 from trainer.engine import Engine, Update
 from trainer.export import export_denoiser
-from trainer.rundir import RunDir, mark_finished
+from stages.rundir import RunDir, engine_paths, mark_finished
 from trainer.score_mismatch import (OneStepGenerator, ScoreNet, check_shapes, d_noise, d_step_loss, g_step_loss,
                                     lazy_adam_scaling, r1_step_loss, smm_sigmas)
 from trainer.spec import TrainSpec
@@ -84,7 +84,7 @@ def test_each_update_trains_only_its_network(tmp_path):
         while True:
             yield torch.rand(4, *SHAPE, generator=g) * 2 - 1
     spec = TrainSpec(batch=4, lr=1e-2, lr_rampup_kimg=0, total_kimg=0.012, checkpoint_every_kimg=0)
-    engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules={"G": G, "D": D},
+    engine = Engine(Accelerator(cpu=True), spec, engine_paths(tmp_path), modules={"G": G, "D": D},
                     optimizers={"g": torch.optim.Adam(G.parameters(), lr=1e-2), "d": torch.optim.Adam(D.parameters(), lr=1e-2)},
                     updates=[Update("d", "D", loss_d), Update("d", "D", loss_r1, every=2), Update("g", "G", loss_g, takes_batch=False)],
                     batches=real_images, log=lambda m: None)
@@ -298,7 +298,7 @@ def fake_run(root):
 
 
 def run_distill(root, capfd, *overrides):
-    from trainer.stages.distill import run
+    from stages.distill import run
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     run(load_config(DIGITS, [f"root={root}", *STAGE, *overrides]))
@@ -345,7 +345,7 @@ def test_teacher_shards_once_and_resume_bit_identical(tmp_path, capfd):
     meta = json.loads((stage / "generator.json").read_text())
     assert meta["init"] == "warm" and meta["sigma_max"] == 1.0 and meta["teacher"]["warm"] == "aux/aux-high"
     # loadable without training state, and `sample` writes uint8 NHWC
-    from trainer.stages.sample import run as sample
+    from stages.sample import run as sample
     path = sample(load_config(DIGITS, [f"root={tmp_path / 'b'}"]), "distill", 5, str(tmp_path / "s.npz"))
     images = np.load(path)["images"]
     assert images.shape == (5, 16, 16, 1) and images.dtype == np.uint8

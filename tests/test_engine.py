@@ -14,6 +14,7 @@ from torch import nn
 from shards.errors import CheckpointError
 from trainer.ema import ema_beta, update_ema
 from shards.errors import ModelError
+from stages.rundir import engine_paths
 from trainer.engine import Engine, Update, lr_at
 from trainer.spec import TrainSpec
 
@@ -50,7 +51,7 @@ def make_engine(tmp_path, accum=1, batch=8, loss=mse, fused=False, **spec_kw):
     torch.manual_seed(0)
     net = nn.Linear(4, 1)
     opt = torch.optim.SGD(net.parameters(), lr=spec.lr, fused=fused)
-    return Engine(acc, spec, tmp_path, modules={"net": net}, optimizers={"sgd": opt},
+    return Engine(acc, spec, engine_paths(tmp_path), modules={"net": net}, optimizers={"sgd": opt},
                   updates=[Update("sgd", "net", loss)], batches=regression_batches(batch // accum), ema=("net",),
                   log=lambda m: None)
 
@@ -175,7 +176,7 @@ class MetaAccelerator(Accelerator):
 def test_ema_lives_where_the_prepared_module_does(tmp_path):
     spec = TrainSpec(batch=8, lr_rampup_kimg=0, total_kimg=0.08)
     net = nn.Linear(4, 1)
-    engine = Engine(MetaAccelerator(cpu=True), spec, tmp_path, modules={"net": net},
+    engine = Engine(MetaAccelerator(cpu=True), spec, engine_paths(tmp_path), modules={"net": net},
                     optimizers={"sgd": torch.optim.SGD(net.parameters(), lr=0.1)},
                     updates=[Update("sgd", "net", mse)], batches=regression_batches(8), ema=("net",), log=lambda m: None)
     assert {p.device.type for p in engine.ema["net"].parameters()} == {"meta"}
@@ -206,7 +207,7 @@ def test_an_update_trains_only_its_module_and_the_stream_counts_what_was_taken(t
 
     spec = TrainSpec(batch=8, lr=0.01, lr_rampup_kimg=0, total_kimg=0.04, log_every_kimg=0.008,
                      checkpoint_every_kimg=0.016)
-    engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules={"a": a, "b": b},
+    engine = Engine(Accelerator(cpu=True), spec, engine_paths(tmp_path), modules={"a": a, "b": b},
                     optimizers={"sa": torch.optim.SGD(a.parameters(), lr=0.01), "sb": torch.optim.SGD(b.parameters(), lr=0.01)},
                     updates=[Update("sa", "a", loss_a), Update("sb", "b", loss_b, takes_batch=False),
                              Update("sa", "a", loss_lazy, every=2, name="lazy")],
@@ -306,7 +307,7 @@ def test_runs_on_one_accelerator_share_neither_models_nor_accumulation(tmp_path)
     spec = TrainSpec(batch=8, accum=2, lr=0.05, lr_rampup_kimg=0, total_kimg=0.08, checkpoint_every_kimg=0.04,
                      log_every_kimg=0.04)
     first = nn.Linear(4, 1)
-    Engine(acc, spec, tmp_path / "first", modules={"net": first},
+    Engine(acc, spec, engine_paths(tmp_path / "first"), modules={"net": first},
            optimizers={"sgd": torch.optim.SGD(first.parameters(), lr=0.05)}, updates=[Update("sgd", "net", mse)],
            batches=regression_batches(4), log=lambda m: None).run()
 
@@ -314,7 +315,7 @@ def test_runs_on_one_accelerator_share_neither_models_nor_accumulation(tmp_path)
         torch.manual_seed(1)
         net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
         optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
-        return Engine(accelerator, replace(spec, accum=1), tmp_path / "later", modules={"net": net},
+        return Engine(accelerator, replace(spec, accum=1), engine_paths(tmp_path / "later"), modules={"net": net},
                       optimizers={"adam": optimizer}, updates=[Update("adam", "net", mse)],
                       batches=regression_batches(8), log=lambda m: None), optimizer
     later, optimizer = later_run(acc)
@@ -333,7 +334,7 @@ def test_the_ema_evaluates_in_float32_under_mixed_precision_training(tmp_path):
     """Accelerate gives the prepared module an autocast forward; the EMA (what the periodic Fréchet distance
     and evaluate sample) must not inherit it, or one model would be measured at two precisions."""
     net = nn.Linear(4, 1)
-    e = Engine(Accelerator(cpu=True, mixed_precision="bf16"), TrainSpec(batch=8, precision="bf16"), tmp_path,
+    e = Engine(Accelerator(cpu=True, mixed_precision="bf16"), TrainSpec(batch=8, precision="bf16"), engine_paths(tmp_path),
                modules={"net": net}, optimizers={"sgd": torch.optim.SGD(net.parameters(), lr=0.1)},
                updates=[Update("sgd", "net", mse)], batches=regression_batches(8), ema=("net",), log=lambda m: None)
     assert "forward" in e.unwrap("net").__dict__  # the premise: Accelerate's patched forward
@@ -350,7 +351,7 @@ def test_compile_wraps_the_prepared_module_and_spares_a_double_backward(tmp_path
     a, b = nn.Linear(4, 1), nn.Linear(4, 1)
     spec = TrainSpec(batch=8, lr_rampup_kimg=0, total_kimg=0.08, compile=True)
     messages = []
-    engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules={"a": a, "b": b},
+    engine = Engine(Accelerator(cpu=True), spec, engine_paths(tmp_path), modules={"a": a, "b": b},
                     optimizers={"sa": torch.optim.SGD(a.parameters(), lr=0.1),
                                 "sb": torch.optim.SGD(b.parameters(), lr=0.1)},
                     updates=[Update("sa", "a", mse), Update("sb", "b", mse, double_backward=True)],

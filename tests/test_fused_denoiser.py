@@ -14,7 +14,7 @@ from trainer.edm import heun_sample
 from trainer.export import build_denoiser
 from shards.errors import ModelError
 from trainer.fused_denoiser import FusedDenoiser, merge_weights
-from trainer.stages.fuse import target_batches
+from stages.fuse import target_batches
 
 META = dict(preset="tiny", image_size=16, channels=1, sigma_data=0.5)
 EDM = dict(p_mean=-1.2, p_std=1.2, sigma_data=0.5)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from stages.fuse import sgd_fit_parts
 from tests.conftest import DIGITS, scorefuse
 from trainer.lambda_fit import (GramStats, SoftmaxWeights, accumulate_gram, edm_objective, fit_barycenter_weights,
                                 paper_objective, paper_sigma,
-                                project_to_simplex, projected_gradient_qp, sgd_fit_parts,
+                                project_to_simplex, projected_gradient_qp,
                                 solve_simplex_qp, unconstrained_optimum, vertex_losses)
 from trainer.edm import denoising_loss
 from shards.errors import ModelError
@@ -383,6 +384,7 @@ def test_paper_sgd_fit_through_the_engine_approaches_the_exact_fit(tmp_path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    from stages.rundir import engine_paths
     from trainer.engine import Engine
     from trainer.spec import TrainSpec
 
@@ -405,7 +407,7 @@ def test_paper_sgd_fit_through_the_engine_approaches_the_exact_fit(tmp_path):
                          checkpoint_every_kimg=100)
         modules, optimizers, updates = sgd_fit_parts(fused, OBJECTIVE)
         torch.manual_seed(0)
-        engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules=modules, optimizers=optimizers,
+        engine = Engine(Accelerator(cpu=True), spec, engine_paths(tmp_path), modules=modules, optimizers=optimizers,
                         updates=updates, batches=batches, log=lambda m: None)
         engine.run()
     finally:

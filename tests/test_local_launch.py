@@ -13,7 +13,7 @@ from launch.local import aux_commands, aux_schedule, physical_gpu_ids, refuse_un
 from launch.submit import SCRIPT
 from shards.errors import ConfigError
 from tests.conftest import DIGITS, scorefuse
-from trainer.config import load_config
+from stages.config import load_config
 
 
 @pytest.mark.parametrize("gpus, models, batch, accum, parallel, expected", [

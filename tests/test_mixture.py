@@ -8,6 +8,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
+from stages.rundir import engine_paths
 from trainer.engine import Engine, Update, adam
 from trainer.mixture import MixtureDenoiser, em_mixture_weights
 from trainer.router import Router, log_density_ratios, router_loss
@@ -131,7 +132,7 @@ def test_a_router_trained_on_three_gaussian_populations_recovers_pi(tmp_path):
     router = Router(4, 1, 3, "tiny")
     spec = TrainSpec(batch=96, lr=2e-3, lr_rampup_kimg=0, total_kimg=96 * 400 / 1000, log_every_kimg=10,
                      checkpoint_every_kimg=0)
-    engine = Engine(Accelerator(cpu=True), spec, tmp_path, modules={"router": router},
+    engine = Engine(Accelerator(cpu=True), spec, engine_paths(tmp_path), modules={"router": router},
                     optimizers={"adam": adam(router.parameters(), 2e-3, (0.9, 0.999), 1e-8)},
                     updates=[Update("adam", "router", lambda m, b, s: router_loss(m["router"], b[0], b[1], -1.2, 1.2))],
                     batches=batches, log=lambda m: None)

@@ -1,13 +1,13 @@
 """Every seeded random draw happens on its generator's own device. torch.randn(..., generator=g, device=d)
 raises on a GPU when g is a CPU generator and d is CUDA, which a CPU run can never show: so the rule is
 checked in the source. A call that passes `generator=` may pass `device=` only as that generator's own
-`.device`; the result is then moved where it is needed (trainer.seeds.normal does both)."""
+`.device`; the result is then moved where it is needed (shards.seeds.normal does both)."""
 import ast
 from pathlib import Path
 
 import torch
 
-from trainer.seeds import normal
+from shards.seeds import normal
 
 ROOT = Path(__file__).parents[1]
 DRAWS = {"randn", "rand", "randint", "randperm", "normal", "bernoulli", "multinomial", "randn_like", "rand_like",

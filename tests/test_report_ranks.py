@@ -12,7 +12,7 @@ from evaluation.features import Ranks, frechet
 from evaluation.intervals import frechet_interval, kernel_distance
 from evaluation.memorisation import memorisation
 from evaluation.spec import EvalSpec
-from trainer.stages.evaluate import Measured, gather_by_index, rank_share, report_statistics
+from stages.evaluate import Measured, gather_by_index, rank_share, report_statistics
 
 SHAPE = (1, 4, 4)
 

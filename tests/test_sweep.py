@@ -1,4 +1,4 @@
-"""The sweep over the target size n (trainer/stages/sweep.py) on a copy of the fast pipeline's run: each n is a
+"""The sweep over the target size n (stages/sweep.py) on a copy of the fast pipeline's run: each n is a
 run of its own sharing the main run's auxiliaries and shards, the targets are nested, and the summary has a
 table and a plot per metric; under `submit` the sizes are an array job after the auxiliaries."""
 import json
@@ -12,8 +12,8 @@ from shards.manifest import load_manifest, shard_paths
 from shards.populations import allocate_counts
 from shards.stream import read_population
 from tests.conftest import DIGITS, scorefuse
-from trainer.config import load_config
-from trainer.stages import sweep as sweep_stage
+from stages.config import load_config
+from stages import sweep as sweep_stage
 
 pytestmark = pytest.mark.slow
 

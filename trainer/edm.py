@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.seeds import normal
+from shards.seeds import normal
 
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,7 +57,7 @@ def sample_sigma(batch: int, generator: torch.Generator | None, p_mean: float = 
                  device: torch.device | None = None) -> torch.Tensor:
     """Training noise levels on `device`, shape [batch]: ln(sigma) ~ N(p_mean, p_std^2) (EDM's log-normal,
     whose defaults put most weight on the mid-range sigmas where the loss can still be reduced). Drawn from
-    `generator` on its own device (trainer.seeds.normal), or from the global RNG when it is None."""
+    `generator` on its own device (shards.seeds.normal), or from the global RNG when it is None."""
     return (normal((batch,), generator, device) * p_std + p_mean).exp()
 
 

@@ -4,7 +4,8 @@ A stage hands the engine its modules, their optimizers, one or more `Update`s (a
 steps) and a source of micro-batches. The engine does the rest, the same way for every stage: Accelerate
 (DDP or DeepSpeed), mixed precision, gradient accumulation and clipping, skipped non-finite steps, EMA, the
 learning rate as a function of kimg, periodic hooks (evaluation, sample grids), metrics, a progress report,
-checkpoints, resume, preemption, and the marker that says the stage is finished.
+checkpoints, resume and preemption. It writes where it is told (EnginePaths); the stage that runs it exports
+its model and marks itself finished.
 
 Progress is counted in images seen (nimg), so schedules mean the same for any world size. The learning rate
 is computed from nimg and written into the optimizer; no scheduler is prepared (Accelerate would step a
@@ -21,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -32,7 +33,6 @@ from trainer.checkpoint import Checkpointer
 from trainer.ema import ema_beta, make_ema, update_ema
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.progress import Progress, say
-from trainer.rundir import CHECKPOINTS, METRICS, mark_finished
 from trainer.spec import TrainSpec
 
 # With several processes, whether to stop is agreed by an all-reduce; doing it every step would put a host
@@ -76,6 +76,12 @@ class Update:
         return math.ceil(step / self.every)
 
 
+class EnginePaths(NamedTuple):
+    """Where a training run writes: its checkpoints directory and its metrics file (JSON lines)."""
+    checkpoints: Path
+    metrics: Path
+
+
 @dataclass
 class Hook:
     """`fn(engine) -> dict | None` every `every_kimg` (and at the end); a dict is logged as metrics.
@@ -97,7 +103,7 @@ def lr_at(spec: TrainSpec, nimg: int) -> float:
 
 
 class Engine:
-    def __init__(self, accelerator, spec: TrainSpec, stage_dir: Path, *, modules: dict[str, nn.Module],
+    def __init__(self, accelerator, spec: TrainSpec, paths: EnginePaths, *, modules: dict[str, nn.Module],
                  optimizers: dict[str, torch.optim.Optimizer], updates: list[Update],
                  batches: Callable[[int], Iterator], ema: tuple[str, ...] = (), hooks: tuple[Hook, ...] = (),
                  log: Callable[[str], None] | None = None, trackers: tuple = ()):
@@ -106,7 +112,7 @@ class Engine:
                              f"({accelerator.num_processes}) x train.accum ({spec.accum})")
         self.acc = accelerator
         self.spec = spec
-        self.dir = Path(stage_dir)
+        self.paths = paths
         self.updates = updates
         self.batches = batches
         self.hooks = hooks
@@ -127,7 +133,7 @@ class Engine:
         if spec.compile:
             self._compile([name for name in modules if not any(u.double_backward and u.module == name
                                                                 for u in updates)])
-        self.checkpointer = Checkpointer(self.dir / CHECKPOINTS, accelerator, spec.keep_checkpoints, self.log)
+        self.checkpointer = Checkpointer(paths.checkpoints, accelerator, spec.keep_checkpoints, self.log)
         self.nimg = 0
         self.step = 0
         # Non-finite steps: all of them, and the current run of consecutive ones (device tensors, read at
@@ -199,13 +205,13 @@ class Engine:
             self._truncate_metrics()
         return True
 
-    def run(self, finish: Callable[["Engine"], None] | None = None) -> None:
-        """Train to total_kimg, resuming first if a checkpoint exists; then, on the main process, `finish`
-        (export the stage's model) and the stage's finished marker. Raises Preempted after a checkpoint
-        when SIGTERM/SIGUSR1 (or Ctrl-C) arrived."""
+    def run(self) -> None:
+        """Train to total_kimg, resuming first if a checkpoint exists; every rank returns together. Raises
+        Preempted after a checkpoint when SIGTERM/SIGUSR1 (or Ctrl-C) arrived."""
         self.resume()
         stop = StopRequest()
-        progress = Progress(self.total_nimg, self.nimg, self.dir.name, enabled=self.acc.is_main_process)
+        progress = Progress(self.total_nimg, self.nimg, self.paths.metrics.parent.name,
+                            enabled=self.acc.is_main_process)
         try:
             self._loop(stop, progress)
         finally:
@@ -213,12 +219,11 @@ class Engine:
             stop.restore()
             for tracker in self.trackers:
                 tracker.finish()
-        if self.acc.is_main_process:
-            if finish is not None:
-                finish(self)
-            mark_finished(self.dir, {"kimg": self.kimg, "steps": self.step, "skipped_steps": self.skipped,
-                                     "seconds": round(self.seconds, 1)})
         self.acc.wait_for_everyone()
+
+    def summary(self) -> dict:
+        """What a finished run did, for its stage's done.json."""
+        return {"kimg": self.kimg, "steps": self.step, "skipped_steps": self.skipped, "seconds": round(self.seconds, 1)}
 
     def _loop(self, stop: StopRequest, progress: Progress) -> None:
         spec = self.spec
@@ -386,15 +391,15 @@ class Engine:
         if not self.acc.is_main_process:
             return
         row = {"step": self.step, "kimg": round(self.kimg, 3), **metrics, "time": time.time()}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / METRICS, "a") as f:
+        self.paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.paths.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
         for tracker in self.trackers:
             tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
 
     def _truncate_metrics(self) -> None:
         """Drop rows logged after the checkpoint we resumed from: they will be logged again."""
-        path = self.dir / METRICS
+        path = self.paths.metrics
         if path.exists():
             rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             path.write_text("".join(r + "\n" for r in rows))

@@ -1,8 +1,7 @@
 """A trained network on disk, without its training state: safetensors weights and a JSON description.
 
 This is what later stages (fuse, distill, evaluate) and user code load. The JSON records what rebuilds the
-network: the preset, the image shape, the EDM constants. The file names are the run directory's
-(trainer/rundir.py).
+network: the preset, the image shape, the EDM constants.
 """
 import json
 from pathlib import Path
@@ -14,8 +13,13 @@ from shards.atomic import write_atomically
 from shards.errors import CheckpointError
 from shards.manifest import image_shape
 from trainer.edm import Denoiser
-from trainer.rundir import DENOISER_FILES
 from trainer.unet import build_unet
+
+# (weights, description) of each kind of model file: a trained denoiser (its EMA weights), the one-step
+# generator, the mixture's router
+DENOISER_FILES = ("ema.safetensors", "model.json")
+GENERATOR_FILES = ("generator.safetensors", "generator.json")
+ROUTER_FILES = ("router.safetensors", "router.json")
 
 
 def write_model(directory: Path, module: nn.Module, meta: dict, weights: str, meta_name: str) -> None:

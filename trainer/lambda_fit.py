@@ -18,7 +18,7 @@ are independent problems (a piecewise-constant lambda(sigma)).
 
 The optimum over the probability simplex is found exactly by enumerating supports (small K), and the
 paper's own method, lambda = softmax(logits) trained by SGD, is kept as a baseline (SoftmaxWeights,
-sgd_fit_parts through the engine): as the paper runs it, on the loss summed over pixels (the mean over pixels
+stages/fuse.py trains it through the engine): as the paper runs it, on the loss summed over pixels (the mean over pixels
 would make every step P times smaller at the same learning rate) from logits drawn from N(0, 1).
 """
 import itertools
@@ -31,10 +31,9 @@ from torch import nn
 
 from shards.errors import ModelError
 from trainer.edm import loss_weight, sample_sigma
-from trainer.engine import Update
 from trainer.fused_denoiser import FusedDenoiser
 from trainer.precision import forward_precision
-from trainer.seeds import normal
+from shards.seeds import normal
 
 MAX_EXACT_K = 12  # 2^12 - 1 supports, each a (|S| + 1)-dimensional linear solve: well under a second
 PAPER_T_MIN, PAPER_SIGMA_BASE = 1e-5, 25.0  # ScoreFusion's VE SDE: t ~ U(1e-5, 1), sigma = 25^t "marginal std"
@@ -324,32 +323,3 @@ class SoftmaxWeights(nn.Module):
         bins = (torch.zeros_like(sigma, dtype=torch.long) if self.sigma_edges is None
                 else torch.bucketize(sigma, self.sigma_edges, right=True))
         return self.weights()[bins]
-
-
-def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, lr: float = 0.1,
-                  momentum: float = 0.9, autocast_dtype: torch.dtype | None = None,
-                  init: torch.Generator | None = None):
-    """(modules, optimizers, updates) for trainer.engine.Engine to fit SoftmaxWeights by SGD, the paper's
-    method: on a micro-batch x0, draw sigma (the objective's law) and noise from torch's global RNG (seeded
-    per rank by the engine's caller, as in the diffusion stage), compute the K outputs without gradients,
-    and return the mean over the batch of w(sigma) * the squared error summed over pixels, the paper's
-    scaling (P times the GramStats value under the per-pixel edm objective; the same under paper). Logits
-    start from `init` (N(0, 1)). Under the engine the optimizer's rate is the TrainSpec's, written every step
-    (the fuse stage's spec carries fuse.sgd_lr); `lr` serves a loop of one's own (bench/fusion.py)."""
-    weights = SoftmaxWeights(fused.num_models, sigma_edges, init)
-    optimizer = torch.optim.SGD(weights.parameters(), lr=lr, momentum=momentum, fused=True)
-
-    def loss(modules: dict, x0: torch.Tensor, step: int) -> torch.Tensor:
-        x0 = x0.to(torch.float32)
-        batch = x0.shape[0]
-        sigma = objective.sample(batch, None, x0.device).reshape(batch, 1, 1, 1)
-        noise = torch.randn_like(x0)
-        with torch.no_grad(), forward_precision(x0.device.type, autocast_dtype):
-            outputs = fused.all_outputs(x0 + sigma * noise, sigma)
-        lam = modules["weights"](sigma.flatten()).to(torch.float32)  # through the DDP wrapper, if any
-        denoised = torch.einsum("bk,kbchw->bchw", lam, outputs)
-        error = (denoised - x0).square().flatten(1).sum(dim=1)
-        return (objective.weight(sigma.flatten()) * error).mean()
-
-    return {"weights": weights}, {"sgd": optimizer}, [Update("sgd", "weights", loss)]
-

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.edm import sample_sigma
-from trainer.export import read_model, write_model
-from trainer.rundir import ROUTER_FILES
+from trainer.export import ROUTER_FILES, read_model, write_model
 from trainer.unet import PRESETS, ResBlock, SinusoidalEmbedding, _conv, _linear, group_norm
 
 

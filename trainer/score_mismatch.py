@@ -7,7 +7,7 @@
   sigma_t)) / sigma_t, so sigma_t enters as the UNet's noise label ln(sigma_t)/4 and auxiliary weights are a
   ready-made eps predictor.
 
-* Losses, three engine Updates per iteration (trainer/stages/distill.py):
+* Losses, three engine Updates per iteration (stages/distill.py):
     D:   L_real + L_fake
          L_real = |D(x0 + s_t eps, t) - eps|^2,   x0 ~ the "real" data (teacher samples)
          L_fake = |D(G(z) + s_t eps, t) - eps'|^2, eps' fresh noise independent of eps, G(z) under no_grad
@@ -32,8 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from shards.errors import ModelError
 from shards.manifest import image_shape
 from trainer.edm import Denoiser
-from trainer.export import build_denoiser, read_model, write_model
-from trainer.rundir import GENERATOR_FILES
+from trainer.export import GENERATOR_FILES, build_denoiser, read_model, write_model
 from trainer.unet import build_unet
 
 SMM_LEVELS = 10

@@ -3,7 +3,7 @@ sections of the run config (OmegaConf structured config)."""
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-# The models fusion is compared with, built by the fuse stage (trainer/stages/fuse.py).
+# The models fusion is compared with, built by the fuse stage (stages/fuse.py).
 BASELINES = ("target-scratch", "target-finetune", "checkpoint-merge")
 
 

@@ -23,19 +23,20 @@ from shards.errors import ModelError
 from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
 from shards.prepare import canonical_json, write_manifest, write_shard
 from shards.stream import train_loader
-from trainer.config import RunConfig
+from stages.config import RunConfig
 from trainer.precision import with_autocast
 from trainer.engine import Engine, Update, adam
 from trainer.fused_denoiser import merge_weights
 from shards.pixels import to_uint8
 from trainer.score_mismatch import (build_networks, check_shapes, d_step_loss, export_generator, g_step_loss,
                                     lazy_adam_scaling, r1_step_loss)
-from trainer.seeds import Stream, generator, per_image_normal
+from shards.seeds import Stream, generator, per_image_normal
 from trainer.spec import DistillSpec, TrainSpec
-from trainer.stages.context import StageContext
+from stages.context import StageContext
+from stages.rundir import engine_paths
 from trainer.router import load_router
-from trainer.stages.fuse import (best_auxiliary, fused_denoiser, load_auxiliaries, load_fit, load_mixture,
-                                 mixture_denoiser, single_lambda)
+from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, load_mixture,
+                              mixture_model, single_lambda)
 
 TEACHER_POPULATION = "teacher"
 TEACHER_CHUNK = 250      # teacher samples per chunk = per shard
@@ -68,10 +69,10 @@ def teacher_parts(ctx: StageContext):
     auxiliaries = load_auxiliaries(cfg)
     if which == "mixture":
         mixture = load_mixture(cfg)
-        teacher = mixture_denoiser(cfg, mixture, auxiliaries, load_router(ctx.run.router))
+        teacher = mixture_model(cfg, mixture, auxiliaries, load_router(ctx.run.router))
         info = {"fit": which, "pi": mixture[mixture["weights"]]["pi"], "names": mixture["names"]}
     else:
-        teacher = fused_denoiser(fit, auxiliaries, which, batched=cfg.fuse.batched)
+        teacher = barycenter_model(fit, auxiliaries, which, batched=cfg.fuse.batched)
         info = {"fit": which, "lambda": fit[which]["lambda"], "names": fit["names"], "sigma_edges": fit["sigma_edges"]}
     d, warm = cfg.distill, None
     if d.init == "warm" or d.score_init == "aux":
@@ -90,7 +91,7 @@ def sample_teacher(ctx: StageContext, teacher, out_dir: Path, info: dict) -> dic
     describes the teacher (lambda, steps...); a manifest made from another teacher is an error, not silently
     reused. Returns the manifest."""
     cfg, acc, shape = ctx.cfg, ctx.acc, ctx.shape
-    n, steps, e = cfg.distill.teacher_samples, cfg.distill.teacher_steps or cfg.edm.sampler_steps, cfg.edm
+    n, steps = cfg.distill.teacher_samples, cfg.distill.teacher_steps or cfg.edm.sampler_steps
     info = {**info, "samples": n, "steps": steps, "seed": cfg.train.seed, "shape": list(shape),
             **({"precision": cfg.distill.teacher_precision} if cfg.distill.teacher_precision != "no" else {})}
     fingerprint = sha256_text(canonical_json(info))
@@ -184,7 +185,7 @@ def train(ctx: StageContext, teacher, warm_state: dict | None, teacher_info: dic
             lr_scale=lr_scale_d, every=spec.r1_every, name="r1", double_backward=True))
     updates.append(Update("adam_g", "G", lambda m, _, step: g_step_loss(m["D"], m["G"], micro, shape, ctx.device),
                           takes_batch=False, name="generator"))
-    engine = Engine(acc, engine_spec, stage_dir, modules={"G": G, "D": D}, optimizers={"adam_g": opt_g, "adam_d": opt_d},
+    engine = Engine(acc, engine_spec, engine_paths(stage_dir), modules={"G": G, "D": D}, optimizers={"adam_g": opt_g, "adam_d": opt_d},
                     updates=updates, batches=batches, ema=("G",), log=ctx.log, trackers=ctx.trackers(stage_dir),
                     hooks=ctx.training_hooks(stage_dir, ctx.fd_reference, engine_spec, lambda e: e.ema["G"]))
     meta = {"kind": "one-step-generator", "preset": spec.g_preset or cfg.network.preset, "dropout": cfg.network.dropout,
@@ -193,10 +194,11 @@ def train(ctx: StageContext, teacher, warm_state: dict | None, teacher_info: dic
             "warm_from": spec.warm_from if spec.init == "warm" else None, "score_init": spec.score_init,
             "teacher": teacher_info}
 
-    def finish(e):
-        export_generator(stage_dir, e.ema["G"], meta)
-        ctx.save_grid(e.ema["G"], stage_dir)
-    engine.run(finish=finish)
+    def export():
+        export_generator(stage_dir, engine.ema["G"], meta)
+        ctx.save_grid(engine.ema["G"], stage_dir)
+    engine.run()
+    ctx.finish(stage_dir, engine.summary(), export)
     return engine
 
 

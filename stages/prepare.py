@@ -10,9 +10,9 @@ from evaluation.classifier import train_classifier
 from evaluation.features import build_feature_extractor
 from shards.prepare import prepare
 from shards.stream import read_population
-from trainer.config import RunConfig, extractor_for
+from stages.config import RunConfig, extractor_for, record_config
 from trainer.progress import say
-from trainer.rundir import RunDir
+from stages.rundir import RunDir
 
 
 def run(cfg: RunConfig, shared=None) -> dict:
@@ -22,7 +22,7 @@ def run(cfg: RunConfig, shared=None) -> dict:
     if extractor_for(cfg) == "inception":  # before anything is written: a ConfigError naming the file
         build_feature_extractor("inception", cfg.eval.inception_weights, "cpu")
     manifest = prepare(cfg.data, run_dir.data, log=say, shared=shared)
-    run_dir.record_config(cfg)
+    record_config(cfg, run_dir)
     if not run_dir.classifier.is_file():
         parts = [read_population(run_dir.data, p.name, cfg.data.max_bad_samples) for p in cfg.data.aux]
         labels = torch.cat([p[1] for p in parts])

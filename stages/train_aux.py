@@ -1,6 +1,6 @@
 """train-aux: one EDM denoiser trained on one auxiliary population's shards.
 
-The same body trains the fuse stage's target-only baselines (trainer/stages/fuse.py). It is the engine plus
+The same body trains the fuse stage's target-only baselines (stages/fuse.py). It is the engine plus
 three stage-specific parts: the network, the EDM loss, and the population's stream. When it finishes, the
 EMA weights are exported (trainer/export.py) and the engine marks the stage finished, so a re-run skips it.
 """
@@ -11,12 +11,13 @@ from accelerate.utils import set_seed
 from shards.errors import ConfigError
 from shards.manifest import population_entry
 from shards.stream import train_loader
-from trainer.config import RunConfig
+from stages.config import RunConfig
 from trainer.edm import Denoiser, denoising_loss
 from trainer.engine import Engine, Update, adam
 from trainer.export import export_denoiser
 from trainer.spec import TrainSpec
-from trainer.stages.context import StageContext
+from stages.context import StageContext
+from stages.rundir import engine_paths
 from trainer.unet import build_unet
 
 
@@ -59,11 +60,12 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
         e = cfg.edm
         return denoising_loss(modules["net"], x0, None, p_mean=e.p_mean, p_std=e.p_std, sigma_data=e.sigma_data).mean()
 
-    engine = Engine(acc, train, stage_dir, modules={"net": denoiser}, optimizers={"adam": optimizer},
+    engine = Engine(acc, train, engine_paths(stage_dir), modules={"net": denoiser}, optimizers={"adam": optimizer},
                     updates=[Update("adam", "net", loss)], batches=batches, ema=("net",), log=ctx.log,
                     trackers=ctx.trackers(stage_dir),
                     hooks=ctx.training_hooks(stage_dir, reference, train, lambda e: ctx.sampler(e.ema["net"])))
-    engine.run(finish=lambda e: export_denoiser(stage_dir, e.ema["net"], meta))
+    engine.run()
+    ctx.finish(stage_dir, engine.summary(), lambda: export_denoiser(stage_dir, engine.ema["net"], meta))
     return engine
 
 

@@ -15,15 +15,15 @@ from evaluation.features import FeatureSpace, Ranks, frechet
 from evaluation.grid import save_grid
 from shards.manifest import image_shape, load_manifest, population_entry
 from shards.stream import read_population
-from trainer.config import RunConfig, extractor_for
+from stages.config import RunConfig, extractor_for, record_config
 from trainer.edm import heun_sample
 from trainer.accelerator import make_accelerator
 from trainer.engine import Hook
 from trainer.precision import with_autocast
 from trainer.progress import say
 from shards.errors import ConfigError
-from trainer.rundir import GRID, TENSORBOARD, RunDir, is_finished, set_aside
-from trainer.seeds import Stream, per_image_normal
+from stages.rundir import GRID, TENSORBOARD, RunDir, is_finished, mark_finished, set_aside
+from shards.seeds import Stream, per_image_normal
 
 
 @dataclass
@@ -43,7 +43,7 @@ class StageContext:
         run = RunDir.of(cfg)
         manifest = load_manifest(run.data)
         if acc.is_main_process:
-            run.record_config(cfg)
+            record_config(cfg, run)
         restart = os.environ.get("SLURM_RESTART_COUNT")
         log = say if acc.is_main_process else (lambda message: None)
         if restart:
@@ -64,6 +64,15 @@ class StageContext:
             self.log(f"{stage_dir}: already finished, skipping")
             return False
         return True
+
+    def finish(self, stage_dir: Path, info: dict, export: Callable[[], None] | None = None) -> None:
+        """A stage's end: on the main process its model written (`export`), then its done.json, last; every
+        rank returns together."""
+        if self.acc.is_main_process:
+            if export is not None:
+                export()
+            mark_finished(stage_dir, info)
+        self.acc.wait_for_everyone()
 
     @property
     def device(self) -> torch.device:

@@ -12,9 +12,16 @@ from evaluation.grid import save_png
 from shards.atomic import write_atomically
 from shards.errors import ConfigError
 from shards.manifest import image_shape, load_manifest
-from trainer.catalogue import draw, find
-from trainer.config import RunConfig
-from trainer.rundir import RunDir
+from stages.catalogue import draw, find
+from stages.config import RunConfig
+from stages.rundir import RunDir
+
+
+def command(cfg: RunConfig, args: dict, invocation) -> None:
+    """`scorefuse sample model=LABEL n=N [out=...]`."""
+    if not args["n"].isdigit():
+        raise ConfigError(f"n={args['n']}: the number of images must be a positive whole number")
+    run(cfg, args["model"], int(args["n"]), args.get("out"))
 
 
 def run(cfg: RunConfig, model: str, n: int, out: str | None = None) -> Path:

@@ -30,65 +30,24 @@ from accelerate.utils import set_seed
 
 from evaluation.plots import lambda_chart
 from shards.atomic import write_atomically
-from shards.errors import CheckpointError, ModelError
+from shards.errors import ModelError
 from shards.stream import read_population, train_loader
-from trainer.config import RunConfig
+from stages.catalogue import barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model, single_lambda
+from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
-from trainer.export import build_denoiser, export_denoiser, load_denoiser
+from trainer.export import build_denoiser, export_denoiser
 from trainer.fused_denoiser import FusedDenoiser, merge_weights
 from evaluation.likelihood import nll_bits_per_dim
-from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, objective_of, sgd_fit_parts
-from trainer.mixture import MixtureDenoiser, em_mixture_weights
-from trainer.precision import autocast_dtype
+from trainer.lambda_fit import Objective, SoftmaxWeights, accumulate_gram, fit_barycenter_weights, objective_of
+from trainer.mixture import em_mixture_weights
+from trainer.precision import autocast_dtype, forward_precision
 from trainer.router import Router, load_router, log_density_ratios, router_loss, save_router
 from shards.pixels import to_unit
-from trainer.rundir import MIXTURE_GRID, RunDir, mark_finished
-from trainer.seeds import Stream, generator
+from stages.rundir import MIXTURE_GRID, engine_paths, mark_finished
+from shards.seeds import Stream, generator
 from trainer.spec import BASELINES
-from trainer.stages.context import StageContext
-from trainer.stages.train_aux import model_meta, train_denoiser
-
-# ---- what later stages read of a finished fuse stage ------------------------------------------------------
-
-def load_auxiliaries(cfg: RunConfig) -> dict[str, torch.nn.Module]:
-    """The EMA denoisers of the finished auxiliaries, by name; a clear error naming any that is missing."""
-    run = RunDir.of(cfg)
-    denoisers = {}
-    for name, directory in run.aux_dirs(cfg).items():
-        try:
-            denoisers[name] = load_denoiser(directory)[0]
-        except CheckpointError:
-            raise ModelError(f"auxiliary {name}: no finished model in {directory}; "
-                             f"run `scorefuse train-aux aux={name}` first") from None
-    return denoisers
-
-
-def load_fit(cfg: RunConfig) -> dict:
-    """lambda.json of a finished fuse stage."""
-    path = RunDir.of(cfg).lambda_file
-    if not path.is_file():
-        raise ModelError(f"no {path}: run `scorefuse fuse` first")
-    return json.loads(path.read_text())
-
-
-def fused_denoiser(fit: dict, auxiliaries: dict, which: str | None = None, batched: bool | None = None) -> FusedDenoiser:
-    """The fused model of a fit: `which` = exact | sgd, or None for fuse.method's."""
-    lam = torch.tensor(fit[which or fit["method"]]["lambda"], dtype=torch.float64)
-    return FusedDenoiser([auxiliaries[n] for n in fit["names"]], lam, sigma_edges=fit["sigma_edges"],
-                         names=fit["names"], batched=batched)
-
-
-def best_auxiliary(fit: dict) -> str:
-    """The auxiliary with the lowest target loss on its own (the best vertex of the exact fit)."""
-    losses = fit["exact"]["vertex_losses"]
-    return min(losses, key=losses.get)
-
-
-def single_lambda(fit: dict) -> list[float]:
-    """One lambda for every sigma: the exact fit's, or with sigma bins the single-lambda fit on the same draws."""
-    exact = fit["exact"]
-    return exact.get("single_lambda", {}).get("lambda") or exact["lambda"][0]
-
+from stages.context import StageContext
+from stages.train_aux import model_meta, train_denoiser
 
 # ---- the fits -----------------------------------------------------------------------------------------------
 
@@ -138,9 +97,10 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
             yield x.to(ctx.device, non_blocking=True)
 
     torch.manual_seed(cfg.train.seed * 7919 + rank)  # the SGD draws: per rank, saved in its checkpoints
-    engine = Engine(acc, spec, ctx.run.sgd_fit, modules=modules, optimizers=optimizers, updates=updates,
+    engine = Engine(acc, spec, engine_paths(ctx.run.sgd_fit), modules=modules, optimizers=optimizers, updates=updates,
                     batches=target_stream, log=ctx.log, trackers=ctx.trackers(ctx.run.sgd_fit))
     engine.run()
+    ctx.finish(ctx.run.sgd_fit, engine.summary())
     sgd_lam = engine.unwrap("weights").weights().detach().double().cpu()
     sgd_loss, exact_loss = float(stats.loss(sgd_lam)), exact["report"]["loss"]
     sgd = {"lambda": sgd_lam.tolist(), "loss": sgd_loss, "seconds": engine.seconds, "steps": engine.step,
@@ -151,6 +111,34 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
             "target": cfg.data.target.name,
             "target_images": len(images),
             "exact": {"lambda": exact["lambda"].tolist(), "seconds": exact_seconds, **exact["report"]}, "sgd": sgd}
+
+
+def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, lr: float = 0.1,
+                  momentum: float = 0.9, autocast_dtype: torch.dtype | None = None,
+                  init: torch.Generator | None = None):
+    """(modules, optimizers, updates) for trainer.engine.Engine to fit SoftmaxWeights by SGD, the paper's
+    method: on a micro-batch x0, draw sigma (the objective's law) and noise from torch's global RNG (seeded
+    per rank by the engine's caller, as in the diffusion stage), compute the K outputs without gradients,
+    and return the mean over the batch of w(sigma) * the squared error summed over pixels, the paper's
+    scaling (P times the GramStats value under the per-pixel edm objective; the same under paper). Logits
+    start from `init` (N(0, 1)). Under the engine the optimizer's rate is the TrainSpec's, written every step
+    (the fuse stage's spec carries fuse.sgd_lr); `lr` serves a loop of one's own (bench/fusion.py)."""
+    weights = SoftmaxWeights(fused.num_models, sigma_edges, init)
+    optimizer = torch.optim.SGD(weights.parameters(), lr=lr, momentum=momentum, fused=True)
+
+    def loss(modules: dict, x0: torch.Tensor, step: int) -> torch.Tensor:
+        x0 = x0.to(torch.float32)
+        batch = x0.shape[0]
+        sigma = objective.sample(batch, None, x0.device).reshape(batch, 1, 1, 1)
+        noise = torch.randn_like(x0)
+        with torch.no_grad(), forward_precision(x0.device.type, autocast_dtype):
+            outputs = fused.all_outputs(x0 + sigma * noise, sigma)
+        lam = modules["weights"](sigma.flatten()).to(torch.float32)  # through the DDP wrapper, if any
+        denoised = torch.einsum("bk,kbchw->bchw", lam, outputs)
+        error = (denoised - x0).square().flatten(1).sum(dim=1)
+        return (objective.weight(sigma.flatten()) * error).mean()
+
+    return {"weights": weights}, {"sgd": optimizer}, [Update("sgd", "weights", loss)]
 
 
 # ---- mixture fusion -------------------------------------------------------------------------------------
@@ -187,11 +175,12 @@ def train_router(ctx: StageContext, names: list[str]) -> Router:
                        eval_every_kimg=0, snapshot_every_kimg=0, log_every_kimg=max(f.router_kimg / 20, 1e-3),
                        checkpoint_every_kimg=max(f.router_kimg / 4, 1e-3))
         e = cfg.edm
-        engine = Engine(acc, spec, stage, modules={"router": router}, optimizers={"adam": optimizer},
+        engine = Engine(acc, spec, engine_paths(stage), modules={"router": router}, optimizers={"adam": optimizer},
                         updates=[Update("adam", "router", lambda m, batch, step: router_loss(
                             m["router"], batch[0], batch[1], e.p_mean, e.p_std))],
                         batches=batches, log=ctx.log, trackers=ctx.trackers(stage))
-        engine.run(finish=lambda engine: save_router(stage, engine.unwrap("router"), meta))
+        engine.run()
+        ctx.finish(stage, engine.summary(), lambda: save_router(stage, engine.unwrap("router"), meta))
     return load_router(stage)
 
 
@@ -219,20 +208,6 @@ def fit_mixture(ctx: StageContext, images: torch.Tensor, auxiliaries: dict, rout
         result["nll"] = {"pi": pi_nll.tolist(), "nll_bits_per_dim": -best / dims}
     result["seconds"] = time.perf_counter() - started
     return result
-
-
-def mixture_denoiser(cfg: RunConfig, mixture: dict, auxiliaries: dict, router: Router) -> MixtureDenoiser:
-    """The mixture-fused model of a fit (fuse.mixture_weights' pi)."""
-    return MixtureDenoiser([auxiliaries[n] for n in mixture["names"]], router, mixture[mixture["weights"]]["pi"],
-                           mixture["priors"], names=mixture["names"], batched=cfg.fuse.batched,
-                           skip=cfg.fuse.mixture_skip)
-
-
-def load_mixture(cfg: RunConfig) -> dict:
-    path = RunDir.of(cfg).mixture_file
-    if not path.is_file():
-        raise ModelError(f"no {path}: run `scorefuse fuse` with fuse.mixture=true first")
-    return json.loads(path.read_text())
 
 
 # ---- the baselines ----------------------------------------------------------------------------------------
@@ -294,7 +269,7 @@ def run(cfg: RunConfig) -> dict:
             lambda_chart(fit[fit["method"]]["lambda"], fit["names"], ["all sigma"] if not edges else _bin_labels(edges),
                          run_dir.lambda_chart,
                          title=f"ScoreFusion lambda ({fit['method']} fit, n = {fit['target_images']})")
-            fused = fused_denoiser(fit, auxiliaries, batched=cfg.fuse.batched).to(ctx.device)
+            fused = barycenter_model(fit, auxiliaries, batched=cfg.fuse.batched).to(ctx.device)
             ctx.save_grid(ctx.sampler(fused), run_dir.fuse)
         if cfg.fuse.mixture:
             router = train_router(ctx, list(auxiliaries))
@@ -304,7 +279,7 @@ def run(cfg: RunConfig) -> dict:
                 ctx.log(f"fuse (mixture): pi {_fmt(mixture['router']['pi'])} (router EM)"
                         + (f", {_fmt(mixture['nll']['pi'])} (likelihood EM)"
                            if "nll" in mixture else ""))
-                model = mixture_denoiser(cfg, mixture, auxiliaries, router).to(ctx.device)
+                model = mixture_model(cfg, mixture, auxiliaries, router).to(ctx.device)
                 ctx.save_grid(ctx.sampler(model), run_dir.fuse, MIXTURE_GRID)
         if ctx.acc.is_main_process:
             mark_finished(run_dir.fuse, {"seconds": fit["exact"]["seconds"] + fit["sgd"]["seconds"]})

@@ -1,4 +1,4 @@
-"""evaluate: did fusion help the target? Every finished model (trainer/catalogue.py) is measured on the
+"""evaluate: did fusion help the target? Every finished model (stages/catalogue.py) is measured on the
 held-out reference images of the target mixture, with its uncertainty, next to floors that real data set;
 report.md opens with a verdict computed from those numbers.
 
@@ -45,11 +45,11 @@ from evaluation.score_matching import held_out_loss
 from evaluation.spec import EvalSpec
 from shards.manifest import population_entry
 from shards.stream import read_population
-from trainer.catalogue import Model, finished_models
-from trainer.config import RunConfig
+from stages.catalogue import Model, finished_models
+from stages.config import RunConfig
 from shards.pixels import to_unit
-from trainer.seeds import Stream, generator
-from trainer.stages.context import StageContext
+from shards.seeds import Stream, generator
+from stages.context import StageContext
 
 ROLES = ["aux", "target", "reference"]
 HALVES, TARGET_AS_SAMPLES = "real: held-out half vs half", "real: target images as samples"

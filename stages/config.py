@@ -12,7 +12,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from evaluation.spec import INCEPTION_FILE, EvalSpec
+from shards.atomic import write_atomically
 from shards.errors import ConfigError
+from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.prepare import data_fingerprint
 from shards.spec import DataSpec
 from trainer.spec import BASELINES, DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
 
@@ -111,6 +114,16 @@ def _parse(text: str):
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def record_config(cfg: RunConfig, run) -> None:
+    """Write the run directory's config.yaml once (`run`: its RunDir). A later stage may change training,
+    evaluation or reader settings, but not what decides the populations: a run directory holds one set of them."""
+    if (run.data / MANIFEST_NAME).is_file() and load_manifest(run.data)["fingerprint"] != data_fingerprint(cfg.data):
+        raise ConfigError(f"{run.root}: its shards were prepared from a different `data` section "
+                          "(populations or source); use another run name (name=...) or delete the directory")
+    if not run.config_file.exists():
+        write_atomically(run.config_file, to_yaml(cfg).encode())
 
 
 def _describe(e: OmegaConfBaseException) -> str:

@@ -5,7 +5,7 @@ images cut like the main run's (nested, a smaller target inside a larger one, wh
 mixture to whole images allows; sweep.md says whether they are) and shares the main
 run's auxiliary and reference shards (shards/prepare.py, shared=); it fits lambda and trains the baselines on
 those n images (the fuse stage) and is evaluated against the same held-out images (the evaluate stage). The
-auxiliaries, the feature classifier and the evaluation cache are the main run's (trainer/rundir.py), so the
+auxiliaries, the feature classifier and the evaluation cache are the main run's (stages/rundir.py), so the
 auxiliaries are trained once and each one's samples are measured once. Every step skips what is finished:
 the sweep resumes like any stage, and `scorefuse submit` runs the sizes as an array job.
 
@@ -19,17 +19,24 @@ from evaluation.plots import metric_vs_n
 from evaluation.report import write_report
 from shards.errors import ConfigError, ModelError
 from shards.manifest import load_manifest
-from trainer.config import RunConfig, sweep_member
+from stages.config import RunConfig, sweep_member
 from trainer.accelerator import make_accelerator
 from trainer.progress import say
-from trainer.rundir import RunDir, is_finished
-from trainer.stages import evaluate, fuse, prepare
+from stages.rundir import RunDir, is_finished
+from stages import evaluate, fuse, prepare
 
 # The methods on the plots (every model of a member's report is in sweep.json): fusion and its baselines.
 METHODS = ("fused-exact", "fused-sgd", "fused-mixture", "target-scratch", "target-finetune", "checkpoint-merge")
 # report column -> (the plot's file name, what the error bar shows)
 METRICS = {"NLL bits/dim": ("nll", "± standard error"), "held-out loss": ("loss", "± standard error"),
            "KID": ("kid", "± std over subsets"), "copies %": ("copies", "")}
+
+
+def command(cfg: RunConfig, args: dict, invocation) -> None:
+    """`scorefuse sweep [n=16,32]`."""
+    if args.get("n") and not all(n.isdigit() for n in args["n"].split(",")):
+        raise ConfigError(f"n={args['n']}: target sizes are comma-separated whole numbers")
+    run(cfg, [int(n) for n in args["n"].split(",")] if args.get("n") else None)
 
 
 def run(cfg: RunConfig, sizes: list[int] | None = None) -> None:

@@ -29,10 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.atomic import write_atomically
-from shards.errors import ConfigError
-from shards.manifest import MANIFEST_NAME, load_manifest
-from shards.prepare import data_fingerprint
-from trainer.config import to_yaml
+from trainer.engine import EnginePaths
 
 DONE = "done.json"
 CHECKPOINTS = "checkpoints"
@@ -40,10 +37,6 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # a stage's TensorBoard events (train.log_with)
 GRID = "samples.png"
 MIXTURE_GRID = "mixture-samples.png"  # the fuse stage's second grid: the mixture-fused model's samples
-# A trained denoiser (the EMA weights) and what rebuilds it; the one-step generator likewise.
-DENOISER_FILES = ("ema.safetensors", "model.json")
-GENERATOR_FILES = ("generator.safetensors", "generator.json")
-ROUTER_FILES = ("router.safetensors", "router.json")
 
 
 def _file_name(label: str) -> str:
@@ -67,6 +60,11 @@ def set_aside(stage_dir: Path) -> Path:
     aside = stage_dir.with_name(f"{stage_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     stage_dir.rename(aside)
     return aside
+
+
+def engine_paths(stage_dir: Path) -> EnginePaths:
+    """Where the training run of a stage writes: <stage>/checkpoints/ and <stage>/metrics.jsonl."""
+    return EnginePaths(Path(stage_dir) / CHECKPOINTS, Path(stage_dir) / METRICS)
 
 
 def finished_info(stage_dir: Path) -> dict:
@@ -175,13 +173,3 @@ class RunDir:
     @property
     def slurm_logs(self) -> Path:
         return self.root / "slurm"
-
-    def record_config(self, cfg) -> None:
-        """Write config.yaml once. A later stage may change training, evaluation or reader settings,
-        but not what decides the populations: a run directory holds one set of them."""
-        if (self.data / MANIFEST_NAME).is_file() and load_manifest(self.data)["fingerprint"] != data_fingerprint(cfg.data):
-            raise ConfigError(f"{self.root}: its shards were prepared from a different `data` section "
-                              "(populations or source); use another run name (name=...) or delete the directory")
-        if self.config_file.exists():
-            return
-        write_atomically(self.config_file, to_yaml(cfg).encode())

@@ -8,11 +8,12 @@ Labels: aux/<name> (an auxiliary), fused-exact and fused-sgd (ScoreFusion's bary
 paper's SGD lambda), fused-mixture (mixture fusion, trainer/mixture.py), target-scratch, target-finetune,
 checkpoint-merge (the baselines), distill (the one-step generator).
 
-Every sampler draws image i from its own latents (trainer.seeds, Stream.SAMPLES and the run's train.seed),
+Every sampler draws image i from its own latents (shards.seeds, Stream.SAMPLES and the run's train.seed),
 so image i of a model is the same whatever the batch size, the number of processes or the chunking:
 `scorefuse sample` reproduces the images the report scored.
 """
 import functools
+import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,17 +23,18 @@ import torch
 from torch import nn
 
 from shards.atomic import sha256_file, sha256_text
-from shards.errors import ConfigError
-from trainer.config import RunConfig
+from shards.errors import CheckpointError, ConfigError, ModelError
+from stages.config import RunConfig
 from trainer.edm import heun_sample
-from trainer.export import has_denoiser, load_denoiser
+from trainer.export import DENOISER_FILES, GENERATOR_FILES, ROUTER_FILES, has_denoiser, load_denoiser
+from trainer.fused_denoiser import FusedDenoiser
+from trainer.mixture import MixtureDenoiser
 from trainer.precision import with_autocast
 from shards.pixels import to_uint8
-from trainer.router import load_router
-from trainer.rundir import DENOISER_FILES, GENERATOR_FILES, ROUTER_FILES, RunDir, finished_info, is_finished
+from trainer.router import Router, load_router
+from stages.rundir import RunDir, finished_info, is_finished
 from trainer.score_mismatch import load_generator
-from trainer.seeds import Stream, per_image_normal
-from trainer.stages.fuse import fused_denoiser, load_auxiliaries, load_fit, load_mixture, mixture_denoiser
+from shards.seeds import Stream, per_image_normal
 
 
 @dataclass
@@ -64,6 +66,64 @@ class Model:
         return sha256_text(repr([self.label, [sha256_file(f) for f in self.files], self.facts.get("weights")]))
 
 
+# ---- what a finished fuse stage holds ------------------------------------------------------------------------
+
+def load_auxiliaries(cfg: RunConfig) -> dict[str, torch.nn.Module]:
+    """The EMA denoisers of the finished auxiliaries, by name; a clear error naming any that is missing."""
+    run = RunDir.of(cfg)
+    denoisers = {}
+    for name, directory in run.aux_dirs(cfg).items():
+        try:
+            denoisers[name] = load_denoiser(directory)[0]
+        except CheckpointError:
+            raise ModelError(f"auxiliary {name}: no finished model in {directory}; "
+                             f"run `scorefuse train-aux aux={name}` first") from None
+    return denoisers
+
+
+def load_fit(cfg: RunConfig) -> dict:
+    """lambda.json of a finished fuse stage."""
+    path = RunDir.of(cfg).lambda_file
+    if not path.is_file():
+        raise ModelError(f"no {path}: run `scorefuse fuse` first")
+    return json.loads(path.read_text())
+
+
+def barycenter_model(fit: dict, auxiliaries: dict, which: str | None = None, batched: bool | None = None) -> FusedDenoiser:
+    """The fused model of a fit: `which` = exact | sgd, or None for fuse.method's."""
+    lam = torch.tensor(fit[which or fit["method"]]["lambda"], dtype=torch.float64)
+    return FusedDenoiser([auxiliaries[n] for n in fit["names"]], lam, sigma_edges=fit["sigma_edges"],
+                         names=fit["names"], batched=batched)
+
+
+def best_auxiliary(fit: dict) -> str:
+    """The auxiliary with the lowest target loss on its own (the best vertex of the exact fit)."""
+    losses = fit["exact"]["vertex_losses"]
+    return min(losses, key=losses.get)
+
+
+def single_lambda(fit: dict) -> list[float]:
+    """One lambda for every sigma: the exact fit's, or with sigma bins the single-lambda fit on the same draws."""
+    exact = fit["exact"]
+    return exact.get("single_lambda", {}).get("lambda") or exact["lambda"][0]
+
+
+def mixture_model(cfg: RunConfig, mixture: dict, auxiliaries: dict, router: Router) -> MixtureDenoiser:
+    """The mixture-fused model of a fit (fuse.mixture_weights' pi)."""
+    return MixtureDenoiser([auxiliaries[n] for n in mixture["names"]], router, mixture[mixture["weights"]]["pi"],
+                           mixture["priors"], names=mixture["names"], batched=cfg.fuse.batched,
+                           skip=cfg.fuse.mixture_skip)
+
+
+def load_mixture(cfg: RunConfig) -> dict:
+    path = RunDir.of(cfg).mixture_file
+    if not path.is_file():
+        raise ModelError(f"no {path}: run `scorefuse fuse` with fuse.mixture=true first")
+    return json.loads(path.read_text())
+
+
+# ---- the catalogue ---------------------------------------------------------------------------------------------
+
 def finished_models(cfg: RunConfig) -> list[Model]:
     """Every finished model of the run, in report order."""
     run = RunDir.of(cfg)
@@ -80,7 +140,7 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         auxiliaries = functools.cache(lambda: load_auxiliaries(cfg))  # loaded once, for both fused models
 
         def fused(which):
-            return fused_denoiser(fit, auxiliaries(), which, batched=cfg.fuse.batched).eval()
+            return barycenter_model(fit, auxiliaries(), which, batched=cfg.fuse.batched).eval()
         aux_files = tuple(f for name in fit["names"] for f in _files(run.aux(name), DENOISER_FILES))
         for which, how in (("exact", "exact"), ("sgd", "the paper's SGD")):
             facts = {"minutes": fit[which]["seconds"] / 60, "weights": fit[which]["lambda"],
@@ -91,7 +151,7 @@ def finished_models(cfg: RunConfig) -> list[Model]:
             mixture = load_mixture(cfg)
 
             def mixed():
-                return mixture_denoiser(cfg, mixture, auxiliaries(), load_router(run.router)).eval()
+                return mixture_model(cfg, mixture, auxiliaries(), load_router(run.router)).eval()
             facts = {"minutes": mixture["seconds"] / 60, "weights": mixture[mixture["weights"]]["pi"]}
             models.append(Model("fused-mixture", f"mixture fusion, pi by EM on the {mixture['weights']} "
                                 "(router posteriors or the auxiliaries' likelihoods)", mixed,
