@@ -1,6 +1,7 @@
 """evaluate: did fusion help the target? Every finished model (stages/catalogue.py) is measured on the
-held-out reference images of the target mixture, with its uncertainty, next to floors that real data set;
-report.md opens with a verdict computed from those numbers.
+held-out reference images of the target mixture, with its uncertainty, next to floors that real data set.
+The numbers go to one file, measurements.json (evaluation/measurements.py); report.md and report.json are its
+view (evaluation/run_report.py), opening with a verdict computed from it (evaluation/verdict.py).
 
 Per model:
 - NLL in bits/dim by the probability-flow ODE (evaluation/likelihood.py) on the first eval.nll_images held-out
@@ -21,8 +22,9 @@ Samples, features and per-image values are cached (evaluation/cache.py) by the m
 settings, so re-running a finished evaluate only recomputes the statistics. All the work is spread over the
 ranks: sampling, the per-image values (gathered by image index), and the report's statistics, as tasks
 (a model's Fréchet distance, each of its bootstrap rounds, its KID, memorisation, class proportions...) dealt
-one per rank per collective (Ranks.map), on each rank's device. The main process then only formats the
-report: see report_statistics for the bound on how long any rank waits at a collective.
+one per rank per collective (Ranks.map), on each rank's device. The main process then only writes the
+measurements and formats the report: see report_statistics for the bound on how long any rank waits at a
+collective.
 """
 import math
 import time
@@ -36,11 +38,13 @@ import torch
 from evaluation.cache import ResultCache
 from evaluation.classifier import class_proportions
 from evaluation.features import Ranks, frechet, metric_name
-from evaluation.intervals import (Interval, bootstrap_interval, bootstrap_round, frechet_on, kernel_distance, mean_se,
-                                  paired_difference, separated)
+from evaluation.comparison import comparisons
+from evaluation.intervals import bootstrap_interval, bootstrap_round, frechet_on, kernel_distance
+from evaluation.labels import HALVES, TARGET_AS_SAMPLES, fused
 from evaluation.likelihood import nll_bits_per_dim
 from evaluation.memorisation import copies_figure, memorisation
-from evaluation.report import write_report
+from evaluation.measurements import entry, read_measurements, total_variation, write_measurements
+from evaluation.run_report import write_run_report
 from evaluation.score_matching import held_out_loss
 from evaluation.spec import EvalSpec
 from shards.manifest import population_entry
@@ -52,12 +56,11 @@ from shards.seeds import Stream, generator
 from stages.context import StageContext
 
 ROLES = ["aux", "target", "reference"]
-HALVES, TARGET_AS_SAMPLES = "real: held-out half vs half", "real: target images as samples"
 
 
 @dataclass
 class Measured:
-    """What was measured of one model (or one floor): the raw material of its report row."""
+    """What was measured of one model (or one floor): the raw material of its measurements entry."""
     label: str
     description: str
     images: torch.Tensor                # uint8 samples
@@ -125,10 +128,10 @@ def measure(ctx: StageContext, cache: ResultCache, model: Model, reference: torc
             mine, len(nll_indices), ctx.device)}, ctx.acc.is_main_process, ctx.acc.wait_for_everyone)["bits_per_dim"]
     all_indices = torch.arange(len(reference))
     mine = all_indices[rank::world]
-    loss_key = {"model": weights, "images": reference_hash, "draws": cfg.fuse.test_draws_per_image,
+    loss_key = {"model": weights, "images": reference_hash, "draws": cfg.eval.test_draws_per_image,
                 "seed": cfg.train.seed, "p_mean": e.p_mean, "p_std": e.p_std}
     measured.loss = cache.get("loss", loss_key, lambda: {"loss": gather_by_index(ctx.ranks, held_out_loss(
-        network, reference[mine], mine.tolist(), cfg.fuse.test_draws_per_image, e.p_mean, e.p_std, e.sigma_data,
+        network, reference[mine], mine.tolist(), cfg.eval.test_draws_per_image, e.p_mean, e.p_std, e.sigma_data,
         seed=cfg.train.seed, batch_size=ev.batch, device=ctx.device), mine, len(all_indices), ctx.device)},
         ctx.acc.is_main_process, ctx.acc.wait_for_everyone)["loss"]
     return measured
@@ -176,8 +179,13 @@ def run(cfg: RunConfig) -> dict:
     ctx.log(f"evaluate: report statistics in {time.perf_counter() - started:.0f} s over {ctx.acc.num_processes} "
             f"rank(s); its slowest task, which bounds any rank's wait at a collective, took {slowest:.1f} s "
             f"(launch.timeout_minutes={cfg.launch.timeout_minutes})")
-    if ctx.acc.is_main_process:
-        report(ctx, measured, floor_rows, stats, reference_props, reference, target)
+    if ctx.acc.is_main_process:  # the measurements first; the report is a view of them
+        write_measurements(ctx.run.measurements,
+                           measurements(ctx, measured, floor_rows, stats, reference_props, reference))
+        write_run_report(ctx.run.report, read_measurements(ctx.run.measurements))
+        for m in measured:  # floors have no picture: their "copies" are real images
+            copies_figure(m.images, target, stats[m.label]["copies"], ctx.run.copies_figure(m.label))
+        ctx.log(f"evaluate: measurements in {ctx.run.measurements}, report in {ctx.run.report}")
     ctx.acc.wait_for_everyone()
     return {"models": [m.label for m in measured]}
 
@@ -250,194 +258,50 @@ def _frechet_in(extract: Callable, images: torch.Tensor, reference_features: tor
     return frechet(extract(images), reference_features)
 
 
-# ---- the report -----------------------------------------------------------------------------------------------
+# ---- the measurements ------------------------------------------------------------------------------------------
 
-def report(ctx, measured, floor_rows, stats, reference_props, reference, target) -> None:
-    """The rows, the verdict and the notes from report_statistics' numbers, on the main process: formatting only
-    (and the copies pictures)."""
+def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stats: dict, reference_props,
+                 reference: torch.Tensor) -> dict:
+    """The measurements file's content (evaluation/measurements.py) from report_statistics' numbers, on the main
+    process."""
     cfg, ev = ctx.cfg, ctx.cfg.eval
-    name = f"{ctx.features().metric(ev.num_samples)} vs {ctx.fd_reference}"
     classes = ctx.manifest["class_names"]
-    rms = reference[0].numel() ** 0.5  # distances as a root-mean-square difference per pixel (0..255)
-    domain = f"{metric_name('classifier', ev.num_samples)} vs {ctx.fd_reference}"
-    rows = []
-    for m in [*measured, *floor_rows]:
-        s = stats[m.label]
-        interval, kid, copies = s["fd"], s["kid"], s["copies"]
-        row = {"model": m.label,
-               "NLL bits/dim": _estimate(m.nll) if m.nll is not None and len(m.nll) > 1 else None,
-               "held-out loss": _estimate(m.loss) if m.loss is not None else None,
-               name: interval._asdict() if interval else s["fd value"],
-               "KID": {"mean": kid[0], "std": kid[1]},
-               "copies %": round(100 * copies["copy_share"], 1),
-               "NN train": round(copies["train_distance"] / rms, 2),
-               "NN held-out": round(copies["held_out_distance"] / rms, 2)}
-        if s["classes"] is not None:
-            row["class TV"] = round(_total_variation(s["classes"], reference_props), 3)
-            row["class proportions"] = _format_mixture(s["classes"])
-        if s["domain"] is not None:  # FID is the main distance: the classifier's feature space beside it, offline
-            row[domain] = round(s["domain"], 3)
-        if s["own"] is not None:
-            row[f"{name} own population"] = round(s["own"], 3)
-        if m in measured:  # floors have no picture: their "copies" are real images
-            copies_figure(m.images, target, copies, ctx.run.copies_figure(m.label))
-        row.update({"NFE": m.nfe, "samples/s": round(len(m.images) / m.seconds, 1) if m.seconds else None,
-                    "fit minutes": round(m.facts["minutes"], 2) if "minutes" in m.facts else None,
-                    "weights": " | ".join(_format_mixture(r) for r in np.atleast_2d(m.facts["weights"]))
-                    if "weights" in m.facts else None, "fit gap %": m.facts.get("fit gap %"), "what": m.description})
-        rows.append(row)
-    floor_tv = (_total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
+
+    def entries(rows: list[Measured]) -> dict:
+        return {m.label: _entry(m, stats[m.label], reference_props, reference[0].numel()) for m in rows}
+    models, barycenter = entries(measured), fused(cfg.fuse.method)
+    floor_tv = (total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
                 if reference_props is not None else None)
-    notes = report_notes(ctx, name, floor_tv)
-    text = verdict(ctx, measured, stats)
-    populations = [{"population": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
-                    "class mixture": _format_mixture(_mixture_vector(e["mixture"], classes))}
+    settings = {"held_out": cfg.data.reference.name, "nll_images": ev.nll_images, "nll_steps": ev.nll_steps,
+                "nll_probes": ev.nll_probes, "test_draws_per_image": cfg.eval.test_draws_per_image,
+                "num_samples": ev.num_samples, "extractor": ctx.features().extractor,
+                "fd_metric": ctx.features().metric(ev.num_samples),
+                "fd_classifier_metric": metric_name("classifier", ev.num_samples), "fd_reference": ctx.fd_reference,
+                "bootstrap": ev.bootstrap, "kid_subsets": ev.kid_subsets, "kid_subset_size": ev.kid_subset_size,
+                "copy_threshold": ev.copy_threshold,
+                "copies_figures": str(ctx.run.copies_figure("MODEL").parent.relative_to(ctx.run.root)),
+                "fit_objective": cfg.fuse.objective, "sgd_lr": cfg.fuse.sgd_lr, "sgd_momentum": cfg.fuse.sgd_momentum,
+                "sgd_epochs": cfg.fuse.sgd_epochs}
+    populations = [{"name": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
+                    "mixture": _mixture_vector(e["mixture"], classes).tolist()}
                    for p, e in sorted(ctx.manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
-    title = f"scorefuse report: {cfg.name}" + (f", sweep run at target size n = {cfg.sweep.n}" if cfg.sweep.n else "")
-    write_report(ctx.run.report, title,
-                 [("Verdict", text), ("Models and floors", rows),
-                  ("Fusion against the baselines", comparisons(measured, stats)), ("Populations", populations)], notes)
-    ctx.log(f"evaluate: report in {ctx.run.report}")
+    return {"run": {"name": cfg.name, "sweep_n": cfg.sweep.n}, "barycenter": barycenter, "class_names": classes,
+            "settings": settings,
+            "reference": {"class_proportions": None if reference_props is None else
+                          np.asarray(reference_props, dtype=float).tolist(), "classifier_tv": floor_tv},
+            "populations": populations, "models": models, "floors": entries(floor_rows),
+            "comparisons": comparisons(models, barycenter)}
 
 
-def verdict(ctx, measured: list[Measured], stats: dict) -> list[str]:
-    """A few sentences computed from the numbers: who is best on held-out NLL and on the Fréchet distance,
-    whether that is more than the uncertainty, how fusion compares with the baselines, who copies."""
-    cfg, lines = ctx.cfg, []
-    with_nll = [m for m in measured if m.nll is not None and len(m.nll) > 1]
-    if with_nll:
-        ranked = sorted(with_nll, key=lambda m: float(m.nll.mean()))
-        best = ranked[0]
-        mean, se = mean_se(best.nll)
-        line = f"Held-out NLL: {best.label} is lowest at {mean:.3f} ± {se:.3f} bits/dim"
-        if len(ranked) > 1:
-            line += "; " + _paired("NLL", ranked[1], best, "bits/dim")
-        lines.append(line + ".")
-    fd_models = [m for m in measured if stats[m.label]["fd"] is not None]
-    if fd_models:
-        ranked = sorted(fd_models, key=lambda m: stats[m.label]["fd"].value)
-        best = stats[ranked[0].label]["fd"]
-        ties = [m.label for m in ranked[1:] if not separated(best, stats[m.label]["fd"])]
-        lines.append(f"Fréchet distance: {ranked[0].label} is lowest at {_interval(best)}"
-                     + (f", indistinguishable (overlapping 95% intervals) from {', '.join(ties)}." if ties
-                        else ", and its interval overlaps no other model's."))
-    by_label = {m.label: m for m in measured}
-    barycenter = by_label.get(f"fused-{cfg.fuse.method}")
-    if barycenter is not None:
-        pairs = [(f"Fusion ({barycenter.label}) against {b}", barycenter, by_label[b])
-                 for b in ("target-scratch", "target-finetune") if b in by_label]
-        if "fused-mixture" in by_label:
-            pairs.append((f"Mixture fusion against the barycenter ({barycenter.label})", by_label["fused-mixture"],
-                          barycenter))
-        for title, a, b in pairs:
-            row, parts = compare(a, b, stats), []
-            if row["NLL difference"] is not None:
-                d = row["NLL difference"]
-                parts.append(f"NLL difference {d['mean']:+.3f} ± {d['se']:.3f} bits/dim, paired ({row['NLL']})")
-            if row["FD"] is not None:
-                parts.append(f"Fréchet distance {_interval(stats[a.label]['fd'])} vs "
-                             f"{_interval(stats[b.label]['fd'])} ({row['FD']})")
-            if parts:
-                lines.append(f"{title}: " + "; ".join(parts) + ".")
-    threshold = cfg.eval.copy_threshold
-    copying = [(m.label, stats[m.label]["copies"]) for m in measured if stats[m.label]["copies"]["copy_share"] >= 0.1]
-    if copying:
-        lines.append("Copying: " + "; ".join(
-            f"{label} ({100 * c['copy_share']:.0f}% of samples are nearer than {threshold:.2f} x the second-nearest "
-            f"training image; {c['held_out_distance'] / max(c['train_distance'], 1e-9):.1f}x closer to training than "
-            f"to held-out images)" for label, c in copying) + ".")
-    else:
-        worst = max(measured, key=lambda m: stats[m.label]["copies"]["copy_share"], default=None)
-        if worst is not None:
-            lines.append(f"No model copies its training images: at most {100 * stats[worst.label]['copies']['copy_share']:.0f}% "
-                         f"of samples ({worst.label}) pass the ratio test.")
-    return lines
-
-
-def comparisons(measured: list[Measured], stats: dict) -> list[dict]:
-    """Every fused model against every baseline (compare); the sweep reads these rows."""
-    by_label = {m.label: m for m in measured}
-    return [{"fused": fused.label, "baseline": baseline, **compare(fused, by_label[baseline], stats)}
-            for fused in measured if fused.label.startswith("fused-")
-            for baseline in ("target-scratch", "target-finetune", "checkpoint-merge") if baseline in by_label]
-
-
-def compare(a: Measured, b: Measured, stats: dict) -> dict:
-    """Model a against model b: the paired NLL difference (a - b), and whether it and the Fréchet distance
-    say better, worse or indistinguishable (2 paired standard errors; overlapping 95% intervals)."""
-    row = {"NLL difference": None, "NLL": None, "FD": None}
-    if a.nll is not None and b.nll is not None and len(a.nll) > 1:
-        difference, se = paired_difference(a.nll, b.nll)
-        row["NLL difference"] = {"mean": difference, "se": se}
-        row["NLL"] = _relation(difference < -2 * se, difference > 2 * se)
-    fa, fb = stats[a.label]["fd"], stats[b.label]["fd"]
-    if fa is not None and fb is not None:
-        row["FD"] = _relation(separated(fa, fb) and fa.value < fb.value, separated(fa, fb) and fa.value > fb.value)
-    return row
-
-
-def _relation(better: bool, worse: bool) -> str:
-    return "better" if better else "worse" if worse else "indistinguishable"
-
-
-def report_notes(ctx, name: str, floor_tv: float | None) -> list[str]:
-    cfg, ev = ctx.cfg, ctx.cfg.eval
-    extractor = ctx.features().extractor
-    notes = [
-        f"NLL bits/dim: probability-flow ODE ({ev.nll_steps} Heun steps, {ev.nll_probes} Rademacher probe(s) per "
-        f"image, uniform dequantisation) on the first {ev.nll_images} held-out images `{cfg.data.reference.name}`, "
-        "mean ± standard error over images; the same images and draws for every model, so differences are paired "
-        "(the verdict's ± are paired standard errors).",
-        f"held-out loss: EDM-weighted denoising loss on the held-out images, {cfg.fuse.test_draws_per_image} "
-        "(sigma, noise) draws per image, the same draws for every model; mean ± standard error.",
-        f"{name}: Fréchet distance of {ev.num_samples} samples to the population `{ctx.fd_reference}` in {extractor} feature "
-        f"space{'' if extractor == 'inception' else ' (not FID)'}, [95% bootstrap interval, {ev.bootstrap} rounds "
-        "resampling samples and held-out images]; KID: unbiased MMD^2 (cubic kernel) in the same features' units, "
-        f"mean ± std over {ev.kid_subsets} subsets of min({ev.kid_subset_size}, the smaller set) images (where both "
-        "sets are that small, every subset is all of them and the std is 0).",
-        f"copies: share of samples whose nearest target training image (pixel L2) is nearer than {ev.copy_threshold:.2f} "
-        "x the second nearest; NN train / NN held-out: mean distance of a sample to its nearest training image / "
-        "to the nearest of as many held-out images, as a root-mean-square pixel difference (0..255). Pictures of "
-        f"each model's most-copied samples: {ctx.run.copies_figure('MODEL').parent.relative_to(ctx.run.root)}/.",
-        f"floors: '{HALVES}' compares two halves of the held-out images (what real data scores at that size); "
-        f"'{TARGET_AS_SAMPLES}' uses the n target images as samples (what copying them scores).",
-    ]
-    if floor_tv is not None:
-        notes.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
-                     f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "
-                     "true target mixture on the held-out images.")
-    notes.append("NFE: network evaluations per sample (at most, for fused-mixture: networks may be skipped); samples/s: "
-                 "sampling and feature extraction, when first measured; weights: lambda of a barycenter (per sigma bin) "
-                 "or of checkpoint-merge, pi of the mixture.")
-    notes.append(f"fit gap %: how far the lambda fit's loss is above the exact optimum on the same Gram statistics "
-                 f"({cfg.fuse.objective} objective; the paper's SGD: its loss summed over pixels, N(0, 1) logits, "
-                 f"lr {cfg.fuse.sgd_lr}, momentum {cfg.fuse.sgd_momentum}, {cfg.fuse.sgd_epochs} epochs).")
-    return notes
-
-
-def _paired(what: str, other: Measured, best: Measured, unit: str) -> str:
-    difference, se = paired_difference(getattr(other, what.lower()), getattr(best, what.lower()))
-    relation = "indistinguishable" if abs(difference) <= 2 * se else \
-        f"{best.label} {'lower' if difference > 0 else 'higher'} than {other.label}"
-    return f"{what} {best.label} - {other.label} = {-difference:+.3f} ± {se:.3f} {unit} paired ({relation})"
-
-
-def _interval(i: Interval) -> str:
-    return f"{i.value:.3g} [{i.low:.3g}, {i.high:.3g}]"
-
-
-def _estimate(values: torch.Tensor) -> dict:
-    mean, se = mean_se(values)
-    return {"mean": mean, "se": se}
+def _entry(m: Measured, s: dict, reference_props, pixels: int) -> dict:
+    """One entry of the measurements: what measure() and report_statistics found of m."""
+    return entry(m.description, fd=s["fd"] or s["fd value"], kid=s["kid"], copies=s["copies"], pixels=pixels,
+                 nll=m.nll, loss=m.loss, classes=s["classes"], reference_classes=reference_props,
+                 fd_classifier=s["domain"], fd_own_population=s["own"], nfe=m.nfe,
+                 samples_per_second=len(m.images) / m.seconds if m.seconds else None,
+                 fit_minutes=m.facts.get("minutes"), weights=m.facts.get("weights"),
+                 fit_gap_percent=m.facts.get("fit gap %"))
 
 
 def _mixture_vector(mixture: dict, class_names: list[str]) -> np.ndarray:
     return np.array([float(mixture.get(c, 0.0)) for c in class_names])
-
-
-def _total_variation(p, q) -> float:
-    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
-
-
-def _format_mixture(p) -> str:
-    return " ".join(f"{x:.2f}" for x in p)

@@ -14,7 +14,8 @@
     runs/<name>/samples/<model>/       what `scorefuse sample` writes by default
     runs/<name>/figures/               copies-<model>.png: each model's most-copied samples
     runs/<name>/slurm/                 batch job logs
-    runs/<name>/report.md, report.json
+    runs/<name>/measurements.json      what evaluate measured (evaluation/measurements.py)
+    runs/<name>/report.md, report.json its view (evaluation/run_report.py)
     runs/<name>/sweep/n<n>/            the sweep over the target size: one run per n (its data, fuse, baselines,
                                        report), sharing the parent's auxiliaries, classifier and cache
     runs/<name>/sweep/sweep.md, sweep.json, <metric>.png
@@ -161,6 +162,11 @@ class RunDir:
     def copies_figure(self, label: str) -> Path:
         """The most-copied samples of a model beside their nearest training images."""
         return self.root / "figures" / f"copies-{_file_name(label)}.png"
+
+    @property
+    def measurements(self) -> Path:
+        """What evaluate measured: report.md, report.json and the sweep's summary are views of it."""
+        return self.root / "measurements.json"
 
     @property
     def report(self) -> Path:

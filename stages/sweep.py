@@ -9,14 +9,17 @@ auxiliaries, the feature classifier and the evaluation cache are the main run's 
 auxiliaries are trained once and each one's samples are measured once. Every step skips what is finished:
 the sweep resumes like any stage, and `scorefuse submit` runs the sizes as an array job.
 
-The summary, written once every size has its report: sweep.md (how fusion compares with the baselines at
-each n, then a table per metric), sweep.json (the same, and under "data" every metric of every model at every
-n with its uncertainty) and one plot per metric (metric vs n, a line per method, error bars).
+The summary, written once every size has its measurements file (evaluation/measurements.py), is a view of
+those files: sweep.md (how fusion compares with the baselines at each n, then a table per metric), sweep.json
+(the same, and under "data" every metric of every model at every n with its uncertainty) and one plot per
+metric (metric vs n, a line per method, error bars).
 """
-import json
-
+from evaluation.comparison import BETTER, INDISTINGUISHABLE, WORSE, find
+from evaluation.labels import BASELINES, FUSED, FUSED_MIXTURE, fused
+from evaluation.measurements import read_measurements
 from evaluation.plots import metric_vs_n
 from evaluation.report import write_report
+from evaluation.run_report import COPIES, KID, LOSS, NLL, comparison_rows, fd_column, model_row
 from shards.errors import ConfigError, ModelError
 from shards.manifest import load_manifest
 from stages.config import RunConfig, sweep_member
@@ -25,11 +28,11 @@ from trainer.progress import say
 from stages.rundir import RunDir, is_finished
 from stages import evaluate, fuse, prepare
 
-# The methods on the plots (every model of a member's report is in sweep.json): fusion and its baselines.
-METHODS = ("fused-exact", "fused-sgd", "fused-mixture", "target-scratch", "target-finetune", "checkpoint-merge")
-# report column -> (the plot's file name, what the error bar shows)
-METRICS = {"NLL bits/dim": ("nll", "± standard error"), "held-out loss": ("loss", "± standard error"),
-           "KID": ("kid", "± std over subsets"), "copies %": ("copies", "")}
+# The methods on the plots (every model of a member's measurements is in sweep.json): fusion and its baselines.
+METHODS = (*FUSED, *BASELINES)
+# the report's column -> (the plot's file name, what the error bar shows); and the Fréchet distance's (fd_column)
+METRICS = {NLL: ("nll", "± standard error"), LOSS: ("loss", "± standard error"),
+           KID: ("kid", "± std over subsets"), COPIES: ("copies", "")}
 
 
 def command(cfg: RunConfig, args: dict, invocation) -> None:
@@ -62,26 +65,23 @@ def run(cfg: RunConfig, sizes: list[int] | None = None) -> None:
         acc.wait_for_everyone()
         fuse.run(member)
         evaluate.run(member)
-    reports = {n: RunDir.of(sweep_member(cfg, n)).report.with_suffix(".json") for n in cfg.sweep.sizes}
-    if acc.is_main_process and all(path.is_file() for path in reports.values()):
-        summarise(cfg, {n: json.loads(path.read_text()) for n, path in reports.items()})
+    if acc.is_main_process and all(RunDir.of(sweep_member(cfg, n)).measurements.is_file() for n in cfg.sweep.sizes):
+        summarise(cfg)
 
 
-def _section(report: dict, name: str) -> list:
-    return next((s.get("rows", s.get("text")) for s in report["sections"] if s["name"] == name), [])
-
-
-def summarise(cfg: RunConfig, reports: dict[int, dict]) -> None:
+def summarise(cfg: RunConfig) -> None:
+    """sweep.md, sweep.json and the plots from the measurements file of each size n of sweep.sizes: the
+    tables' cells are the members' report cells (evaluation/run_report.py), the findings their comparisons."""
     main = RunDir.of(cfg)
-    sizes = sorted(reports)
-    rows = {n: {row["model"]: row for row in _section(reports[n], "Models and floors")} for n in sizes}
-    fd_column = next(k for k in rows[sizes[0]][METHODS[0]] if k.startswith(("fd", "fid")) and " vs " in k)
-    metrics = {**METRICS, fd_column: ("fd", "95% bootstrap interval")}
+    sizes = sorted(cfg.sweep.sizes)
+    measured = {n: read_measurements(RunDir.of(sweep_member(cfg, n)).measurements) for n in sizes}
+    rows = {n: {label: model_row(label, entry, measured[n])
+                for label, entry in [*measured[n]["models"].items(), *measured[n]["floors"].items()]} for n in sizes}
+    metrics = {**METRICS, fd_column(measured[sizes[0]]): ("fd", "95% bootstrap interval")}
     models = [m for m in rows[sizes[0]] if all(m in rows[n] for n in sizes)]
     table = {metric: {model: {n: rows[n][model].get(metric) for n in sizes} for model in models} for metric in metrics}
-    comparisons = {n: _section(reports[n], "Fusion against the baselines") for n in sizes}
 
-    sections = [("Fusion against the baselines", _findings(comparisons, cfg))]
+    sections = [("Fusion against the baselines", _findings({n: measured[n]["comparisons"] for n in sizes}, cfg))]
     for metric, (file_name, bars) in metrics.items():
         series = {model: [(n, *_bar(value)) for n, value in table[metric][model].items() if value is not None]
                   for model in METHODS if model in table[metric]}
@@ -94,7 +94,8 @@ def summarise(cfg: RunConfig, reports: dict[int, dict]) -> None:
              "Plots: " + ", ".join(f"{file_name}.png" for file_name, _ in metrics.values()) + " in this directory.",
              _nesting(cfg, sizes)]
     write_report(main.sweep / "sweep.md", f"scorefuse sweep: {cfg.name}, target sizes {sizes}", sections, notes,
-                 data={"sizes": sizes, "metrics": table, "comparisons": comparisons})
+                 data={"sizes": sizes, "metrics": table,
+                       "comparisons": {n: comparison_rows(measured[n]) for n in sizes}})
     say(f"sweep: summary in {main.sweep / 'sweep.md'}")
 
 
@@ -124,16 +125,16 @@ def _bar(value) -> tuple[float, float, float]:
 
 
 def _findings(comparisons: dict[int, list[dict]], cfg: RunConfig) -> list[str]:
-    """Per baseline and metric, the sizes at which the fused model (fuse.method's) is better, worse or
-    indistinguishable: computed from the members' paired comparisons."""
+    """Per baseline and metric, the sizes at which the fused model (fuse.method's, then the mixture) is better,
+    worse or indistinguishable: the members' comparisons (evaluation/comparison.py), by n."""
     lines = []
-    for fused in (f"fused-{cfg.fuse.method}", "fused-mixture"):
-        for baseline in ("target-scratch", "target-finetune", "checkpoint-merge"):
-            for metric, name in (("NLL", "held-out NLL (paired)"), ("FD", "Fréchet distance (95% intervals)")):
-                verdicts = {n: row[metric] for n, rows in comparisons.items() for row in rows
-                            if row["fused"] == fused and row["baseline"] == baseline and row[metric]}
+    for model in (fused(cfg.fuse.method), FUSED_MIXTURE):
+        for baseline in BASELINES:
+            for metric, name in (("nll", "held-out NLL (paired)"), ("fd", "Fréchet distance (95% intervals)")):
+                verdicts = {n: c[metric] for n in sorted(comparisons)
+                            if (c := find(comparisons[n], model, baseline)) is not None and c[metric]}
                 if verdicts:
-                    by = {v: [n for n in sorted(verdicts) if verdicts[n] == v] for v in ("better", "indistinguishable", "worse")}
-                    lines.append(f"{fused} against {baseline} on {name}: " + "; ".join(
+                    by = {v: [n for n in verdicts if verdicts[n] == v] for v in (BETTER, INDISTINGUISHABLE, WORSE)}
+                    lines.append(f"{model} against {baseline} on {name}: " + "; ".join(
                         f"{v} at n = {', '.join(map(str, ns))}" for v, ns in by.items() if ns) + ".")
     return lines

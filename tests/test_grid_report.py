@@ -1,4 +1,4 @@
-"""Sample grids and the run report: sizes, contents, atomic writes."""
+"""Sample grids and the reports: sizes, contents, atomic writes; the run report as a view of the measurements."""
 import json
 
 import pytest
@@ -7,7 +7,10 @@ from PIL import Image
 
 from evaluation.grid import PADDING, save_grid
 from evaluation.report import write_report
+from evaluation.run_report import write_run_report
+from evaluation.verdict import verdict
 from shards.pixels import to_uint8
+from tests.constructed_measurements import measurements, model
 
 
 @pytest.mark.parametrize("b, c, nrow, scale, cells", [
@@ -60,3 +63,37 @@ def test_report_markdown_and_json(tmp_path):
         "notes": ["FID on 2k samples is not fid50k"],
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+
+
+def test_the_run_report_is_a_view_of_the_measurements(tmp_path):
+    """report.md and report.json from made-up measurements alone: the verdict, each entry's row in the report's
+    units and roundings, and the baselines' comparisons (not the mixture's against the barycenter)."""
+    made = measurements({
+        "fused-exact": model([1.0, 1.5], loss=[0.25, 0.75], weights=[[0.25, 0.75], [0.5, 0.5]], fit_gap_percent=0.0,
+                             classes=[0.3, 0.7], reference_classes=[0.5, 0.5], nfe=21, samples_per_second=12.345,
+                             fit_minutes=0.126),
+        "fused-mixture": model([1.25, 1.5]),
+        "target-scratch": model([2.0, 2.5], fd=(20.0, 18.0, 22.0), fd_own_population=3.14159)},
+        floors={"real: target images as samples": model(fd=(1.0, None, None), copy_share=1.0, nn=(0.0, 33.333))},
+        sweep_n=16)
+    write_run_report(tmp_path / "report.md", made)
+    document = json.loads((tmp_path / "report.json").read_text())
+    assert document["title"] == "scorefuse report: digits, sweep run at target size n = 16"
+    sections = {s["name"]: s.get("rows", s.get("text")) for s in document["sections"]}
+    assert list(sections) == ["Verdict", "Models and floors", "Fusion against the baselines", "Populations"]
+    assert sections["Verdict"] == verdict(made)
+    rows = {row["model"]: row for row in sections["Models and floors"]}
+    assert rows["fused-exact"] == {
+        "model": "fused-exact", "NLL bits/dim": {"mean": 1.25, "se": 0.25}, "held-out loss": {"mean": 0.5, "se": 0.25},
+        "fd_clf64 vs reference": {"value": 10.0, "low": 8.0, "high": 12.0}, "KID": {"mean": 0.5, "std": 0.25},
+        "copies %": 0.0, "NN train": 40.0, "NN held-out": 40.0, "class TV": 0.2, "class proportions": "0.30 0.70",
+        "NFE": 21, "samples/s": 12.3, "fit minutes": 0.13, "weights": "0.25 0.75 | 0.50 0.50", "fit gap %": 0.0,
+        "what": "made up"}
+    assert rows["target-scratch"]["fd_clf64 vs reference own population"] == 3.142
+    floor = rows["real: target images as samples"]
+    assert floor["fd_clf64 vs reference"] == 1.0 and floor["copies %"] == 100.0 and floor["NLL bits/dim"] is None
+    assert [(c["fused"], c["baseline"], c["NLL"], c["FD"]) for c in sections["Fusion against the baselines"]] == [
+        ("fused-exact", "target-scratch", "better", "better"), ("fused-mixture", "target-scratch", "better", "better")]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| real: target images as samples | — | — | 1 | 0.5 ± 0.25 | 100 | 0 | 33.33 |" in markdown
+    assert "the classifier itself is 0.010 from the true target mixture" in markdown

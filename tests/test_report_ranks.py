@@ -17,14 +17,6 @@ from stages.evaluate import Measured, gather_by_index, rank_share, report_statis
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_ranks(world: int, fn, log: list | None = None) -> list:
     """fn(Ranks) on `world` threads, one per rank, with all-gathers as accelerate's (tensors concatenated, lists
     of objects flattened, in rank order); each collective is appended to `log` as (rank, "collective")."""

@@ -1,6 +1,7 @@
 """The sweep over the target size n (stages/sweep.py) on a copy of the fast pipeline's run: each n is a
 run of its own sharing the main run's auxiliaries and shards, the targets are nested, and the summary has a
-table and a plot per metric; under `submit` the sizes are an array job after the auxiliaries."""
+table and a plot per metric; under `submit` the sizes are an array job after the auxiliaries. The summary is
+a view of each size's measurements file: made-up ones give known findings and tables."""
 import json
 import shutil
 from pathlib import Path
@@ -8,16 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evaluation.measurements import write_measurements
 from shards.manifest import load_manifest, shard_paths
 from shards.populations import allocate_counts
 from shards.stream import read_population
 from tests.conftest import DIGITS, scorefuse
-from stages.config import load_config
+from tests.constructed_measurements import measurements, model, plus
+from stages.config import load_config, sweep_member
+from stages.rundir import RunDir
 from stages import sweep as sweep_stage
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
     run, overrides, _ = finished_digits
     root = tmp_path / "copy"
@@ -49,6 +52,7 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
     assert again.count("already finished") >= 2 * 4
 
 
+@pytest.mark.slow
 def test_submit_queues_the_sizes_as_an_array_after_the_auxiliaries(tmp_path):
     out = scorefuse("submit", "--config", DIGITS, "--dry-run", f"root={tmp_path}", "sweep.sizes=[16,32]").stdout
     lines = {line.split("=", 1)[0]: line for line in out.splitlines()}
@@ -66,3 +70,41 @@ def test_sizes_whose_rounding_breaks_nesting_are_named(monkeypatch):
         "class_histogram": histograms[int(Path(data).parent.name[1:])]}}})
     assert "NOT nested at n = 16 -> 17:" in sweep_stage._nesting(cfg, [16, 17, 32])
     assert sweep_stage._nesting(cfg, [16, 32]).startswith("The targets are nested")
+
+
+def test_the_summary_is_a_view_of_each_sizes_measurements(tmp_path, monkeypatch):
+    """Measurements files written here for n = 8 and 16: fused-exact beats target-scratch on NLL at n = 8 (paired
+    difference -1.0 ± 0.04) and ties it at n = 16 (-0.005 ± 0.012), and its Fréchet interval separates from
+    target-scratch's at both; sweep.md says so, and sweep.json holds the members' numbers as they are."""
+    cfg = load_config(DIGITS, [f"root={tmp_path}", "sweep.sizes=[16,8]"])
+    fused, loss = [2.0, 2.2, 2.4, 2.6], [0.5, 0.7]
+    made = {8: measurements({"fused-exact": model(fused, loss=loss),
+                             "target-scratch": model(plus(fused, [1.0, 1.1, 0.9, 1.0]), fd=(20.0, 18.0, 22.0), loss=loss)},
+                            floors={"real: held-out half vs half": model(fd=(1.0, 0.5, 1.5))}, sweep_n=8),
+            16: measurements({"fused-exact": model(fused, fd=(9.0, 8.0, 10.0), loss=loss),
+                              "target-scratch": model(plus(fused, [0.02, -0.02, 0.03, -0.01]), fd=(15.0, 14.0, 16.0),
+                                                      loss=loss)},
+                             floors={"real: held-out half vs half": model(fd=(1.0, 0.5, 1.5))}, sweep_n=16)}
+    for n, m in made.items():
+        write_measurements(RunDir.of(sweep_member(cfg, n)).measurements, m)
+    monkeypatch.setattr(sweep_stage, "_nesting", lambda cfg, sizes: f"nesting of {sizes}")  # no data here
+
+    sweep_stage.summarise(cfg)
+    sweep = RunDir.of(cfg).sweep
+    md = (sweep / "sweep.md").read_text()
+    assert "- fused-exact against target-scratch on held-out NLL (paired): better at n = 8; indistinguishable at " \
+           "n = 16.\n" in md
+    assert "- fused-exact against target-scratch on Fréchet distance (95% intervals): better at n = 8, 16.\n" in md
+    assert "| fused-exact | 2.3 ± 0.13 | 2.3 ± 0.13 |" in md and "- nesting of [8, 16]" in md
+    data = json.loads((sweep / "sweep.json").read_text())["data"]
+    assert data["sizes"] == [8, 16]
+    assert set(data["metrics"]) == {"NLL bits/dim", "held-out loss", "KID", "copies %", "fd_clf64 vs reference"}
+    nll = data["metrics"]["NLL bits/dim"]
+    assert list(nll) == ["fused-exact", "target-scratch", "real: held-out half vs half"]
+    scratch = made[16]["models"]["target-scratch"]["nll"]
+    assert nll["target-scratch"]["16"] == {"mean": scratch["mean"], "se": scratch["se"]}
+    assert data["metrics"]["fd_clf64 vs reference"]["fused-exact"] == {
+        "8": {"value": 10.0, "low": 8.0, "high": 12.0}, "16": {"value": 9.0, "low": 8.0, "high": 10.0}}
+    assert [c["NLL"] for n in ("8", "16") for c in data["comparisons"][n]] == ["better", "indistinguishable"]
+    for name in ("nll", "fd", "loss", "kid", "copies"):
+        assert (sweep / f"{name}.png").is_file()

@@ -1,0 +1,35 @@
+"""The model labels: what the report, the measurements file, the catalogue (stages/catalogue.py),
+`scorefuse sample model=`, the sweep and the benches call each model, spelled here and nowhere else.
+
+    aux/<name>                         an auxiliary (auxiliary(name))
+    fused-exact, fused-sgd             ScoreFusion's barycenter, lambda by the exact and the paper's SGD fit
+    fused-mixture                      mixture fusion (trainer/mixture.py)
+    target-scratch, target-finetune,   the baselines fusion is compared with
+    checkpoint-merge
+    distill                            the one-step generator
+
+and the labels of the report's two floors, real data in the place of samples.
+"""
+from trainer.spec import BASELINES
+
+# A baseline's label is its name in the config (fuse.baselines) and its directory (baselines/<b>/): the
+# config schema, a floor below this one, owns the names, so they are taken from it rather than spelled again.
+TARGET_SCRATCH, TARGET_FINETUNE, CHECKPOINT_MERGE = BASELINES
+
+DISTILL = "distill"
+HALVES = "real: held-out half vs half"
+TARGET_AS_SAMPLES = "real: target images as samples"
+
+
+def fused(fit: str) -> str:
+    """The fused model of a fit: exact | sgd (fuse.method, the barycenter's lambda) | mixture (as
+    distill.teacher_fit names them)."""
+    return f"fused-{fit}"
+
+
+def auxiliary(name: str) -> str:
+    """The auxiliary trained on population `name`."""
+    return f"aux/{name}"
+
+
+FUSED_EXACT, FUSED_SGD, FUSED_MIXTURE = FUSED = tuple(fused(fit) for fit in ("exact", "sgd", "mixture"))

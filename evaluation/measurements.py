@@ -1,0 +1,131 @@
+"""What `evaluate` measured, as one machine-readable file (runs/<name>/measurements.json). The verdict
+(evaluation/verdict.py), report.md and report.json (evaluation/run_report.py) and the sweep's summary
+(stages/sweep.py) are views of it: none of them computes from another one's tables.
+
+Schema 1, a JSON object (null wherever a number does not apply; an "estimate" is {"mean", "se", "n"}: the mean
+over n held-out images and its standard error):
+
+    schema        1
+    run           {"name", "sweep_n": the target size n of a sweep's run, else null}
+    barycenter    the label of fuse.method's fused model: the verdict's "fusion"
+    class_names   the classes, in the order of every class_proportions and mixture below
+    settings      how the numbers were measured (the report's notes): held_out (the population of NLL, loss
+                  and NN held-out), nll_images, nll_steps, nll_probes, test_draws_per_image, num_samples,
+                  extractor, fd_metric (e.g. fd_clf2k, fid50k), fd_classifier_metric, fd_reference (the
+                  population FD and KID compare with), bootstrap, kid_subsets, kid_subset_size,
+                  copy_threshold, copies_figures (the pictures' directory, relative to the run), fit_objective,
+                  sgd_lr, sgd_momentum, sgd_epochs
+    reference     {"class_proportions": the classifier's on the held-out images, "classifier_tv": their total
+                  variation to the true target mixture, the floor of every class_tv}
+    populations   [{"name", "role", "images", "shards", "mixture": proportion per class}], aux, target, reference
+    models        {label: entry}, every finished model in report order (labels: evaluation/labels.py)
+    floors        {label: entry}, real data in the place of samples (labels.HALVES, labels.TARGET_AS_SAMPLES)
+    comparisons   [{"model", "against", "nll_difference": {"mean", "se"} of model - against, paired, "nll",
+                  "fd": "better" | "worse" | "indistinguishable"}]: each fused model against each baseline, then
+                  fused-mixture against the barycenter (evaluation/comparison.py)
+
+An entry:
+
+    description          what the model or floor is
+    nll                  estimate of the NLL in bits/dim, and "per_image": image i's value, for paired differences
+                         (every model is measured on the same images with the same draws); null for a model
+                         without a denoiser, or with fewer than 2 images (no standard error)
+    loss                 estimate of the held-out denoising loss
+    fd                   {"value", "low", "high"}: the Fréchet distance and its 95% bootstrap interval (low and
+                         high null when eval.bootstrap gives no rounds)
+    fd_classifier        beside FID, the Fréchet distance in the feature classifier's space
+    fd_own_population    an auxiliary's Fréchet distance to its own training population
+    kid                  {"mean", "std"} over subsets
+    copy_share           share of samples that copy a target training image (the ratio test)
+    nn_train             mean distance of a sample to its nearest training image, as an RMS pixel difference (0..255)
+    nn_held_out          ... to the nearest of as many held-out images
+    class_proportions    the classifier's class proportions of the samples
+    class_tv             their total variation to reference.class_proportions
+    nfe, samples_per_second, fit_minutes
+    weights              lambda (a row per sigma bin) of a barycenter or of checkpoint-merge, pi of the mixture
+    fit_gap_percent      how far the lambda fit's loss lies above the exact optimum
+
+A file of another schema is refused with a message, never read as if it were this one.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation.intervals import Interval, mean_se
+from shards.atomic import write_atomically
+from shards.errors import ModelError
+
+SCHEMA = 1
+
+
+def write_measurements(path: Path, measurements: dict) -> None:
+    """Write `measurements` (without "schema": this adds it) atomically."""
+    document = {"schema": SCHEMA, **measurements}
+    write_atomically(Path(path), (json.dumps(document, indent=1) + "\n").encode())
+
+
+def read_measurements(path: Path) -> dict:
+    """The measurements of a file write_measurements wrote (without "schema")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"no {path}: run `scorefuse evaluate` first")
+    document = json.loads(path.read_text())
+    schema = document.pop("schema", None)
+    if schema != SCHEMA:
+        raise ModelError(f"{path} has measurements schema {schema}, this version reads {SCHEMA}: run "
+                         "`scorefuse evaluate` again to rewrite it (its cache makes that quick)")
+    return document
+
+
+def estimate(values: torch.Tensor, per_image: bool = False) -> dict:
+    """{"mean", "se", "n"} of per-image values (and the values themselves, for paired differences)."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    mean, se = mean_se(values)
+    return {"mean": mean, "se": se, "n": len(values), **({"per_image": values.tolist()} if per_image else {})}
+
+
+def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], copies: dict, pixels: int,
+          nll: torch.Tensor | None = None, loss: torch.Tensor | None = None, classes=None, reference_classes=None,
+          fd_classifier: float | None = None, fd_own_population: float | None = None, nfe: int | None = None,
+          samples_per_second: float | None = None, fit_minutes: float | None = None, weights=None,
+          fit_gap_percent: float | None = None) -> dict:
+    """One model's or floor's entry from the raw results: fd an Interval (or the bare value without bootstrap
+    rounds), kid (mean, std), copies evaluation.memorisation's dict for images of `pixels` values each,
+    nll and loss per held-out image, classes and reference_classes class proportions."""
+    interval = fd if isinstance(fd, Interval) else Interval(fd, None, None)
+    rms = pixels ** 0.5  # memorisation's distances are L2 over all pixels: per pixel they read on the 0..255 scale
+    return {
+        "description": description,
+        "nll": estimate(nll, per_image=True) if nll is not None and len(nll) > 1 else None,
+        "loss": estimate(loss) if loss is not None else None,
+        "fd": {"value": float(interval.value), "low": _float(interval.low), "high": _float(interval.high)},
+        "fd_classifier": _float(fd_classifier),
+        "fd_own_population": _float(fd_own_population),
+        "kid": {"mean": float(kid[0]), "std": float(kid[1])},
+        "copy_share": float(copies["copy_share"]),
+        "nn_train": copies["train_distance"] / rms,
+        "nn_held_out": copies["held_out_distance"] / rms,
+        "class_proportions": None if classes is None else np.asarray(classes, dtype=float).tolist(),
+        "class_tv": None if classes is None else total_variation(classes, reference_classes),
+        "nfe": nfe,
+        "samples_per_second": _float(samples_per_second),
+        "fit_minutes": _float(fit_minutes),
+        "weights": weights,
+        "fit_gap_percent": _float(fit_gap_percent),
+    }
+
+
+def fd_interval(entry: dict) -> Interval | None:
+    """An entry's Fréchet distance as an Interval, or None without bootstrap rounds."""
+    fd = entry["fd"]
+    return None if fd["low"] is None else Interval(fd["value"], fd["low"], fd["high"])
+
+
+def total_variation(p, q) -> float:
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,107 @@
+"""The run report, report.md and report.json, as a view of the measurements (evaluation/measurements.py): the
+verdict (evaluation/verdict.py), a row per model and floor, fusion against the baselines, the populations,
+and notes that say how each number was measured. Every number is the measurements'; this module rounds and
+lays out, and evaluation/report.py writes."""
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.labels import BASELINES, CHECKPOINT_MERGE, FUSED_MIXTURE, HALVES, TARGET_AS_SAMPLES
+from evaluation.report import write_report
+from evaluation.verdict import verdict
+
+# The columns the sweep's tables share with the report's rows (stages/sweep.py), and the Fréchet distance's,
+# named by its metric and what it compares with: fd_column.
+NLL, LOSS, KID, COPIES = "NLL bits/dim", "held-out loss", "KID", "copies %"
+
+
+def write_run_report(path: Path, measurements: dict) -> None:
+    run = measurements["run"]
+    title = f"scorefuse report: {run['name']}" + (f", sweep run at target size n = {run['sweep_n']}"
+                                                   if run["sweep_n"] else "")
+    rows = [model_row(label, entry, measurements)
+            for label, entry in [*measurements["models"].items(), *measurements["floors"].items()]]
+    populations = [{"population": p["name"], "role": p["role"], "images": p["images"], "shards": p["shards"],
+                    "class mixture": format_mixture(p["mixture"])} for p in measurements["populations"]]
+    write_report(path, title, [("Verdict", verdict(measurements)), ("Models and floors", rows),
+                               ("Fusion against the baselines", comparison_rows(measurements)),
+                               ("Populations", populations)], notes(measurements))
+
+
+def fd_column(measurements: dict) -> str:
+    """The Fréchet distance's column, e.g. "fd_clf2k vs reference", "fid50k vs train"."""
+    settings = measurements["settings"]
+    return f"{settings['fd_metric']} vs {settings['fd_reference']}"
+
+
+def model_row(label: str, entry: dict, measurements: dict) -> dict:
+    """The report's row of a model or floor: estimates as {"mean", "se"}, the Fréchet distance as
+    {"value", "low", "high"} (its value alone without bootstrap rounds), the rest rounded to what it means."""
+    settings, fd = measurements["settings"], entry["fd"]
+    row = {"model": label, NLL: _mean_se(entry["nll"]), LOSS: _mean_se(entry["loss"]),
+           fd_column(measurements): dict(fd) if fd["low"] is not None else fd["value"], KID: dict(entry["kid"]),
+           COPIES: round(100 * entry["copy_share"], 1), "NN train": round(entry["nn_train"], 2),
+           "NN held-out": round(entry["nn_held_out"], 2)}
+    if entry["class_proportions"] is not None:
+        row["class TV"] = round(entry["class_tv"], 3)
+        row["class proportions"] = format_mixture(entry["class_proportions"])
+    if entry["fd_classifier"] is not None:  # FID is the main distance: the classifier's feature space beside it
+        row[f"{settings['fd_classifier_metric']} vs {settings['fd_reference']}"] = round(entry["fd_classifier"], 3)
+    if entry["fd_own_population"] is not None:
+        row[f"{fd_column(measurements)} own population"] = round(entry["fd_own_population"], 3)
+    weights, rate, minutes = entry["weights"], entry["samples_per_second"], entry["fit_minutes"]
+    row.update({"NFE": entry["nfe"], "samples/s": None if rate is None else round(rate, 1),
+                "fit minutes": None if minutes is None else round(minutes, 2),
+                "weights": None if weights is None else " | ".join(format_mixture(r) for r in np.atleast_2d(weights)),
+                "fit gap %": entry["fit_gap_percent"], "what": entry["description"]})
+    return row
+
+
+def comparison_rows(measurements: dict) -> list[dict]:
+    """The table "Fusion against the baselines": the measurements' comparisons with a baseline."""
+    return [{"fused": c["model"], "baseline": c["against"], "NLL difference": c["nll_difference"], "NLL": c["nll"],
+             "FD": c["fd"]} for c in measurements["comparisons"] if c["against"] in BASELINES]
+
+
+def notes(measurements: dict) -> list[str]:
+    s, floor_tv = measurements["settings"], measurements["reference"]["classifier_tv"]
+    extractor = s["extractor"]
+    lines = [
+        f"NLL bits/dim: probability-flow ODE ({s['nll_steps']} Heun steps, {s['nll_probes']} Rademacher probe(s) per "
+        f"image, uniform dequantisation) on the first {s['nll_images']} held-out images `{s['held_out']}`, "
+        "mean ± standard error over images; the same images and draws for every model, so differences are paired "
+        "(the verdict's ± are paired standard errors).",
+        f"held-out loss: EDM-weighted denoising loss on the held-out images, {s['test_draws_per_image']} "
+        "(sigma, noise) draws per image, the same draws for every model; mean ± standard error.",
+        f"{fd_column(measurements)}: Fréchet distance of {s['num_samples']} samples to the population "
+        f"`{s['fd_reference']}` in {extractor} feature "
+        f"space{'' if extractor == 'inception' else ' (not FID)'}, [95% bootstrap interval, {s['bootstrap']} rounds "
+        "resampling samples and held-out images]; KID: unbiased MMD^2 (cubic kernel) in the same features' units, "
+        f"mean ± std over {s['kid_subsets']} subsets of min({s['kid_subset_size']}, the smaller set) images (where "
+        "both sets are that small, every subset is all of them and the std is 0).",
+        f"copies: share of samples whose nearest target training image (pixel L2) is nearer than "
+        f"{s['copy_threshold']:.2f} x the second nearest; NN train / NN held-out: mean distance of a sample to its "
+        "nearest training image / to the nearest of as many held-out images, as a root-mean-square pixel difference "
+        f"(0..255). Pictures of each model's most-copied samples: {s['copies_figures']}/.",
+        f"floors: '{HALVES}' compares two halves of the held-out images (what real data scores at that size); "
+        f"'{TARGET_AS_SAMPLES}' uses the n target images as samples (what copying them scores).",
+    ]
+    if floor_tv is not None:
+        lines.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
+                     f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "
+                     "true target mixture on the held-out images.")
+    lines.append(f"NFE: network evaluations per sample (at most, for {FUSED_MIXTURE}: networks may be skipped); "
+                 "samples/s: sampling and feature extraction, when first measured; weights: lambda of a barycenter "
+                 f"(per sigma bin) or of {CHECKPOINT_MERGE}, pi of the mixture.")
+    lines.append(f"fit gap %: how far the lambda fit's loss is above the exact optimum on the same Gram statistics "
+                 f"({s['fit_objective']} objective; the paper's SGD: its loss summed over pixels, N(0, 1) logits, "
+                 f"lr {s['sgd_lr']}, momentum {s['sgd_momentum']}, {s['sgd_epochs']} epochs).")
+    return lines
+
+
+def format_mixture(p) -> str:
+    return " ".join(f"{x:.2f}" for x in p)
+
+
+def _mean_se(estimate: dict | None) -> dict | None:
+    return None if estimate is None else {"mean": estimate["mean"], "se": estimate["se"]}
