@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
+from evaluation.labels import FUSED_EXACT, auxiliary  # noqa: E402
 from shards.manifest import image_shape, load_manifest  # noqa: E402
 from shards.stream import read_population  # noqa: E402
 from stages.catalogue import find, latents  # noqa: E402
@@ -129,8 +130,8 @@ def main():
     cfg = load_config(args.config, [*args.overrides, *([f"root={args.root}"] if args.root else [])])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rd = RunDir.of(cfg)
-    fused_model = find(cfg, "fused-exact")
-    aux_model = find(cfg, f"aux/{args.aux or cfg.data.aux[0].name}")
+    fused_model = find(cfg, FUSED_EXACT)
+    aux_model = find(cfg, auxiliary(args.aux or cfg.data.aux[0].name))
     fused = fused_model.load().to(device)
     single = aux_model.load().to(device)
     k, draws = fused.num_models, args.draws or cfg.fuse.draws_per_image
@@ -159,10 +160,10 @@ def main():
         many = sample_seconds(fused_model.sampler(fused, cfg), z, args.rounds, device)
     active = fused.networks_per_call
     print(f"\nsampling {args.sample_batch} images, {cfg.edm.sampler_steps}-step Heun, median of {args.rounds}; "
-          f"fused-exact runs {active} of its K = {k} networks per evaluation")
+          f"{fused_model.label} runs {active} of its K = {k} networks per evaluation")
     print("| model | seconds | per sample (ms) | x one auxiliary |\n|---|---|---|---|")
     print(f"| {aux_model.label} | {one:.2f} | {1000 * one / args.sample_batch:.1f} | 1.00 |")
-    print(f"| fused-exact, K = {k} | {many:.2f} | {1000 * many / args.sample_batch:.1f} | {many / one:.2f} |")
+    print(f"| {fused_model.label}, K = {k} | {many:.2f} | {1000 * many / args.sample_batch:.1f} | {many / one:.2f} |")
     print(f"fused / auxiliary: {many / one:.2f}x (target <= {active * 1.1:.1f}x)")
 
 

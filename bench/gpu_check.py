@@ -45,7 +45,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
+from evaluation.labels import TARGET_FINETUNE, TARGET_SCRATCH  # noqa: E402
 from evaluation.likelihood import nll_bits_per_dim  # noqa: E402
+from evaluation.measurements import read_measurements  # noqa: E402
 from shards.manifest import MANIFEST_VERSION  # noqa: E402
 from shards.prepare import write_manifest, write_shard  # noqa: E402
 from shards.stream import train_loader  # noqa: E402
@@ -76,7 +78,7 @@ OK, FAILED, TIMEOUT, SKIPPED = "ok", "FAILED", "TIMEOUT", "SKIPPED"
 TINY_RUN = ["train.batch=32", "train.lr_rampup_kimg=0.1", "train.log_every_kimg=0.32", "train.total_kimg=0.32",
             "train.eval_every_kimg=0", "train.snapshot_every_kimg=0", "train.deterministic=true",
             "eval.num_samples=32", "eval.grid_images=4", "edm.sampler_steps=4", "fuse.finetune_kimg=0.16",
-            "fuse.draws_per_image=2", "fuse.sgd_epochs=2", "fuse.test_draws_per_image=1",
+            "fuse.draws_per_image=2", "fuse.sgd_epochs=2", "eval.test_draws_per_image=1",
             "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.064",
             "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064",
             "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=10", "eval.kid_subsets=4",
@@ -479,14 +481,13 @@ def digits_case(s: Sizes, work: Path) -> None:
     walls["fuse"] = scorefuse("fuse", *common, root)
     parts = {"fits": finished_info(run.fuse)["seconds"], "router": finished_info(run.router)["seconds"],
              "EM": json.loads(run.mixture_file.read_text())["seconds"],
-             **{name: finished_info(run.baseline(name))["seconds"] for name in ("target-scratch", "target-finetune")}}
+             **{name: finished_info(run.baseline(name))["seconds"] for name in (TARGET_SCRATCH, TARGET_FINETUNE)}}
     emit("fuse (exact and SGD fit, router, EM on the router and the NLL, 3 baselines)",
          f"{walls['fuse']:.0f} s wall; " + ", ".join(f"{name} {sec:.1f} s" for name, sec in parts.items()),
          seconds=walls["fuse"], **{f"{name}_seconds": sec for name, sec in parts.items()})
 
     walls["distill, evaluate"] = scorefuse("run", *common, root, "stages=distill,evaluate")
-    report = json.loads(run.report.with_suffix(".json").read_text())
-    models = [row["model"] for section in report["sections"] for row in section.get("rows", []) if "model" in row]
+    models = read_measurements(run.measurements)["models"]
     emit("distill, evaluate", f"{walls['distill, evaluate']:.0f} s wall; {len(models)} models in the report",
          seconds=walls["distill, evaluate"])
     emit("the pipeline end to end (5 stages)",
@@ -499,8 +500,8 @@ def kill_and_resume(straight: RunDir, killed: RunDir, common: list, kill_at: int
     """target-scratch trained again in a copy of `straight` without its baselines, SIGKILLed once a checkpoint
     at or after step `kill_at` is complete, resumed by a fresh process, compared tensor by tensor."""
     shutil.copytree(straight.root, killed.root, ignore=shutil.ignore_patterns(straight.baselines.name))
-    stage = killed.baseline("target-scratch")
-    fuse = ["fuse", *common, f"root={killed.root.parent}", "fuse.baselines=[target-scratch]"]
+    stage = killed.baseline(TARGET_SCRATCH)
+    fuse = ["fuse", *common, f"root={killed.root.parent}", f"fuse.baselines=[{TARGET_SCRATCH}]"]
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *map(str, fuse)], cwd=ROOT, stdout=sys.stderr,
                             stderr=subprocess.STDOUT, start_new_session=True)
     while newest_step(stage) < kill_at:
@@ -510,13 +511,13 @@ def kill_and_resume(straight: RunDir, killed: RunDir, common: list, kill_at: int
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     if is_finished(stage):
-        raise RuntimeError("target-scratch finished before it was killed")
+        raise RuntimeError(f"{TARGET_SCRATCH} finished before it was killed")
     stopped = newest_step(stage)
     scorefuse(*fuse)
-    want, got = tensors_of(straight.baseline("target-scratch")), tensors_of(stage)
+    want, got = tensors_of(straight.baseline(TARGET_SCRATCH)), tensors_of(stage)
     differ = sorted(key for key in want.keys() | got.keys()
                     if key not in want or key not in got or not torch.equal(want[key], got[key]))
-    what = (f"baseline target-scratch SIGKILLed after its step-{stopped} checkpoint (of {steps}), resumed, "
+    what = (f"baseline {TARGET_SCRATCH} SIGKILLed after its step-{stopped} checkpoint (of {steps}), resumed, "
             "train.deterministic=true")
     if differ:
         emit(what, f"DIFFERENT from the uninterrupted run: {len(differ)} of {len(want)} tensors, first {differ[0]}",

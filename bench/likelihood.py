@@ -3,9 +3,10 @@
 1. seconds per image of nll_bits_per_dim at probes 1 and DEFAULT_STEPS for the `tiny` UNet on 16x16x1 images,
    a single network and a 3-network FusedDenoiser (lambda not one-hot, so all three run at every
    evaluation). Random weights: the cost does not depend on their values.
-2. the discretisation error against the closed form for tests/test_likelihood.py's Gaussian (standard
-   deviations 0.01 ... 0.5 along rotated axes, exact trace): the bias of the NLL in bits/dim, mean over
-   images (what a reported mean is off by) and worst image. Heun is 2nd order: bias x steps^2 about constant.
+2. the discretisation error against the closed form (trainer/gaussian.py) for tests/test_likelihood.py's
+   Gaussian (standard deviations 0.01 ... 0.5 along rotated axes, exact trace): the bias of the NLL in bits/dim,
+   mean over images (what a reported mean is off by) and worst image. Heun is 2nd order: bias x steps^2 about
+   constant.
 
     python bench/likelihood.py [--images 64] [--batch 64] [--steps N] [--device cpu] [--tiny]
 """
@@ -19,11 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from evaluation.likelihood import DEFAULT_STEPS, log_likelihood, nll_bits_per_dim  # noqa: E402
-from tests.test_likelihood import (DIM, SIGMA_MAX, SIGMA_MIN, GaussianDenoiser, closed_form,  # noqa: E402
-                                   gaussian, gaussian_samples)
 from trainer.edm import Denoiser  # noqa: E402
 from trainer.fused_denoiser import FusedDenoiser  # noqa: E402
+from trainer.gaussian import rotated_gaussian  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402
+
+SHAPE, DIM = (1, 3, 3), 9
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
 def seconds_per_image(denoiser, images, steps: int, batch: int, device: str) -> float:
@@ -36,10 +39,9 @@ def seconds_per_image(denoiser, images, steps: int, batch: int, device: str) -> 
 
 def gaussian_errors(step_counts, count: int) -> list[tuple[int, float, float]]:
     """(steps, mean, worst image's absolute value) of the NLL's error in bits/dim against the closed form."""
-    mu, covariance = gaussian()
-    denoiser = GaussianDenoiser(mu, covariance)
-    y = gaussian_samples(mu, covariance, count)
-    expected = closed_form(y, mu, covariance)
+    denoiser = rotated_gaussian(SHAPE, 0.01, 0.5)  # tests/test_likelihood.py's
+    y = denoiser.sample(count, torch.Generator().manual_seed(1))
+    expected = denoiser.log_likelihood(y, SIGMA_MIN, SIGMA_MAX)
     rows = []
     for steps in step_counts:
         with torch.no_grad():

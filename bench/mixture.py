@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from evaluation.labels import FUSED_EXACT, FUSED_MIXTURE, auxiliary  # noqa: E402
 from shards.manifest import image_shape, load_manifest  # noqa: E402
 from stages.catalogue import find, latents  # noqa: E402
 from stages.config import load_config  # noqa: E402
@@ -71,8 +72,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = image_shape(load_manifest(RunDir.of(cfg).data))
     z = latents(cfg, range(a.batch), shape).to(device)
-    mixture_entry, barycenter_entry = find(cfg, "fused-mixture"), find(cfg, "fused-exact")
-    aux_entry = find(cfg, f"aux/{cfg.data.aux[0].name}")
+    mixture_entry, barycenter_entry = find(cfg, FUSED_MIXTURE), find(cfg, FUSED_EXACT)
+    aux_entry = find(cfg, auxiliary(cfg.data.aux[0].name))
     mixture = mixture_entry.load().to(device)
     k = mixture.num_models
     rows = {}

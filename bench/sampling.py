@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 from evaluation.features import frechet  # noqa: E402
+from evaluation.labels import DISTILL, fused as fused_label  # noqa: E402
 from stages.catalogue import find, latents  # noqa: E402
 from stages.config import load_config  # noqa: E402
 from trainer.edm import sigma_steps  # noqa: E402
@@ -65,7 +66,7 @@ def timed(fn, z, repeats=1):
 
 def teacher_label(cfg) -> str:
     """The catalogue label of the fused model distill was taught by (stages/distill.py's choice)."""
-    return f"fused-{cfg.distill.teacher_fit or load_fit(cfg)['method']}"
+    return fused_label(cfg.distill.teacher_fit or load_fit(cfg)['method'])
 
 
 def main():
@@ -88,7 +89,7 @@ def main():
     cfg.eval.sample_batch = min(cfg.eval.sample_batch, n)  # FeatureSpace.sample draws whole groups: no more than n samples
     ctx = StageContext.open(cfg)  # the device, the image shape and the run's feature space, as evaluate's
     device, shape = ctx.device, ctx.shape
-    student, teacher = find(cfg, "distill"), find(cfg, teacher_label(cfg))
+    student, teacher = find(cfg, DISTILL), find(cfg, teacher_label(cfg))
     G = student.load().to(device)
     fused = teacher.load().to(device)
     heun = teacher.sampler(fused, cfg)

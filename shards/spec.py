@@ -8,6 +8,8 @@ from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
+from shards.ranges import choice, positive, zero_or_more
+
 
 @dataclass
 class SourceSpec:
@@ -20,10 +22,10 @@ class SourceSpec:
     channels: auto (digits and all-grey folders 1, the rest 3) | 1 | 3 (forced: grey is replicated into
           RGB, colour becomes PIL's luma).
     """
-    kind: str = "digits"
+    kind: str = choice("digits", "cifar10", "lsun", "folder")
     path: Optional[str] = None
-    image_size: int = 16
-    channels: str = "auto"
+    image_size: int = positive(16)
+    channels: str = choice("auto", "1", "3")
     categories: List[str] = field(default_factory=list)
 
 
@@ -34,8 +36,8 @@ class PopulationSpec:
     name: str = MISSING
     mixture: Dict[str, float] = MISSING
     count: int = MISSING
-    seed: int = 0
-    split: str = "train"
+    seed: int = zero_or_more(0)
+    split: str = choice("train", "test")
 
 
 @dataclass
@@ -46,10 +48,10 @@ class DataSpec:
     reference: PopulationSpec = field(default_factory=PopulationSpec)
     # Shards per population: at least min_shards (>= nodes x GPUs x workers, so no reader starves)
     # and at most max_shard_images images per shard.
-    min_shards: int = 8
-    max_shard_images: int = 2000
+    min_shards: int = positive(8)
+    max_shard_images: int = positive(2000)
     # DataLoader worker processes per rank for the training stream.
-    workers: int = 2
+    workers: int = zero_or_more(2)
     # Undecodable source items one prepare skips, and distinct corrupt shard samples one reader skips,
     # before it stops.
-    max_bad_samples: int = 10
+    max_bad_samples: int = zero_or_more(10)

@@ -4,9 +4,7 @@ One entry per model: how to load it, how to sample it, how many network evaluati
 the facts the report prints (training length, fit time, lambda). `evaluate`, `sample`, the sweep and the
 benches all go through it, so `scorefuse sample model=<label>` accepts exactly the labels of report.json.
 
-Labels: aux/<name> (an auxiliary), fused-exact and fused-sgd (ScoreFusion's barycenter with the exact and the
-paper's SGD lambda), fused-mixture (mixture fusion, trainer/mixture.py), target-scratch, target-finetune,
-checkpoint-merge (the baselines), distill (the one-step generator).
+Labels: evaluation/labels.py (auxiliaries, the fused models, the baselines, the one-step generator).
 
 Every sampler draws image i from its own latents (shards.seeds, Stream.SAMPLES and the run's train.seed),
 so image i of a model is the same whatever the batch size, the number of processes or the chunking:
@@ -22,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from evaluation import labels
 from shards.atomic import sha256_file, sha256_text
 from shards.errors import CheckpointError, ConfigError, ModelError
 from stages.config import RunConfig
@@ -132,8 +131,8 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         stage = run.aux(pop.name)
         if is_finished(stage):
             done = finished_info(stage)
-            models.append(Model(f"aux/{pop.name}", f"auxiliary trained on {pop.name}", partial(_denoiser, stage),
-                                _files(stage, DENOISER_FILES),
+            models.append(Model(labels.auxiliary(pop.name), f"auxiliary trained on {pop.name}",
+                                partial(_denoiser, stage), _files(stage, DENOISER_FILES),
                                 facts={"population": pop.name, "kimg": done["kimg"], "minutes": done["seconds"] / 60}))
     if is_finished(run.fuse):
         fit = load_fit(cfg)
@@ -145,7 +144,7 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         for which, how in (("exact", "exact"), ("sgd", "the paper's SGD")):
             facts = {"minutes": fit[which]["seconds"] / 60, "weights": fit[which]["lambda"],
                      "fit gap %": fit[which].get("gap_percent", 0.0)}
-            models.append(Model(f"fused-{which}", f"ScoreFusion barycenter, lambda by {how} fit "
+            models.append(Model(labels.fused(which), f"ScoreFusion barycenter, lambda by {how} fit "
                                 f"({fit.get('objective', 'edm')} objective)", partial(fused, which), aux_files, facts=facts))
         if run.mixture_file.is_file():
             mixture = load_mixture(cfg)
@@ -153,12 +152,12 @@ def finished_models(cfg: RunConfig) -> list[Model]:
             def mixed():
                 return mixture_model(cfg, mixture, auxiliaries(), load_router(run.router)).eval()
             facts = {"minutes": mixture["seconds"] / 60, "weights": mixture[mixture["weights"]]["pi"]}
-            models.append(Model("fused-mixture", f"mixture fusion, pi by EM on the {mixture['weights']} "
+            models.append(Model(labels.FUSED_MIXTURE, f"mixture fusion, pi by EM on the {mixture['weights']} "
                                 "(router posteriors or the auxiliaries' likelihoods)", mixed,
                                 aux_files + _files(run.router, ROUTER_FILES), facts=facts))
-    for name, description in (("target-scratch", "trained on the n target images alone"),
-                              ("target-finetune", "the best auxiliary fine-tuned on the n target images"),
-                              ("checkpoint-merge", "auxiliary weights averaged with lambda")):
+    for name, description in ((labels.TARGET_SCRATCH, "trained on the n target images alone"),
+                              (labels.TARGET_FINETUNE, "the best auxiliary fine-tuned on the n target images"),
+                              (labels.CHECKPOINT_MERGE, "auxiliary weights averaged with lambda")):
         stage = run.baseline(name)
         if is_finished(stage) and has_denoiser(stage):
             done = finished_info(stage)
@@ -167,7 +166,7 @@ def finished_models(cfg: RunConfig) -> list[Model]:
             models.append(Model(name, description, partial(_denoiser, stage), _files(stage, DENOISER_FILES), facts=facts))
     if is_finished(run.distill):
         done = finished_info(run.distill)
-        models.append(Model("distill", "one-step generator (Score Mismatching, fused teacher)",
+        models.append(Model(labels.DISTILL, "one-step generator (Score Mismatching, fused teacher)",
                             lambda: load_generator(run.distill)[0], _files(run.distill, GENERATOR_FILES), one_step=True,
                             facts={"kimg": done["kimg"], "minutes": done["seconds"] / 60}))
     return models

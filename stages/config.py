@@ -16,6 +16,7 @@ from shards.atomic import write_atomically
 from shards.errors import ConfigError
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.prepare import data_fingerprint
+from shards.ranges import check_values, positive, zero_or_more
 from shards.spec import DataSpec
 from trainer.spec import BASELINES, DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
 
@@ -24,9 +25,9 @@ from trainer.spec import BASELINES, DistillSpec, EDMSpec, FuseSpec, NetworkSpec,
 class LaunchSpec:
     # Auxiliary models trained at the same time by `train-aux aux=all` / `run`.
     # 0 = automatic: on GPUs, one model per group of GPUs; on CPU, one at a time.
-    aux_parallel: int = 0
+    aux_parallel: int = zero_or_more(0, "automatic")
     # Process-group timeout: long enough for a rank to wait while others evaluate or checkpoint.
-    timeout_minutes: int = 60
+    timeout_minutes: int = positive(60)
 
 
 @dataclass
@@ -35,7 +36,8 @@ class SweepSpec:
     <run>/sweep/n<n>/ with a target of n images (nested where rounding the mixture allows: sweep.md says),
     the same auxiliaries, reference and feature classifier."""
     sizes: List[int] = field(default_factory=list)
-    n: Optional[int] = None  # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it
+    # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it
+    n: Optional[int] = positive(None)
 
 
 @dataclass
@@ -136,70 +138,6 @@ def _describe(e: OmegaConfBaseException) -> str:
     return f"bad value for '{key}': {msg}" if key else msg
 
 
-def _positive(x) -> bool:
-    return x > 0
-
-
-def _non_negative(x) -> bool:
-    return x >= 0
-
-
-# Every number the schema accepts, with the range it must lie in (None: "not set" where the schema allows it).
-RANGES = {
-    "data.source.image_size": (_positive, "positive"), "data.min_shards": (_positive, "positive"),
-    "data.max_shard_images": (_positive, "positive"), "data.workers": (_non_negative, "0 or more"),
-    "data.max_bad_samples": (_non_negative, "0 or more"),
-    "network.dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
-    "edm.sigma_data": (_positive, "positive"), "edm.p_std": (_positive, "positive"),
-    "edm.sigma_min": (_positive, "positive"), "edm.rho": (_positive, "positive"),
-    "edm.sampler_steps": (lambda x: x >= 2, "at least 2"),
-    "train.batch": (_positive, "positive"), "train.accum": (_positive, "positive"), "train.lr": (_positive, "positive"),
-    "train.lr_rampup_kimg": (_non_negative, "0 or more"), "train.adam_eps": (_positive, "positive"),
-    "train.grad_clip": (_non_negative, "0 (off) or more"), "train.total_kimg": (_positive, "positive"),
-    "train.ema_halflife_kimg": (_positive, "positive"), "train.ema_rampup_ratio": (_positive, "positive"),
-    "train.seed": (_non_negative, "0 or more"), "train.log_every_kimg": (_positive, "positive"),
-    "train.checkpoint_every_kimg": (_non_negative, "0 (only at the end) or more"),
-    "train.keep_checkpoints": (lambda x: x >= 2, "at least 2 (the newest may be half-written)"),
-    "train.eval_every_kimg": (_non_negative, "0 (off) or more"), "train.eval_samples": (lambda x: x >= 2, "at least 2"),
-    "train.snapshot_every_kimg": (_non_negative, "0 (off) or more"),
-    "train.max_nonfinite_steps": (_positive, "positive"),
-    "eval.num_samples": (lambda x: x >= 2, "at least 2"), "eval.batch": (_positive, "positive"),
-    "eval.sample_batch": (_positive, "positive"),
-    "eval.grid_images": (_positive, "positive"), "eval.nll_images": (_non_negative, "0 (off) or more"),
-    "eval.nll_steps": (lambda x: x >= 1, "at least 1"), "eval.nll_probes": (_non_negative, "0 (exact trace) or more"),
-    "eval.nll_batch": (_positive, "positive"),
-    "eval.bootstrap": (_non_negative, "0 (off) or more"), "eval.kid_subsets": (_positive, "positive"),
-    "eval.kid_subset_size": (lambda x: x >= 2, "at least 2"), "eval.copy_threshold": (lambda x: 0 < x < 1, "in (0, 1)"),
-    "fuse.draws_per_image": (_positive, "positive"), "fuse.batch": (_positive, "positive"),
-    "fuse.sgd_epochs": (_positive, "positive"), "fuse.sgd_lr": (_positive, "positive"),
-    "fuse.sgd_momentum": (lambda x: 0 <= x < 1, "in [0, 1)"), "fuse.scratch_kimg": (_positive, "positive"),
-    "fuse.finetune_kimg": (_positive, "positive"), "fuse.finetune_lr": (_positive, "positive"),
-    "fuse.test_draws_per_image": (_positive, "positive"),
-    "fuse.router_kimg": (_positive, "positive"), "fuse.router_batch": (_positive, "positive"),
-    "fuse.router_lr": (_positive, "positive"), "fuse.router_sigma": (_positive, "positive"),
-    "fuse.router_draws": (_positive, "positive"), "fuse.mixture_skip": (lambda x: 0 <= x < 1, "in [0, 1)"),
-    "distill.teacher_samples": (lambda x: x >= 2, "at least 2"), "distill.teacher_steps": (_non_negative, "0 (edm.sampler_steps) or more"),
-    "distill.real_mix": (lambda x: 0 <= x <= 1, "in [0, 1]"), "distill.g_sigma": (_positive, "positive"),
-    "distill.batch": (_positive, "positive"), "distill.lr": (_positive, "positive"), "distill.lr_d": (_positive, "positive"),
-    "distill.lr_rampup_kimg": (_non_negative, "0 or more"), "distill.r1_gamma": (_non_negative, "0 or more"),
-    "distill.r1_every": (_non_negative, "0 (off) or more"), "distill.ema_halflife_kimg": (_positive, "positive"),
-    "distill.total_kimg": (_positive, "positive"),
-    "distill.eval_every_kimg": (_non_negative, "0 (off) or more"), "distill.snapshot_every_kimg": (_non_negative, "0 (off) or more"),
-    "distill.checkpoint_every_kimg": (_non_negative, "0 or more"),
-    "launch.aux_parallel": (_non_negative, "0 (automatic) or more"), "launch.timeout_minutes": (_positive, "positive"),
-    "sweep.n": (_positive, "positive"),
-}
-CHOICES = {
-    "data.source.kind": ("digits", "cifar10", "lsun", "folder"), "data.source.channels": ("auto", "1", "3"),
-    "eval.extractor": ("auto", "inception", "classifier"),
-    "train.precision": ("no", "bf16", "fp16"), "train.log_with": ("none", "tensorboard", "wandb", "all"),
-    "fuse.method": ("exact", "sgd"), "fuse.objective": ("edm", "paper"),
-    "distill.init": ("warm", "scratch"), "distill.warm_from": ("best", "merge"), "distill.score_init": ("aux", "scratch"),
-    "distill.teacher_fit": ("", "exact", "sgd", "mixture"), "fuse.mixture_weights": ("router", "nll"),
-    "fuse.precision": ("no", "bf16"), "distill.teacher_precision": ("no", "bf16"), "eval.sample_precision": ("no", "bf16"),
-}
-
-
 def _value(run: RunConfig, key: str):
     value = run
     for part in key.split("."):
@@ -208,16 +146,9 @@ def _value(run: RunConfig, key: str):
 
 
 def _check(run: RunConfig) -> None:
-    """Every value against its range or choices, and the checks that relate several keys or name files:
-    all before any stage writes a byte."""
-    for key, (valid, what) in RANGES.items():
-        value = _value(run, key)
-        if value is not None and not valid(value):
-            raise ConfigError(f"{key}={value}: must be {what}")
-    for key, allowed in CHOICES.items():
-        if _value(run, key) not in allowed:
-            choices = " | ".join(a or '""' for a in allowed)
-            raise ConfigError(f"{key}: {_value(run, key)!r} is not {choices}")
+    """Every value against the range or choices declared beside its field (shards/ranges.py), and the checks
+    that relate several keys or name files: all before any stage writes a byte."""
+    check_values(run)
     _check_data(run)
     src = run.data.source
     if src.kind != "digits":
@@ -228,8 +159,9 @@ def _check(run: RunConfig) -> None:
     if run.eval.inception_weights and not Path(run.eval.inception_weights).is_file():
         raise ConfigError(f"eval.inception_weights: {run.eval.inception_weights} is not a file")
     from trainer.unet import PRESETS
-    if run.network.preset not in PRESETS:
-        raise ConfigError(f"network.preset: unknown preset {run.network.preset!r} ({' | '.join(PRESETS)})")
+    for key in ("network.preset", "fuse.router_preset"):
+        if _value(run, key) not in PRESETS:
+            raise ConfigError(f"{key}: unknown preset {_value(run, key)!r} ({' | '.join(PRESETS)})")
     t, e = run.train, run.edm
     if t.batch % t.accum:
         raise ConfigError(f"train.batch ({t.batch}) must be a multiple of train.accum ({t.accum})")
@@ -262,10 +194,6 @@ def _check_data(run: RunConfig) -> None:
                       ("data.target", run.data.target), ("data.reference", run.data.reference)]:
         if pop.count < 1:
             raise ConfigError(f"{role}.count={pop.count}: a population needs at least one image")
-        if pop.seed < 0:
-            raise ConfigError(f"{role}.seed={pop.seed}: must be 0 or more")
-        if pop.split not in ("train", "test"):
-            raise ConfigError(f"{role}.split: {pop.split!r} is not train | test")
         if not pop.mixture or any(not v >= 0 for v in pop.mixture.values()):
             raise ConfigError(f"{role}.mixture: proportions must be 0 or more, got {dict(pop.mixture)}")
         total = sum(pop.mixture.values())

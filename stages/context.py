@@ -1,29 +1,34 @@
 """What every stage runs on, built once when it starts: the config, the run directory, the manifest, the
-accelerator and the log; and the pieces several stages share (the feature space of the periodic Fréchet
-distance, sample grids, the training hooks).
+accelerator and the log; and the pieces several stages share (the seeding of a training run, its data
+stream and short-run TrainSpec, the feature space of the periodic Fréchet distance, sample grids, the
+training hooks).
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
 import torch
+from accelerate.utils import set_seed
 
 from evaluation.classifier import load_classifier
 from evaluation.features import FeatureSpace, Ranks, frechet
 from evaluation.grid import save_grid
 from shards.manifest import image_shape, load_manifest, population_entry
-from shards.stream import read_population
+from shards.stream import read_population, train_loader
 from stages.config import RunConfig, extractor_for, record_config
 from trainer.edm import heun_sample
 from trainer.accelerator import make_accelerator
 from trainer.engine import Hook
 from trainer.precision import with_autocast
 from trainer.progress import say
+from trainer.spec import TrainSpec
 from shards.errors import ConfigError
 from stages.rundir import GRID, TENSORBOARD, RunDir, is_finished, mark_finished, set_aside
 from shards.seeds import Stream, per_image_normal
+
+Built = TypeVar("Built")
 
 
 @dataclass
@@ -82,6 +87,37 @@ class StageContext:
     def pin_memory(self) -> bool:
         """Whether loaders pin their batches: for a GPU, so that non_blocking copies overlap compute."""
         return self.device.type == "cuda"
+
+    def seeded(self, seed: int, build: Callable[[], Built]) -> Built:
+        """`build()` (the trained networks) with the global RNGs seeded alike on every rank, so that every rank
+        starts from the same weights (and EMA copy); then seeded per rank, so that the training noise and
+        dropout differ between ranks (every checkpoint saves these states)."""
+        set_seed(seed)
+        built = build()
+        set_seed(seed, device_specific=True)
+        return built
+
+    def training_images(self, population: str, batch_size: int, seed: int, start_batch: int,
+                        data_dir: Path | None = None, workers: int | None = None) -> Iterator[torch.Tensor]:
+        """This rank's micro-batches of `population`'s training stream (shards.stream.train_loader: a pure
+        function of the seed, rank and position, so a resumed run sees the same stream) from `start_batch`
+        on, on the device; labels dropped. From the run's data unless `data_dir`, read by data.workers
+        processes unless `workers`."""
+        loader = train_loader(data_dir or self.run.data, population, batch_size=batch_size, seed=seed,
+                              rank=self.acc.process_index, world_size=self.acc.num_processes,
+                              num_workers=self.cfg.data.workers if workers is None else workers,
+                              start_batch=start_batch, max_bad_samples=self.cfg.data.max_bad_samples,
+                              pin_memory=self.pin_memory)
+        for images, _labels in loader:
+            yield images.to(self.device, non_blocking=True)
+
+    def short_run(self, batch: int, lr: float, kimg: float) -> TrainSpec:
+        """The TrainSpec of a short auxiliary training (the SGD fit of lambda, the router): train.* with its own
+        batch, rate and length, no warm-up, no periodic Fréchet distance or grid; about 20 log lines and 4
+        checkpoints whatever its length."""
+        return replace(self.cfg.train, batch=batch, lr=lr, lr_rampup_kimg=0, total_kimg=kimg, eval_every_kimg=0,
+                       snapshot_every_kimg=0, log_every_kimg=max(kimg / 20, 1e-3),
+                       checkpoint_every_kimg=max(kimg / 4, 1e-3))
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -16,13 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from shards.atomic import sha256_file, sha256_text
 from shards.errors import ModelError
 from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
 from shards.prepare import canonical_json, write_manifest, write_shard
-from shards.stream import train_loader
 from stages.config import RunConfig
 from trainer.precision import with_autocast
 from trainer.engine import Engine, Update, adam
@@ -30,7 +28,7 @@ from trainer.fused_denoiser import merge_weights
 from shards.pixels import to_uint8
 from trainer.score_mismatch import (build_networks, check_shapes, d_step_loss, export_generator, g_step_loss,
                                     lazy_adam_scaling, r1_step_loss)
-from shards.seeds import Stream, generator, per_image_normal
+from shards.seeds import Stream, generator, per_image_normal, seed_of
 from trainer.spec import DistillSpec, TrainSpec
 from stages.context import StageContext
 from stages.rundir import engine_paths
@@ -146,32 +144,31 @@ def train(ctx: StageContext, teacher, warm_state: dict | None, teacher_info: dic
         sample_teacher(ctx, teacher, real_dir, teacher_info)
 
     engine_spec = train_spec(cfg.train, spec)
-    set_seed(cfg.train.seed)  # the same initial weights (and EMA copy) on every rank
-    G, D = build_networks(spec, cfg.network.preset, cfg.network.dropout, shape, cfg.edm, warm_state)
-    check_shapes(G, D, shape)
+
+    def build():
+        G, D = build_networks(spec, cfg.network.preset, cfg.network.dropout, shape, cfg.edm, warm_state)
+        check_shapes(G, D, shape)
+        return G, D
+
+    G, D = ctx.seeded(cfg.train.seed, build)
     r1 = spec.r1_every > 0 and spec.r1_gamma > 0
     c = lazy_adam_scaling(spec.r1_every) if r1 else 1.0
     opt_g = adam(G.parameters(), spec.lr, spec.adam_betas, cfg.train.adam_eps)
     opt_d = adam(D.parameters(), spec.lr_d or spec.lr, [b ** c for b in spec.adam_betas], cfg.train.adam_eps)
-    set_seed(cfg.train.seed, device_specific=True)  # noise differs between ranks
-
-    rank, world = acc.process_index, acc.num_processes
-    micro = spec.batch // (world * cfg.train.accum)
+    rank = acc.process_index
+    micro = spec.batch // (acc.num_processes * cfg.train.accum)
 
     def batches(start_batch: int):
         # The "real" micro-batches of the D and R1 updates. The target images are mixed in per sample with
         # probability real_mix, from a generator seeded by the position.
-        def loader(directory, population, seed):
-            return train_loader(directory, population, batch_size=micro, seed=seed, rank=rank, world_size=world,
-                                num_workers=cfg.data.workers, start_batch=start_batch,
-                                max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.pin_memory)
-        mix = iter(loader(ctx.run.data, cfg.data.target.name, cfg.train.seed + 1)) if spec.real_mix > 0 else None
-        for index, (images, _) in enumerate(loader(real_dir, real_name, cfg.train.seed), start=start_batch):
+        mix = (ctx.training_images(cfg.data.target.name, micro, seed_of(cfg.train.seed, Stream.REAL_MIX_DATA),
+                                   start_batch) if spec.real_mix > 0 else None)
+        real_stream = ctx.training_images(real_name, micro, cfg.train.seed, start_batch, data_dir=real_dir)
+        for index, images in enumerate(real_stream, start=start_batch):
             if mix is not None:
-                real, _ = next(mix)
                 pick = torch.rand(len(images), generator=generator(cfg.train.seed, Stream.REAL_MIX, rank, index)) < spec.real_mix
-                images = torch.where(pick[:, None, None, None], real, images)
-            yield images.to(ctx.device, non_blocking=True)
+                images = torch.where(pick.to(ctx.device)[:, None, None, None], next(mix), images)
+            yield images
 
     def grad_scale() -> float:
         return float(acc.scaler.get_scale()) if acc.scaler is not None else 1.0

@@ -26,12 +26,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from evaluation.plots import lambda_chart
 from shards.atomic import write_atomically
 from shards.errors import ModelError
-from shards.stream import read_population, train_loader
+from shards.stream import read_population
 from stages.catalogue import barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model, single_lambda
 from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
@@ -44,7 +43,7 @@ from trainer.precision import autocast_dtype, forward_precision
 from trainer.router import Router, load_router, log_density_ratios, router_loss, save_router
 from shards.pixels import to_unit
 from stages.rundir import MIXTURE_GRID, engine_paths, mark_finished
-from shards.seeds import Stream, generator
+from shards.seeds import Stream, generator, seed_of
 from trainer.spec import BASELINES
 from stages.context import StageContext
 from stages.train_aux import model_meta, train_denoiser
@@ -57,14 +56,6 @@ def target_batches(images: torch.Tensor, batch: int, seed: int, rank: int, world
     for index, chunk in enumerate(to_unit(images).split(batch)):
         if index % world == rank:
             yield chunk, generator(seed, Stream.GRAM, index)
-
-
-def sgd_spec(cfg: RunConfig, target_images: int):
-    """The engine's TrainSpec of the paper's SGD fit: one epoch = one pass over the n target images."""
-    f, kimg = cfg.fuse, cfg.fuse.sgd_epochs * target_images / 1000
-    return replace(cfg.train, batch=f.batch, accum=1, lr=f.sgd_lr, lr_rampup_kimg=0, total_kimg=kimg,
-                   eval_every_kimg=0, snapshot_every_kimg=0, log_every_kimg=max(kimg / 20, 1e-3),
-                   checkpoint_every_kimg=max(kimg / 4, 1e-3))
 
 
 def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) -> dict:
@@ -84,19 +75,18 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
     ctx.log(f"fuse (exact, {fuse.objective} objective): lambda {_fmt(exact['lambda'])}, loss "
             f"{exact['report']['loss']:.5f} in {exact_seconds:.1f} s ({fuse.draws_per_image} draws x {len(images)} images)")
 
-    spec = sgd_spec(cfg, len(images))
+    # one epoch = one pass over the n target images; no accumulation: a micro-batch per rank per step
+    spec = replace(ctx.short_run(fuse.batch, fuse.sgd_lr, fuse.sgd_epochs * len(images) / 1000), accum=1)
     modules, optimizers, updates = sgd_fit_parts(fused, objective, sigma_edges=edges, momentum=fuse.sgd_momentum,
                                                  autocast_dtype=autocast,
                                                  init=generator(cfg.train.seed, Stream.LAMBDA_INIT))
     micro = fuse.batch // world
 
     def target_stream(start_batch):
-        loader = train_loader(ctx.run.data, cfg.data.target.name, batch_size=micro, seed=cfg.train.seed, rank=rank,
-                              world_size=world, num_workers=0, start_batch=start_batch, pin_memory=ctx.pin_memory)
-        for x, _ in loader:
-            yield x.to(ctx.device, non_blocking=True)
+        # the target set is small: read in this process
+        return ctx.training_images(cfg.data.target.name, micro, cfg.train.seed, start_batch, workers=0)
 
-    torch.manual_seed(cfg.train.seed * 7919 + rank)  # the SGD draws: per rank, saved in its checkpoints
+    torch.manual_seed(seed_of(cfg.train.seed, Stream.LAMBDA_SGD, rank))  # its draws: per rank, saved in its checkpoints
     engine = Engine(acc, spec, engine_paths(ctx.run.sgd_fit), modules=modules, optimizers=optimizers, updates=updates,
                     batches=target_stream, log=ctx.log, trackers=ctx.trackers(ctx.run.sgd_fit))
     engine.run()
@@ -148,7 +138,7 @@ def train_router(ctx: StageContext, names: list[str]) -> Router:
     cfg, acc, f = ctx.cfg, ctx.acc, ctx.cfg.fuse
     stage, k = ctx.run.router, len(names)
     if ctx.begin(stage):
-        rank, world = acc.process_index, acc.num_processes
+        world = acc.num_processes
         if f.router_batch % (world * cfg.train.accum * k):
             raise ModelError(f"fuse.router_batch={f.router_batch} must be a multiple of processes ({world}) x "
                              f"train.accum ({cfg.train.accum}) x auxiliaries ({k})")
@@ -156,24 +146,19 @@ def train_router(ctx: StageContext, names: list[str]) -> Router:
         c, size, _ = ctx.shape
         meta = {"image_size": size, "channels": c, "classes": k, "preset": f.router_preset,
                 "sigma_data": cfg.edm.sigma_data, "populations": names}
-        set_seed(cfg.train.seed)
-        router = Router(size, c, k, f.router_preset, cfg.edm.sigma_data)
+        router = ctx.seeded(cfg.train.seed, lambda: Router(size, c, k, f.router_preset, cfg.edm.sigma_data))
         optimizer = adam(router.parameters(), f.router_lr, cfg.train.adam_betas, cfg.train.adam_eps)
-        set_seed(cfg.train.seed, device_specific=True)
         labels = torch.arange(k).repeat_interleave(per).to(ctx.device)
 
         def batches(start_batch: int):
-            streams = [iter(train_loader(ctx.run.data, name, batch_size=per, seed=cfg.train.seed + i, rank=rank,
-                                         world_size=world, num_workers=cfg.data.workers, start_batch=start_batch,
-                                         max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.pin_memory))
+            streams = [ctx.training_images(name, per, seed_of(cfg.train.seed, Stream.ROUTER_DATA, i), start_batch)
                        for i, name in enumerate(names)]
             while True:
-                # each pinned piece copied on its own, asynchronously (a concatenation on the host is not pinned)
-                yield torch.cat([next(stream)[0].to(ctx.device, non_blocking=True) for stream in streams]), labels
+                # joined on the device: each pinned piece is copied on its own, asynchronously (a concatenation
+                # on the host would not be pinned)
+                yield torch.cat([next(stream) for stream in streams]), labels
 
-        spec = replace(cfg.train, batch=f.router_batch, lr=f.router_lr, lr_rampup_kimg=0, total_kimg=f.router_kimg,
-                       eval_every_kimg=0, snapshot_every_kimg=0, log_every_kimg=max(f.router_kimg / 20, 1e-3),
-                       checkpoint_every_kimg=max(f.router_kimg / 4, 1e-3))
+        spec = ctx.short_run(f.router_batch, f.router_lr, f.router_kimg)
         e = cfg.edm
         engine = Engine(acc, spec, engine_paths(stage), modules={"router": router}, optimizers={"adam": optimizer},
                         updates=[Update("adam", "router", lambda m, batch, step: router_loss(

@@ -6,11 +6,8 @@ EMA weights are exported (trainer/export.py) and the engine marks the stage fini
 """
 from pathlib import Path
 
-from accelerate.utils import set_seed
-
 from shards.errors import ConfigError
 from shards.manifest import population_entry
-from shards.stream import train_loader
 from stages.config import RunConfig
 from trainer.edm import Denoiser, denoising_loss
 from trainer.engine import Engine, Update, adam
@@ -37,23 +34,19 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
     population_entry(ctx.manifest, population)  # a clear error for an unknown population, before any work
     meta = model_meta(ctx, population)
 
-    set_seed(train.seed)  # the same initial weights (and EMA copy) on every rank
-    denoiser = Denoiser(build_unet(cfg.network.preset, meta["image_size"], meta["channels"], cfg.network.dropout),
-                        sigma_data=cfg.edm.sigma_data)
-    if init is not None:
-        denoiser.load_state_dict(init)
-    optimizer = adam(denoiser.parameters(), train.lr, train.adam_betas, train.adam_eps)
-    set_seed(train.seed, device_specific=True)  # noise and dropout differ between ranks
+    def build() -> Denoiser:
+        denoiser = Denoiser(build_unet(cfg.network.preset, meta["image_size"], meta["channels"], cfg.network.dropout),
+                            sigma_data=cfg.edm.sigma_data)
+        if init is not None:
+            denoiser.load_state_dict(init)
+        return denoiser
 
-    rank, world = acc.process_index, acc.num_processes
-    micro_batch = train.batch // (world * train.accum)
+    denoiser = ctx.seeded(train.seed, build)
+    optimizer = adam(denoiser.parameters(), train.lr, train.adam_betas, train.adam_eps)
+    micro_batch = train.batch // (acc.num_processes * train.accum)
 
     def batches(start_batch: int):
-        loader = train_loader(ctx.run.data, population, batch_size=micro_batch, seed=train.seed, rank=rank,
-                              world_size=world, num_workers=cfg.data.workers, start_batch=start_batch,
-                              max_bad_samples=cfg.data.max_bad_samples, pin_memory=ctx.pin_memory)
-        for images, _labels in loader:
-            yield images.to(ctx.device, non_blocking=True)
+        return ctx.training_images(population, micro_batch, train.seed, start_batch)
 
     def loss(modules, x0, step):
         # Noise from the global RNG: it is seeded per rank and saved in every checkpoint.
