@@ -51,6 +51,11 @@ class Checkpointer:
             return []
         return sorted(self.dir.glob("ckpt-*"), reverse=True)
 
+    def has(self, step: int) -> bool:
+        """Whether a complete checkpoint of this step is in place (a stop right after a periodic checkpoint
+        need not write it again)."""
+        return (self.dir / f"ckpt-{step:09d}").is_dir()
+
     def save(self, step: int, state: dict, emas: dict) -> Path:
         final = self.dir / f"ckpt-{step:09d}"
         tmp = self.dir / f".tmp-ckpt-{step:09d}"

@@ -234,7 +234,8 @@ class Engine:
             if self._should_stop(stop):
                 self.log(f"stop requested (signal {stop.signum or 'on another rank'}); "
                          f"checkpointing at step {self.step}")
-                self.checkpointer.save(self.step, self.state(), self.ema)
+                if not self.checkpointer.has(self.step):
+                    self.checkpointer.save(self.step, self.state(), self.ema)
                 raise Preempted(stop.exit_code)
             window["loss"] += self._train_step(stream)
             window["runs"] += torch.tensor([float(self.step % u.every == 0) for u in self.updates])
