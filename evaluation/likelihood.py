@@ -1,39 +1,8 @@
-"""Negative log-likelihood in bits/dim by the probability-flow ODE (Song et al. 2021; docs/METHODS.md §1c).
-
-In EDM's parameterisation a denoiser D(x; sigma) defines the ODE
-
-    dx/dsigma = f(x, sigma) = (x - D(x; sigma)) / sigma,
-
-whose flow carries the model's density at sigma_min to (approximately) N(0, sigma_max^2 I). Along a
-trajectory d log p / dsigma = -div f, with div f = (D_dim - tr dD/dx) / sigma; so for data y, treated as a
-sample at sigma_min (the model's density there is a density on R^D, so the bound below holds for it),
-
-    log p(y) = log N(x(sigma_max); 0, sigma_max^2 I) + integral_{sigma_min}^{sigma_max} div f(x(sigma), sigma) dsigma
-
-The D_dim part of the divergence is exact; only tr dD/dx is estimated, by Hutchinson-Skilling with Rademacher
-probes (fixed per image for the whole trajectory, as Song et al. do). The state x is integrated without the
-probes, so the result is an unbiased estimate of the same discretised integral with the exact trace.
-
-Errors, besides the probe noise:
-- the prior: the true marginal at sigma_max is p_data * N(0, sigma_max^2 I), not N(0, sigma_max^2 I). Per
-  dimension of mean m and variance s^2 the gap is on average KL = (m^2 + s^4 / (2 sigma_max^2)) /
-  (2 sigma_max^2) + ..., at most 1 / (2 * 80^2) nats = 1.1e-4 bits/dim for data in [-1, 1]: negligible.
-  Per image it fluctuates by about |m| / sigma_max nats per dimension (1e-3 bits/dim for m = 0.1), an
-  image-dependent offset that the standard error over images already counts;
-- the ODE steps: Heun (2nd order) on EDM's rho-schedule. DEFAULT_STEPS = 64 is the fewest at which a
-  Gaussian with standard deviations from 0.01 (about a quantisation bin) to 0.5 along rotated axes comes
-  within 0.01 bits/dim of its closed form on average over images (tests/test_likelihood.py; the NLL is
-  0.039 bits/dim too low at 32 steps, 0.010 at 64, 0.0027 at 128; single images up to 3x that, see
-  bench/likelihood.py);
-- the network runs in float32: a relative error eps in tr dD/dx integrates over ln sigma to about
-  eps * ln(sigma_max / sigma_min) ~ 1e-6 nats per dimension.
-
-Dequantisation: uint8 pixel k covers [k, k + 1) of [0, 256), scaled to [-1, 1) as y = 2 (k + u) / 256 - 1
-with u ~ U[0, 1). Jensen's inequality on P(k) = vol * E_u[p(y)] gives the variational bound
--log2 P(k) <= E_u[-log p(y)] + D ln 128 in nats over ln 2, which is what nll_bits_per_dim reports per image
-(one draw of u per image estimates it without bias). Note the grid differs from shards.pixels.to_unit's
-k / 127.5 - 1 (the training values) by a factor 255/256, as in Song et al.'s code and in other
-diffusion-likelihood papers; the bound is valid for any partition of R^D into bins of that volume.
+"""Negative log-likelihood in bits/dim by the probability-flow ODE (Song et al. 2021; the derivation, the error
+budget and the dequantisation bound: docs/METHODS.md §1c). The ODE dx/dsigma = (x - D(x; sigma)) / sigma is
+integrated with Heun's method from sigma_min to sigma_max, the divergence accumulated by Hutchinson-Skilling with
+Rademacher probes fixed per image, a fused model's trace taken one network at a time (memory of one network's
+graph), in float32 with TF32 off; DEFAULT_STEPS = 64 keeps the discretisation within about 0.01 bits/dim.
 """
 import math
 from typing import Sequence

@@ -1,25 +1,11 @@
 """The lambda fit: ScoreFusion's weights from one pass of Gram statistics, then an exact simplex QP.
 
-The fused model's denoising loss on the target (docs/METHODS.md §1) is a quadratic in lambda,
-
-    L(lambda) = E[ w(sigma) || sum_i lambda_i D_i(x0 + sigma n; sigma) - x0 ||^2 / P' ]
-              = lambda^T A lambda - 2 b^T lambda + c,
-    A_ij = E[w <D_i, D_j> / P'],  b_i = E[w <D_i, x0> / P'],  c = E[w ||x0||^2 / P'],
-
-for either Objective: "edm" (the default) draws sigma from the training's log-normal law with w =
-trainer.edm.loss_weight and P' = P, the pixels per image (the per-pixel mean of trainer.edm.denoising_loss,
-so L is exactly the mean of that function over the same draws); "paper" is ScoreFusion's own loss, the VE SDE
-sigma(t) = sqrt((25^(2t) - 1) / (2 ln 25)) with t ~ U(1e-5, 1), w = 1 / sigma^2 and the squared error summed
-over pixels (P' = 1; Song et al.'s DSM with lambda(t) = sigma^2). The two give the same lambda only when the
-target lies in the barycenter family. A, b, c are means over the (image, sigma, noise) draws: one forward pass of every auxiliary per draw, no
-backpropagation, sums that ranks accumulate locally and all-reduce. Per sigma bin they are means over
-the draws whose sigma fell in the bin, so each bin's quadratic is that bin's mean loss and the bins
-are independent problems (a piecewise-constant lambda(sigma)).
-
-The optimum over the probability simplex is found exactly by enumerating supports (small K), and the
-paper's own method, lambda = softmax(logits) trained by SGD, is kept as a baseline (SoftmaxWeights,
-stages/fuse.py trains it through the engine): as the paper runs it, on the loss summed over pixels (the mean over pixels
-would make every step P times smaller at the same learning rate) from logits drawn from N(0, 1).
+The fused model's denoising loss is a quadratic in lambda, lambda^T A lambda - 2 b^T lambda + c (docs/METHODS.md
+§1), for either Objective (edm: the training law and weighting, averaged over pixels; paper: ScoreFusion's VE SDE
+loss, summed over pixels). accumulate_gram computes A, b, c per sigma bin in one forward pass of every auxiliary
+per (image, sigma, noise) draw, in float64 sums that ranks all-reduce; fit_barycenter_weights solves the QP on the
+simplex exactly by enumerating supports. The paper's own fit (SoftmaxWeights, trained by SGD through the engine
+in stages/fuse.py) is kept as a baseline.
 """
 import itertools
 import math

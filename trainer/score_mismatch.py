@@ -1,27 +1,9 @@
-"""Score Mismatching (docs/METHODS.md §2): a one-step generator G trained against a score network D.
-
-* Networks. G(z) = Dn_G(g_sigma * z; g_sigma): an EDM-preconditioned UNet evaluated once (warm start: with
-  teacher-side weights, so G starts as the teacher's first denoising step; scratch: fresh weights, same
-  wrapper). The score network predicts eps at the 10 SMM levels sigma_t = sqrt(1 - prod_{s<=t}(1 - beta_s)),
-  beta = linspace(1e-4, 0.02, 10); it is parametrised through an EDM denoiser, eps(x, t) = (x - Dn_D(x;
-  sigma_t)) / sigma_t, so sigma_t enters as the UNet's noise label ln(sigma_t)/4 and auxiliary weights are a
-  ready-made eps predictor.
-
-* Losses, three engine Updates per iteration (stages/distill.py):
-    D:   L_real + L_fake
-         L_real = |D(x0 + s_t eps, t) - eps|^2,   x0 ~ the "real" data (teacher samples)
-         L_fake = |D(G(z) + s_t eps, t) - eps'|^2, eps' fresh noise independent of eps, G(z) under no_grad
-    R1:  every r1_every iterations, its own Adam step on D: (gamma / 2) |grad_{x_t} sum D(x_t, t)|^2 on real x_t
-    G:   L_G = |D(G(z) + s_t eps, t) - eps|^2; the engine freezes D, so the gradient reaches G through D's
-         input only. G draws its own z: the update takes no data micro-batch.
-
-Normalisation, and how it keeps the official relative weights: the official code sums the data terms over
-batch and pixels, and its R1 is (gamma/2) times the mean over the batch of the per-image sum over pixels of
-g^2, taken as its own step every r1_every iterations with StyleGAN2's lazy regularisation (the R1 loss times
-r1_every; D's Adam with lr x c and betas^c, c = r1_every / (r1_every + 1)). Here every data term is a mean over
-batch and pixels, i.e. the official term divided by B*P (B the global batch, P the pixels per image); R1 is
-divided by the same B*P: (gamma / 2) * mean(g^2) / B * r1_every. So L_real : L_fake : R1 are exactly the
-official ratios (tests/test_distill.py checks it), and Adam does not see the common factor.
+"""Score Mismatching (docs/METHODS.md §2): a one-step generator G(z) = Dn_G(g_sigma z; g_sigma) trained against a
+score network D that predicts eps at the 10 SMM levels, through an EDM denoiser (eps = (x - Dn_D(x; sigma_t)) /
+sigma_t, so auxiliary weights are a ready-made eps predictor). Three engine Updates per iteration
+(stages/distill.py): D on real and generated samples, lazy R1 on D every r1_every iterations, and G through a
+frozen D. Every term is a mean over batch and pixels, R1 divided by the same B·P, so L_real : L_fake : R1 keep the
+official code's ratios (tests/test_distill.py checks it).
 """
 from pathlib import Path
 
