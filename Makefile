@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 
-.PHONY: demo test venv bench sweep gpu-check clean-demo
+.PHONY: demo test test-fast venv bench sweep gpu-check clean-demo
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The quick local loop: the suite without the tests marked slow, resume, multiprocess or slurm.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not resume and not multiprocess and not slurm"
 
 # ScoreFusion's experiment on the digits: every method at the target sizes of sweep.sizes (after `make demo`,
 # whose auxiliaries it reuses; it trains them first otherwise).

@@ -5,6 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread for the whole in-process suite, as every subprocess gets (OMP_NUM_THREADS=1 in
+# scorefuse()): on 2 shared cores two OpenMP threads spin on barriers whenever another process holds a core
+# (the distill toys: 9 s on one thread, 110 s on two under load), and a test that compares its numbers with
+# another process's needs the same float reductions.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
@@ -15,7 +22,7 @@ SHORT_TRAIN = ["train.batch=32", "train.lr_rampup_kimg=0.5", "train.log_every_ki
 # The whole pipeline in about a minute: 20 steps per model, 64 evaluation samples, a 4-step sampler.
 FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "train.snapshot_every_kimg=0.32", "eval.num_samples=64",
         "eval.grid_images=16", "edm.sampler_steps=4", "fuse.scratch_kimg=0.32", "fuse.finetune_kimg=0.32",
-        "fuse.draws_per_image=4", "fuse.sgd_epochs=4", "fuse.test_draws_per_image=2",
+        "fuse.draws_per_image=4", "fuse.sgd_epochs=4", "eval.test_draws_per_image=2",
         "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.128",
         "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064",
         "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=20", "eval.kid_subsets=5", "eval.batch=32", "eval.sample_batch=32",
@@ -29,6 +36,25 @@ def scorefuse(*args, check=True, **kw) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"scorefuse {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def scorefuse_here(capfd, *args) -> tuple[int, str, str]:
+    """`scorefuse ARGS` in this process: (exit code, stdout, stderr). No interpreter start-up (a subprocess
+    costs ~3 s of it), for commands that stop before any training (a user error, a dry run, a prepare); the
+    environment is left as it was."""
+    from launch import cli
+    environment = dict(os.environ)
+    capfd.readouterr()
+    code = 0
+    try:
+        cli.main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    out, err = capfd.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Every benchmark script runs against the current code: each in its --tiny smoke mode, as a subprocess.
 
 No timing is asserted (the tiny modes measure nothing worth judging); only that each script runs to its
-table. bench/likelihood.py is run by tests/test_likelihood.py.
+table.
 """
 import json
 import os
@@ -42,8 +42,16 @@ def test_train_step_bench():
     assert "engine overhead:" in bench("train_step.py")
 
 
+def test_likelihood_bench():
+    out = bench("likelihood.py")
+    assert "| FusedDenoiser, K = 3 | 3 |" in out and "| 16 |" in out  # both tables, to the last row
+
+
+@pytest.mark.multiprocess  # its own prepare, then training under `accelerate launch`
 def test_scaling_bench():
-    out = bench("scaling.py")
+    # its own prepare, of smaller populations (the 10 training steps draw from a resampled stream)
+    out = bench("scaling.py", "data.aux.0.count=64", "data.aux.1.count=64", "data.aux.2.count=64",
+                "data.reference.count=40")
     assert "| DDP | 1 |" in out and "ZeRO-2" not in out
 
 
@@ -68,6 +76,7 @@ def test_mixture_bench(finished_run):
 
 @pytest.mark.slow
 def test_evaluate_bench(finished_run):
-    """The fast run is already tiny: the bench has no smaller mode."""
-    out = bench("evaluate.py", "--config", DIGITS, *finished_run, tiny=False)
+    """The bench has no smaller mode: the fast run's evaluation with half its samples and 2 NLL images."""
+    out = bench("evaluate.py", "--config", DIGITS, *finished_run, "eval.num_samples=32", "eval.nll_images=2",
+                tiny=False)
     assert "| again (cached) |" in out and "cached / first:" in out

@@ -7,7 +7,7 @@ from shards.errors import DataError
 from shards.manifest import load_manifest, population_entry
 from shards.prepare import prepare
 from shards.stream import read_population
-from tests.conftest import scorefuse
+from tests.conftest import scorefuse_here
 from tests.test_prepare import folder_spec
 from tests.test_sources import write_folder
 
@@ -34,10 +34,11 @@ def folder_config(tmp_path, folder):
     return path
 
 
-def test_a_corrupt_file_is_skipped_with_a_warning_and_listed(tmp_path, folder):
-    proc = scorefuse("prepare", "--config", folder_config(tmp_path, folder))
+def test_a_corrupt_file_is_skipped_with_a_warning_and_listed(tmp_path, folder, capfd):
+    code, _, err = scorefuse_here(capfd, "prepare", "--config", folder_config(tmp_path, folder))
+    assert code == 0, err
     reason = f"cannot decode image {folder}/a/03.png: {NOT_AN_IMAGE}"
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert warnings == [f"warning: population aux: 1 of its 4 images skipped (listed in its manifest entry); "
                         f"the first: train-0000003: {reason}"]
     data_dir = tmp_path / "runs" / "folder" / "data"
@@ -48,14 +49,15 @@ def test_a_corrupt_file_is_skipped_with_a_warning_and_listed(tmp_path, folder):
     assert read_population(data_dir, "aux")[0][:, 0, 0, 0].sort().values.tolist() == [1, 2, 3]
 
 
-def test_past_max_bad_samples_the_cli_exits_2_and_writes_nothing(tmp_path, folder):
-    proc = scorefuse("prepare", "--config", folder_config(tmp_path, folder), "data.max_bad_samples=0", check=False)
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+def test_past_max_bad_samples_the_cli_exits_2_and_writes_nothing(tmp_path, folder, capfd):
+    code, _, err = scorefuse_here(capfd, "prepare", "--config", folder_config(tmp_path, folder),
+                                  "data.max_bad_samples=0")
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if "error" in line]
     assert errors == [f"scorefuse: error: more than data.max_bad_samples=0 source images do not decode; the first: "
                       f"train-0000003 of population aux: cannot decode image {folder}/a/03.png: {NOT_AN_IMAGE}; "
                       f"nothing was written"]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 

@@ -26,8 +26,6 @@ from stages.evaluate import gather_by_index, rank_share
 from stages.fuse import fit_mixture
 from trainer.unet import build_unet
 
-torch.set_num_threads(1)
-
 SIZE, BATCH = 8, 2
 SHAPE = (1, SIZE, SIZE)
 CPU = torch.device("cpu")

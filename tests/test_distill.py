@@ -15,7 +15,7 @@ from torch import nn
 
 from shards.errors import ModelError
 from shards.prepare import data_fingerprint, write_manifest, write_shard
-from tests.conftest import DIGITS, scorefuse
+from tests.conftest import DIGITS, scorefuse_here
 from stages.config import load_config
 from trainer.edm import Denoiser
 from trainer.engine import Engine, Update
@@ -351,12 +351,12 @@ def test_teacher_shards_once_and_resume_bit_identical(tmp_path, capfd):
     assert images.shape == (5, 16, 16, 1) and images.dtype == np.uint8
 
 
-def test_distill_before_fuse_is_a_clear_error(tmp_path):
+def test_distill_before_fuse_is_a_clear_error(tmp_path, capfd):
     run = fake_run(tmp_path)
     shutil.rmtree(run / "fuse")
-    proc = scorefuse("distill", "--config", DIGITS, f"root={tmp_path}", check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert "run `scorefuse fuse` first" in proc.stderr
+    code, _, err = scorefuse_here(capfd, "distill", "--config", DIGITS, f"root={tmp_path}")
+    assert code == 2, err
+    assert "run `scorefuse fuse` first" in err
 
 
 def test_shape_mismatch_is_a_clear_error():

@@ -9,6 +9,7 @@ from torch import nn
 
 from trainer.edm import (Denoiser, denoising_loss, heun_sample, loss_weight, sample_sigma,
                          sigma_steps)
+from trainer.gaussian import GaussianDenoiser
 
 SIGMA_DATA = 0.5
 
@@ -25,9 +26,8 @@ class ConstantNet(nn.Module):
         return torch.full_like(x, self.value)
 
 
-def gaussian_denoiser(x, sigma):
-    """Optimal D for data N(0, SIGMA_DATA^2 I)."""
-    return x * SIGMA_DATA ** 2 / (SIGMA_DATA ** 2 + sigma ** 2)
+# The optimal D for data N(0, SIGMA_DATA^2 I) of 1x2x2 images, in the sampler's float64.
+gaussian_denoiser = GaussianDenoiser(torch.zeros(1, 2, 2), SIGMA_DATA, sigma_data=SIGMA_DATA, dtype=None)
 
 
 def exact_gaussian_flow(latents, sigma_max=80.0):

@@ -66,6 +66,7 @@ def digit_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # Inception at 299x299 on the CPU and three 2048x2048 matrix square roots: ~25 s
 def test_inception_distance_with_local_weights(inception_weights, tmp_path):
     # Two threads each (torch, and BLAS for the 2048x2048 eigenvalues) on a shared 2-core machine ran this
     # 6x slower (83 s instead of 13 s) when another process held a core.

@@ -12,7 +12,7 @@ from evaluation.classifier import class_proportions, load_classifier
 from evaluation.features import FeatureSpace, frechet
 from shards.pixels import to_unit
 from shards.stream import read_population
-from tests.conftest import scorefuse
+from tests.conftest import scorefuse_here
 
 CONFIG = """
 name: folder
@@ -39,17 +39,18 @@ def colour_folder(root):
             Image.fromarray(image).save(root / name / f"{i:03d}.png")
 
 
-def test_an_rgb_folder_gets_a_domain_distance_and_class_proportions_offline(tmp_path):
+def test_an_rgb_folder_gets_a_domain_distance_and_class_proportions_offline(tmp_path, capfd):
     colour_folder(tmp_path / "images")
     config = tmp_path / "folder.yaml"
     config.write_text(CONFIG.replace("PATH", str(tmp_path / "images")))
     env = {"TORCH_HOME": str(tmp_path / "empty-torch-home")}  # no cached Inception: auto -> the classifier
     os.environ.update(env)
     try:
-        scorefuse("prepare", "--config", config, f"root={tmp_path / 'runs'}")
+        code, _, err = scorefuse_here(capfd, "prepare", "--config", config, f"root={tmp_path / 'runs'}")
     finally:
         for key in env:
             os.environ.pop(key)
+    assert code == 0, err
     data = tmp_path / "runs" / "folder" / "data"
     info = json.loads((data / "classifier.json").read_text())
     assert info["channels"] == 3 and info["class_names"] == ["blue", "red"] and info["accuracy"] > 0.9
@@ -63,17 +64,17 @@ def test_an_rgb_folder_gets_a_domain_distance_and_class_proportions_offline(tmp_
     assert torch.isfinite(space.extract(aux_red)).all()
 
 
-def test_missing_inception_weights_stop_prepare_before_anything_is_written(tmp_path):
+def test_missing_inception_weights_stop_prepare_before_anything_is_written(tmp_path, capfd):
     offline = {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
     saved = {k: os.environ.get(k) for k in offline}
     os.environ.update(offline)
     try:
-        proc = scorefuse("prepare", f"root={tmp_path / 'runs'}", "eval.extractor=inception", check=False)
+        code, _, err = scorefuse_here(capfd, "prepare", f"root={tmp_path / 'runs'}", "eval.extractor=inception")
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("scorefuse: error:")]
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("scorefuse: error:")]
     assert len(errors) == 1  # after torch's own "Downloading: ..." notice
     assert "weights-inception-2015-12-05-6726825d.pth" in errors[0] and "eval.inception_weights" in errors[0]
     assert not (tmp_path / "runs").exists()

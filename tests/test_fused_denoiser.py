@@ -21,16 +21,6 @@ EDM = dict(p_mean=-1.2, p_std=1.2, sigma_data=0.5)
 OBJECTIVE = edm_objective(**EDM)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the machine is shared, and the two-process comparison needs the same float
-    reductions in every process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(seed: int, **changes):
     """A `tiny` denoiser with random weights everywhere (the UNet's zero-initialised output layers
     would make every freshly built model the same function)."""

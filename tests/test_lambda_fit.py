@@ -18,27 +18,12 @@ from trainer.lambda_fit import (GramStats, SoftmaxWeights, accumulate_gram, edm_
 from trainer.edm import denoising_loss
 from shards.errors import ModelError
 from trainer.fused_denoiser import FusedDenoiser
+from trainer.gaussian import GaussianDenoiser  # the exact denoiser of N(mu, s^2 I): GaussianDenoiser(mu, s)
 
 SHAPE = (1, 4, 4)
 SIGMA_DATA = 0.5
 EDM = dict(p_mean=-1.2, p_std=1.2, sigma_data=SIGMA_DATA)
 OBJECTIVE = edm_objective(**EDM)
-
-
-class GaussianDenoiser(nn.Module):
-    """The exact denoiser of N(mu, s^2 I), with trainer.edm.Denoiser's call signature."""
-
-    def __init__(self, mu: torch.Tensor, s: float):
-        super().__init__()
-        self.register_buffer("mu", mu.to(torch.float32))
-        self.s = s
-        self.sigma_data = SIGMA_DATA
-        self.image_shape = tuple(mu.shape)
-
-    def forward(self, x, sigma):
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
-        return self.mu + self.s ** 2 / (self.s ** 2 + sigma ** 2) * (x - self.mu)
 
 
 class SigmaSwitch(nn.Module):
@@ -420,6 +405,7 @@ def test_paper_sgd_fit_through_the_engine_approaches_the_exact_fit(tmp_path):
     assert float(stats.loss(lam)) <= 1.005 * float(stats.loss(exact))
 
 
+@pytest.mark.slow  # fuse_pending: the shared finished run
 def test_lambda_is_fitted_in_float32_whatever_the_training_precision(fuse_pending, finished_digits):
     """fuse.precision (default no) decides the lambda fit's forward passes, not train.precision: a run that
     trains in bf16 (configs/cifar10.yaml) fits the same lambda as one in float32."""

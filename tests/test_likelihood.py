@@ -4,9 +4,6 @@ x(sigma) - mu = sqrt((lambda + sigma^2) / (lambda + sigma_min^2)) (y - mu), and 
 sum_k 1/2 ln((lambda_k + sigma_max^2) / (lambda_k + sigma_min^2)) (docs/METHODS.md §1c). Sigma is not
 diagonal, so that Rademacher probes are not exact by accident."""
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,73 +12,35 @@ from torch import nn
 from evaluation.likelihood import DEFAULT_STEPS, dequantize, log_likelihood, nll_bits_per_dim
 from trainer.edm import Denoiser
 from trainer.fused_denoiser import FusedDenoiser
+from trainer.gaussian import GaussianDenoiser, rotated_gaussian
 from trainer.mixture import MixtureDenoiser
 from trainer.router import Router
 from trainer.unet import build_unet
 
-ROOT = Path(__file__).parents[1]
 SHAPE = (1, 3, 3)
 DIM = 9
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread (see tests/test_unet.py: two threads on the 2 shared cores spin on barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def gaussian(seed: int = 0) -> GaussianDenoiser:
+    """N(mu, Sigma), mu in [-0.3, 0.3]^D, Sigma with standard deviations from 0.01 (about a quantisation bin,
+    2/256) to 0.5 (EDM's sigma_data) along rotated axes: its exact denoiser, samples and closed-form likelihood
+    (trainer/gaussian.py; bench/likelihood.py measures the same Gaussian)."""
+    return rotated_gaussian(SHAPE, 0.01, 0.5, seed)
 
 
-class GaussianDenoiser(nn.Module):
-    """The exact denoiser of N(mu, Sigma), with trainer.edm.Denoiser's call signature: in the eigenbasis of
-    Sigma, each coordinate of x - mu shrinks by lambda_k / (lambda_k + sigma^2)."""
-
-    def __init__(self, mu: torch.Tensor, covariance: torch.Tensor):
-        super().__init__()
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.to(torch.float64))
-        self.register_buffer("mu", mu.flatten().to(torch.float32))
-        self.register_buffer("eigenvalues", eigenvalues)
-        self.register_buffer("eigenvectors", eigenvectors.to(torch.float32))
-
-    def forward(self, x, sigma):
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
-        shrink = (self.eigenvalues / (self.eigenvalues + sigma ** 2)).to(torch.float32)
-        coordinates = (x.flatten(1) - self.mu) @ self.eigenvectors
-        return (self.mu + (shrink * coordinates) @ self.eigenvectors.T).reshape(x.shape)
+def gaussian_samples(model: GaussianDenoiser, count: int, seed: int = 1) -> torch.Tensor:
+    return model.sample(count, torch.Generator().manual_seed(seed))
 
 
-def gaussian(seed: int = 0):
-    """mu in [-0.3, 0.3]^D and Sigma = Q diag(std^2) Q^T with a random rotation Q and standard deviations
-    spread log-uniformly from 0.01 (about a quantisation bin, 2/256) to 0.5 (EDM's sigma_data)."""
-    generator = torch.Generator().manual_seed(seed)
-    rotation, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=generator, dtype=torch.float64))
-    std = torch.logspace(math.log10(0.01), math.log10(0.5), DIM, dtype=torch.float64)
-    mu = torch.rand(SHAPE, generator=generator, dtype=torch.float64) * 0.6 - 0.3
-    return mu, rotation @ torch.diag(std ** 2) @ rotation.T
-
-
-def gaussian_samples(mu, covariance, count: int, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    normal = torch.randn(count, DIM, generator=generator, dtype=torch.float64)
-    return mu + (normal @ torch.linalg.cholesky(covariance).T).reshape(count, *SHAPE)
-
-
-def gaussian_images(mu, covariance, count: int, seed: int = 1) -> torch.Tensor:
+def gaussian_images(model: GaussianDenoiser, count: int, seed: int = 1) -> torch.Tensor:
     """uint8 images whose dequantised values are (about) draws of N(mu, Sigma)."""
-    return ((gaussian_samples(mu, covariance, count, seed) + 1) * 128).floor().clamp(0, 255).to(torch.uint8)
+    return ((gaussian_samples(model, count, seed) + 1) * 128).floor().clamp(0, 255).to(torch.uint8)
 
 
-def closed_form(y, mu, covariance) -> torch.Tensor:
+def closed_form(model: GaussianDenoiser, y) -> torch.Tensor:
     """log N(x(sigma_max); 0, sigma_max^2 I) + the divergence integral, float64 [B]."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    stretch = ((eigenvalues + SIGMA_MAX ** 2) / (eigenvalues + SIGMA_MIN ** 2)).sqrt()
-    x_max = mu.flatten() + (stretch * ((y.flatten(1) - mu.flatten()) @ eigenvectors)) @ eigenvectors.T
-    log_prior = -0.5 * x_max.square().sum(dim=1) / SIGMA_MAX ** 2 \
-        - 0.5 * DIM * math.log(2 * math.pi * SIGMA_MAX ** 2)
-    return log_prior + stretch.log().sum()
+    return model.log_likelihood(y, SIGMA_MIN, SIGMA_MAX)
 
 
 def bits(nats: torch.Tensor) -> torch.Tensor:
@@ -92,30 +51,30 @@ def test_closed_form_is_the_smoothed_gaussian_up_to_the_prior():
     # The closed form is the density of N(mu, Sigma + sigma_min^2 I) but for the prior N(0, sigma_max^2 I),
     # whose error is on average about 1 / (2 sigma_max^2) nats per dimension at most, per image about
     # |mu| / sigma_max (the module docstring).
-    mu, covariance = gaussian()
-    y = gaussian_samples(mu, covariance, 4096)
-    smoothed = torch.distributions.MultivariateNormal(mu.flatten(), covariance + SIGMA_MIN ** 2 * torch.eye(DIM))
-    gap = bits(closed_form(y, mu, covariance) - smoothed.log_prob(y.flatten(1)))
+    model = gaussian()
+    y = gaussian_samples(model, 4096)
+    smoothed = torch.distributions.MultivariateNormal(model.mean64.flatten(),
+                                                      model.covariance + SIGMA_MIN ** 2 * torch.eye(DIM))
+    gap = bits(closed_form(model, y) - smoothed.log_prob(y.flatten(1)))
     assert gap.mean().abs() < 1.1e-4 and gap.abs().max() < 0.01, (gap.mean(), gap.abs().max())
 
 
 def test_exact_trace_matches_the_closed_form_per_image():
-    mu, covariance = gaussian()
-    y = gaussian_samples(mu, covariance, 32)
+    model = gaussian()
+    y = gaussian_samples(model, 32)
     with torch.no_grad():
-        log_p = log_likelihood(GaussianDenoiser(mu, covariance), y, None, SIGMA_MIN, SIGMA_MAX, steps=256)
+        log_p = log_likelihood(model, y, None, SIGMA_MIN, SIGMA_MAX, steps=256)
     # 256 Heun steps: about 0.002 bits/dim at worst (test_error_is_second_order_in_the_steps)
-    torch.testing.assert_close(bits(log_p), bits(closed_form(y, mu, covariance)), atol=0.005, rtol=0)
+    torch.testing.assert_close(bits(log_p), bits(closed_form(model, y)), atol=0.005, rtol=0)
 
 
 def test_rademacher_probes_are_unbiased():
-    mu, covariance = gaussian()
-    denoiser = GaussianDenoiser(mu, covariance)
-    images = gaussian_images(mu, covariance, 1024)
+    model = gaussian()
+    images = gaussian_images(model, 1024)
     indices = range(len(images))
-    estimate = nll_bits_per_dim(denoiser, images, indices, seed=3, steps=128, probes=1, batch_size=512)
+    estimate = nll_bits_per_dim(model, images, indices, seed=3, steps=128, probes=1, batch_size=512)
     y = dequantize(images, seed=3, indices=indices)
-    exact = (DIM * math.log(128) - closed_form(y, mu, covariance)) / (DIM * math.log(2))
+    exact = (DIM * math.log(128) - closed_form(model, y)) / (DIM * math.log(2))
     difference = estimate - exact  # paired: the same image and dequantisation noise, only the probes differ
     standard_error = difference.std() / math.sqrt(len(difference))
     # 128 steps bias the mean by ~0.003 bits/dim, a fraction of the standard error; a non-diagonal Sigma
@@ -125,42 +84,40 @@ def test_rademacher_probes_are_unbiased():
 
 
 def test_bits_per_dim_of_uint8_images_is_the_closed_form():
-    mu, covariance = gaussian()
-    images = gaussian_images(mu, covariance, 16)
+    model = gaussian()
+    images = gaussian_images(model, 16)
     indices = list(range(100, 116))
-    got = nll_bits_per_dim(GaussianDenoiser(mu, covariance), images, indices, seed=7, steps=256, probes=0)
+    got = nll_bits_per_dim(model, images, indices, seed=7, steps=256, probes=0)
     y = dequantize(images, seed=7, indices=indices)
     assert ((y >= -1) & (y < 1)).all() and ((y + 1) * 128).floor().to(torch.uint8).equal(images)
-    expected = (DIM * math.log(128) - closed_form(y, mu, covariance)) / (DIM * math.log(2))
+    expected = (DIM * math.log(128) - closed_form(model, y)) / (DIM * math.log(2))
     torch.testing.assert_close(got, expected, atol=0.005, rtol=0)
     # the seed moves the dequantisation noise
     assert not dequantize(images, seed=8, indices=indices).equal(y)
 
 
 def test_an_image_gets_the_same_value_in_any_batch():
-    mu, covariance = gaussian()
-    denoiser = GaussianDenoiser(mu, covariance)
-    images = gaussian_images(mu, covariance, 12)
+    model = gaussian()
+    images = gaussian_images(model, 12)
     indices = list(range(40, 52))
     run = dict(seed=5, steps=8, probes=2)
-    whole = nll_bits_per_dim(denoiser, images, indices, batch_size=12, **run)
+    whole = nll_bits_per_dim(model, images, indices, batch_size=12, **run)
     # equal up to the float32 rounding of the network, which may differ between batch sizes
-    torch.testing.assert_close(nll_bits_per_dim(denoiser, images, indices, batch_size=5, **run), whole,
+    torch.testing.assert_close(nll_bits_per_dim(model, images, indices, batch_size=5, **run), whole,
                                atol=1e-5, rtol=0)
     # another process holding images 43..46 alone gets the same values for them
-    torch.testing.assert_close(nll_bits_per_dim(denoiser, images[3:7], indices[3:7], **run), whole[3:7],
+    torch.testing.assert_close(nll_bits_per_dim(model, images[3:7], indices[3:7], **run), whole[3:7],
                                atol=1e-5, rtol=0)
 
 
 def test_error_is_second_order_in_the_steps():
-    mu, covariance = gaussian()
-    denoiser = GaussianDenoiser(mu, covariance)
-    y = gaussian_samples(mu, covariance, 64)
-    expected = bits(closed_form(y, mu, covariance))
+    model = gaussian()
+    y = gaussian_samples(model, 64)
+    expected = bits(closed_form(model, y))
 
     def mean_error(steps: int) -> float:
         with torch.no_grad():
-            log_p = log_likelihood(denoiser, y, None, SIGMA_MIN, SIGMA_MAX, steps=steps)
+            log_p = log_likelihood(model, y, None, SIGMA_MIN, SIGMA_MAX, steps=steps)
         return float((bits(log_p) - expected).mean().abs())
 
     errors = [mean_error(steps) for steps in (16, 32, 64, 128)]
@@ -204,10 +161,6 @@ def test_unet_bits_per_dim_shape_and_finiteness():
     values = nll_bits_per_dim(denoiser, images, [0, 1, 2], seed=0, steps=4, probes=1)
     assert values.shape == (3,) and values.dtype == torch.float64 and torch.isfinite(values).all()
     assert len(nll_bits_per_dim(denoiser, images[:0], [], seed=0, steps=4)) == 0
-
-
-def test_bench_runs():
-    subprocess.run([sys.executable, "bench/likelihood.py", "--tiny"], check=True, cwd=ROOT)
 
 
 def tiny_unets(count: int) -> list[Denoiser]:

@@ -12,7 +12,7 @@ from launch import cli
 from launch.local import aux_commands, aux_schedule, physical_gpu_ids, refuse_under_launcher
 from launch.submit import SCRIPT
 from shards.errors import ConfigError
-from tests.conftest import DIGITS, scorefuse
+from tests.conftest import DIGITS, scorefuse_here
 from stages.config import load_config
 
 
@@ -109,11 +109,11 @@ def test_train_aux_all_under_torchrun_is_refused_before_the_config_is_read(monke
         cli.run(["train-aux", "--config", str(tmp_path / "missing.yaml"), "aux=all"])
 
 
-def test_run_under_a_launcher_is_one_line_and_writes_nothing(monkeypatch, tmp_path):
+def test_run_under_a_launcher_is_one_line_and_writes_nothing(monkeypatch, tmp_path, capfd):
     monkeypatch.setenv("WORLD_SIZE", "8")
-    proc = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", check=False)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == [
+    code, out, err = scorefuse_here(capfd, "run", "--config", DIGITS, f"root={tmp_path}")
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
         "scorefuse: error: scorefuse run starts its own launchers (one per auxiliary model), but this process is one "
         "of 8 started by a launcher (WORLD_SIZE=8): run it as a plain process (scorefuse train-aux aux=all ...), or "
         "train one auxiliary per `accelerate launch` with aux=NAME"]

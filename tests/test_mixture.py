@@ -10,6 +10,7 @@ from torch import nn
 
 from stages.rundir import engine_paths
 from trainer.engine import Engine, Update, adam
+from trainer.gaussian import GaussianDenoiser
 from trainer.mixture import MixtureDenoiser, em_mixture_weights
 from trainer.router import Router, log_density_ratios, router_loss
 from trainer.spec import TrainSpec
@@ -24,18 +25,16 @@ def means() -> list[torch.Tensor]:
     return [torch.rand(SHAPE, generator=g) * 1.6 - 0.8 for _ in range(3)]
 
 
-class GaussianDenoiser(nn.Module):
-    """The exact denoiser of N(mu, S^2 I)."""
+class CountingDenoiser(GaussianDenoiser):
+    """The exact denoiser of N(mu, S^2 I) (trainer/gaussian.py), counting its calls."""
 
     def __init__(self, mu):
-        super().__init__()
-        self.register_buffer("mu", mu)
-        self.sigma_data, self.calls = 0.5, 0
+        super().__init__(mu, S)
+        self.calls = 0
 
     def forward(self, x, sigma):
         self.calls += 1
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
-        return self.mu + S ** 2 / (S ** 2 + sigma ** 2) * (x.float() - self.mu)
+        return super().forward(x, sigma)
 
 
 class GaussianRouter(nn.Module):
@@ -65,7 +64,7 @@ def test_the_mixture_denoiser_is_the_exact_posterior_mean(sigma):
     """With the analytic posterior as the router, sum_i w_i D_i equals Tweedie's formula on the mixture density,
     x + sigma^2 grad log p(x; sigma), computed independently by autograd."""
     mus = means()
-    model = MixtureDenoiser([GaussianDenoiser(mu) for mu in mus], GaussianRouter(mus), PI)
+    model = MixtureDenoiser([CountingDenoiser(mu) for mu in mus], GaussianRouter(mus), PI)
     x = (torch.stack(mus)[torch.tensor([0, 1, 2, 0, 1])] + (S ** 2 + sigma ** 2) ** 0.5 *
          torch.randn(5, *SHAPE, generator=torch.Generator().manual_seed(1))).double().requires_grad_(True)
     (score,) = torch.autograd.grad(mixture_log_density(x, sigma, mus, PI).sum(), x)
@@ -79,7 +78,7 @@ def test_pi_one_hot_gives_model_j_bit_for_bit_and_runs_only_it():
     mus = means()
     x, sigma = torch.randn(4, *SHAPE), torch.tensor([0.01, 0.3, 2.0, 40.0])
     for j in range(3):
-        denoisers = [GaussianDenoiser(mu) for mu in mus]
+        denoisers = [CountingDenoiser(mu) for mu in mus]
         model = MixtureDenoiser(denoisers, GaussianRouter(mus), torch.eye(3)[j])
         with torch.no_grad():
             assert torch.equal(model(x, sigma), denoisers[j](x, sigma))
@@ -88,7 +87,7 @@ def test_pi_one_hot_gives_model_j_bit_for_bit_and_runs_only_it():
 
 def test_skipping_a_network_the_posterior_excludes_changes_almost_nothing():
     mus = means()
-    denoisers = [GaussianDenoiser(mu) for mu in mus]
+    denoisers = [CountingDenoiser(mu) for mu in mus]
     exact = MixtureDenoiser(denoisers, GaussianRouter(mus), PI)
     skipping = MixtureDenoiser(denoisers, GaussianRouter(mus), PI, skip=1e-6)
     x = mus[0].expand(8, *SHAPE) + 0.01 * torch.randn(8, *SHAPE)  # near population 0, small sigma: sure

@@ -1,16 +1,30 @@
 """The whole local pipeline through the CLI: prepare -> every auxiliary -> evaluate -> report."""
 import json
 import os
+import shutil
 
 import numpy as np
+import pytest
+import torch
 
-from tests.conftest import DIGITS, FAST, SHORT_TRAIN, scorefuse
+from evaluation.cache import ResultCache
+from evaluation.features import weights_fingerprint
+from shards.errors import ConfigError
+from shards.manifest import image_shape, load_manifest
+from stages.catalogue import draw, find, finished_models
+from stages.config import extractor_for, load_config
+from stages.rundir import RunDir
+from stages.sample import command, run as sample
+from tests.conftest import DIGITS, SHORT_TRAIN, scorefuse, scorefuse_here
 
 
-def test_run_writes_report_and_skips_finished_stages(tmp_path):
-    out = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST).stderr
-    run = tmp_path / "digits"
-    report = json.loads((run / "report.json").read_text())
+@pytest.mark.slow  # the shared finished run: the whole pipeline, about a minute
+def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
+    """The shared fast run (conftest's finished_digits) has every model in its report; `run` again on a copy of
+    it skips every finished stage and re-evaluates from the cache alone: not one cached sample, NLL or loss is
+    computed again, and the report is the same."""
+    finished, overrides, out = finished_digits
+    report = json.loads((finished / "report.json").read_text())
     rows = {row["model"]: row for section in report["sections"] for row in section.get("rows", []) if "model" in row}
     assert set(rows) == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused-exact", "fused-sgd", "fused-mixture",
                          "target-scratch",
@@ -20,48 +34,54 @@ def test_run_writes_report_and_skips_finished_stages(tmp_path):
     assert rows["distill"]["NLL bits/dim"] is None and rows["real: target images as samples"]["copies %"] == 100
     assert all(rows[m]["fd_clf64 vs reference"]["low"] <= rows[m]["fd_clf64 vs reference"]["value"] <= rows[m]["fd_clf64 vs reference"]["high"] for m in rows)
     assert all(rows[m]["KID"]["std"] >= 0 for m in rows)
-    md = (run / "report.md").read_text()
+    md = (finished / "report.md").read_text()
     assert md.index("## Verdict") < md.index("## Models and floors")
     assert "Held-out NLL:" in md and "Fusion (fused-exact) against target-scratch" in md
-    mixture = json.loads((run / "fuse" / "mixture.json").read_text())
+    mixture = json.loads((finished / "fuse" / "mixture.json").read_text())
     assert abs(sum(mixture["router"]["pi"]) - 1) < 1e-9 and abs(sum(mixture["nll"]["pi"]) - 1) < 1e-9
     # EM on the likelihoods maximises that likelihood: the router's pi cannot reach a lower NLL with it
     assert mixture["nll"]["nll_bits_per_dim"] <= mixture["router"]["nll_bits_per_dim"] + 1e-9
-    assert (run / "figures" / "copies-fused-exact.png").is_file()
-    fit = json.loads((run / "fuse" / "lambda.json").read_text())
+    assert (finished / "figures" / "copies-fused-exact.png").is_file()
+    fit = json.loads((finished / "fuse" / "lambda.json").read_text())
     assert fit["method"] == "exact" and abs(sum(fit["exact"]["lambda"][0]) - 1) < 1e-9
     assert fit["exact"]["loss"] <= min(fit["exact"]["vertex_losses"].values()) + 1e-12
     assert fit["exact"]["loss"] <= fit["sgd"]["loss"] + 1e-12
-    assert (run / "fuse" / "lambda.png").is_file() and (run / "fuse" / "samples.png").is_file()
+    assert (finished / "fuse" / "lambda.png").is_file() and (finished / "fuse" / "samples.png").is_file()
     for name in ("aux-low", "aux-high", "aux-even"):
-        assert (run / "aux" / name / "samples.png").is_file()
-        assert (run / "aux" / name / "ema.safetensors").is_file()
+        assert (finished / "aux" / name / "samples.png").is_file()
+        assert (finished / "aux" / name / "ema.safetensors").is_file()
+    assert (finished / "distill" / "generator.safetensors").is_file() and (finished / "distill" / "samples.png").is_file()
     assert "report in" in out
 
-    again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *FAST)
+    run = tmp_path / "digits"
+    shutil.copytree(finished, run)
+    cached = {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")}
+    assert len([p for p in cached if p.name.startswith("samples-")]) == 10  # one per model
+    again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *overrides[1:])
     assert "shards up to date" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")} == cached
     assert json.loads((run / "report.json").read_text()) == report  # the cached samples give the same numbers
-    assert (run / "distill" / "generator.safetensors").is_file() and (run / "distill" / "samples.png").is_file()
+    assert (run / "report.md").read_text() == md
     # 3 auxiliaries, the fuse stage, the 3 baselines and distill
     assert again.stderr.count("already finished") == 8
 
 
-def test_changed_populations_are_refused_not_overwritten(tmp_path):
-    scorefuse("prepare", "--config", DIGITS, f"root={tmp_path}")
-    manifest = (tmp_path / "digits" / "data" / "manifest.json").read_text()
-    proc = scorefuse("prepare", "--config", DIGITS, f"root={tmp_path}", "data.target.count=32", check=False)
-    assert proc.returncode == 2 and "different" in proc.stderr
-    assert (tmp_path / "digits" / "data" / "manifest.json").read_text() == manifest
+def test_changed_populations_are_refused_not_overwritten(digits_run, capfd):
+    manifest = (digits_run / "data" / "manifest.json").read_text()
+    code, _, err = scorefuse_here(capfd, "prepare", "--config", DIGITS, f"root={digits_run.parent}",
+                               "data.target.count=32")
+    assert code == 2 and "different" in err
+    assert (digits_run / "data" / "manifest.json").read_text() == manifest
 
 
-def test_train_aux_before_prepare_says_so(tmp_path):
-    proc = scorefuse("train-aux", "--config", DIGITS, f"root={tmp_path}", "aux=aux-low", check=False)
-    assert proc.returncode == 2 and "scorefuse prepare" in proc.stderr
+def test_train_aux_before_prepare_says_so(tmp_path, capfd):
+    code, _, err = scorefuse_here(capfd, "train-aux", "--config", DIGITS, f"root={tmp_path}", "aux=aux-low")
+    assert code == 2 and "scorefuse prepare" in err
 
 
-def test_unknown_aux_is_named(tmp_path):
-    proc = scorefuse("train-aux", "--config", DIGITS, f"root={tmp_path}", "aux=nope", check=False)
-    assert proc.returncode == 2 and "aux=nope" in proc.stderr and "aux-low" in proc.stderr
+def test_unknown_aux_is_named(tmp_path, capfd):
+    code, _, err = scorefuse_here(capfd, "train-aux", "--config", DIGITS, f"root={tmp_path}", "aux=nope")
+    assert code == 2 and "aux=nope" in err and "aux-low" in err
 
 
 def test_corrupt_shards_stop_training_with_one_line_naming_the_file(digits_run):
@@ -76,43 +96,82 @@ def test_corrupt_shards_stop_training_with_one_line_naming_the_file(digits_run):
     assert "Traceback" not in proc.stderr
 
 
-def test_fuse_without_auxiliaries_names_the_missing_one(digits_run):
-    proc = scorefuse("fuse", "--config", DIGITS, f"root={digits_run.parent}", check=False)
-    assert proc.returncode == 2
-    assert "auxiliary aux-low" in proc.stderr and "train-aux aux=aux-low" in proc.stderr
+def test_fuse_without_auxiliaries_names_the_missing_one(digits_run, capfd):
+    code, _, err = scorefuse_here(capfd, "fuse", "--config", DIGITS, f"root={digits_run.parent}")
+    assert code == 2
+    assert "auxiliary aux-low" in err and "train-aux aux=aux-low" in err
     assert not (digits_run / "fuse" / "lambda.json").exists()
 
 
-def test_sample_reproduces_the_report_images_with_any_batch_size(finished_digits, tmp_path):
-    """Every label of report.json: the same n images for eval.batch 5 and 16 (per-image seeds); out= says
-    what to write by its suffix."""
+def cached_samples(cfg, model) -> torch.Tensor:
+    """The uint8 images [N, C, H, W] that `evaluate` scored for `model`: the "samples" entry of the evaluation
+    cache (evaluation/cache.py), under the key stages/evaluate.py's measure() gives it."""
+    run, e, ev = RunDir.of(cfg), cfg.edm, cfg.eval
+    weights = str(run.classifier) if extractor_for(cfg) == "classifier" else ev.inception_weights
+    key = {"model": model.fingerprint(), "n": ev.num_samples, "seed": cfg.train.seed,
+           "features": weights_fingerprint(weights),
+           **({} if model.one_step else {"steps": e.sampler_steps, "sigma_min": e.sigma_min,
+                                         "sigma_max": e.sigma_max, "rho": e.rho}),
+           **({"precision": ev.sample_precision} if ev.sample_precision != "no" else {})}
+    path = ResultCache(run.eval_cache).path("samples", key)
+    assert path.is_file(), f"{model.label}: no cached samples at {path}"
+    with np.load(path) as stored:
+        return torch.from_numpy(stored["images"])
+
+
+@pytest.mark.slow  # the shared finished run: the whole pipeline, about a minute
+def test_sample_draws_the_images_the_report_scored(finished_digits, tmp_path):
+    """For every model of the report, `sample` (stages/catalogue.py's draw) at the run's eval.sample_batch gives
+    bit for bit the images `evaluate` scored and cached, in one call or in two chunks that split a group. At
+    another eval.sample_batch image i is still the same in one call or in chunks, bit for bit; it is not compared
+    with the report's: a network's rounding depends on its batch's shape (evaluation/spec.py; measured here:
+    fused-sgd's images at sample_batch 5, 8 or 12 differ from the report's by one grey level in one pixel).
+    `scorefuse sample` writes the images as its out= suffix says; a label that is not in the report is one line
+    listing the labels, exit 2. Nothing here writes into the shared run."""
     run, overrides, _ = finished_digits
+    runs_batch = load_config(DIGITS, overrides).eval.sample_batch
+    assert runs_batch != 8
+    configs = [load_config(DIGITS, [*overrides, f"eval.sample_batch={b}"]) for b in (runs_batch, 8)]
+    models = finished_models(configs[0])
     report = json.loads((run / "report.json").read_text())
-    labels = [row["model"] for section in report["sections"] for row in section.get("rows", [])
-              if "model" in row and not row["model"].startswith("real:")]
-    assert len(labels) == 10
-    for label in labels:
-        arrays = []
-        for batch in (5, 16):
-            out = tmp_path / f"{label.replace('/', '_')}-{batch}.npz"
-            scorefuse("sample", "--config", DIGITS, *overrides, f"model={label}", "n=16", f"out={out}", f"eval.batch={batch}")
-            arrays.append(np.load(out)["images"])
-        assert arrays[0].shape == (16, 16, 16, 1) and np.array_equal(arrays[0], arrays[1]), label
-    scorefuse("sample", "--config", DIGITS, *overrides, "model=distill", "n=4", f"out={tmp_path / 'grid.png'}")
-    assert (tmp_path / "grid.png").is_file()
-    proc = scorefuse("sample", "--config", DIGITS, *overrides, "model=fused", "n=4", check=False)
-    assert proc.returncode == 2 and "fused-exact" in proc.stderr  # the error lists the labels
+    assert [m.label for m in models] == [row["model"] for section in report["sections"]
+                                         for row in section.get("rows", [])
+                                         if "model" in row and not row["model"].startswith("real:")]
+    shape = image_shape(load_manifest(run / "data"))
+    n, cut = 20, 7  # part of one group of the run's size, three groups of 8; the cut inside a group of both
+    for model in models:
+        scored = cached_samples(configs[0], model)
+        assert scored.shape == (64, *shape) and scored.dtype == torch.uint8
+        network = model.load()
+        for cfg in configs:
+            sampler = model.sampler(network, cfg)
+            whole = draw(sampler, cfg, range(n), shape, torch.device("cpu"))
+            chunks = torch.cat([draw(sampler, cfg, range(0, cut), shape, torch.device("cpu")),
+                                draw(sampler, cfg, range(cut, n), shape, torch.device("cpu"))])
+            assert torch.equal(chunks, whole), (model.label, cfg.eval.sample_batch)
+            if cfg is configs[0]:
+                assert torch.equal(whole, scored[:n]), model.label
+
+    exact = next(m for m in models if m.label == "fused-exact")
+    written = sample(configs[0], "fused-exact", 5, str(tmp_path / "five.npz"))
+    images = np.load(written)["images"]
+    assert images.shape == (5, 16, 16, 1) and images.dtype == np.uint8
+    assert np.array_equal(images, cached_samples(configs[0], exact)[:5].permute(0, 2, 3, 1).numpy())
+    assert sample(configs[0], "distill", 4, str(tmp_path / "grid.png")).is_file()
+    folder = sample(configs[0], "aux/aux-low", 3, str(tmp_path / "pngs"))
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    command(configs[0], {"model": "target-scratch", "n": "2", "out": str(tmp_path / "two.npz")}, None)
+    expected = cached_samples(configs[0], find(configs[0], "target-scratch"))[:2]
+    assert np.array_equal(np.load(tmp_path / "two.npz")["images"], expected.permute(0, 2, 3, 1).numpy())
+    with pytest.raises(ConfigError, match="positive whole number"):
+        command(configs[0], {"model": "distill", "n": "-3"}, None)
+    proc = scorefuse("sample", "--config", DIGITS, *overrides, "model=fused", "n=4", f"out={tmp_path / 'no.npz'}",
+                     check=False)
+    assert proc.returncode == 2 and "fused-exact" in proc.stderr  # one line listing the labels
+    assert not (tmp_path / "no.npz").exists()
 
 
-def test_evaluate_again_reuses_every_sample(finished_digits):
-    run, overrides, _ = finished_digits
-    cached = {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")}
-    report = (run / "report.json").read_text()
-    scorefuse("evaluate", "--config", DIGITS, *overrides)
-    assert {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")} == cached
-    assert (run / "report.json").read_text() == report
-
-
+@pytest.mark.slow  # the shared finished run: the whole pipeline, about a minute
 def test_results_are_readable_logs_are_lines_and_every_stage_has_tensorboard(finished_digits):
     """Files get the user's umask (no 0600 files from the atomic writer), a log off a terminal holds plain
     lines (no progress-bar fragments, no DeepSpeed accelerator notice), and every training run of the
@@ -124,7 +183,8 @@ def test_results_are_readable_logs_are_lines_and_every_stage_has_tensorboard(fin
     assert modes and all(mode == 0o666 & ~umask for mode in modes.values()), \
         sorted((oct(m), str(p)) for p, m in modes.items() if m != 0o666 & ~umask)[:5]
     assert "\r" not in stderr and "Setting accelerator to CPU" not in stderr
-    assert "kimg, loss" in stderr and "evaluate: report in" in stderr
+    assert "kimg, loss" in stderr
+    assert any(line.startswith("evaluate:") and "report in" in line for line in stderr.splitlines())
     stages = [run / "aux" / "aux-low", run / "fuse" / "sgd", run / "router", run / "baselines" / "target-scratch",
               run / "baselines" / "target-finetune", run / "distill"]
     assert all(list((stage / "tensorboard").glob("events.out.tfevents.*")) for stage in stages)

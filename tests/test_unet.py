@@ -6,16 +6,6 @@ from trainer.edm import Denoiser, loss_weight
 from trainer.unet import PRESETS, build_unet, group_norm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on the 2 shared cores, two OpenMP threads spin on barriers whenever
-    another process holds a core, which made these tests 10x slower than with one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
