@@ -2,14 +2,16 @@
 
 Populations are drawn in a fixed priority order (auxiliary ones in config order, then the reference, then
 the target); each draws only from items no earlier population took. The target comes last so that the
-held-out reference does not depend on the target's size. A population's items of class k are the first
-count_k of a permutation, seeded by (its seed, k), of the class's items still available: with the same
-seed and mixture, a smaller population is a subset of a larger one whenever every class count grows with
-the size (as largest-remainder allocation does for a fixed mixture). Everything is validated here, before
-prepare writes a byte, so a bad mixture never leaves half a data directory behind.
+held-out reference does not depend on the target's size. A population's class counts are those of a prefix
+of one interleaved class order (class_sequence), and its items of class k are the first count_k of a
+permutation, seeded by (its seed, k), of the class's items still available: with the same seed and mixture,
+a smaller population is a subset of a larger one at every pair of sizes (the sweep's nested targets).
+Everything is validated here, before prepare writes a byte, so a bad mixture never leaves half a data
+directory behind.
 """
 import math
 import re
+from fractions import Fraction
 
 import numpy as np
 
@@ -29,17 +31,42 @@ def ordered_populations(spec: DataSpec) -> list:
     return [("aux", pop) for pop in spec.aux] + [("reference", spec.reference), ("target", spec.target)]
 
 
-def allocate_counts(count: int, proportions: np.ndarray) -> np.ndarray:
-    """Split `count` into integer parts proportional to `proportions` (summing to 1), largest remainder
-    first, so the parts sum to exactly `count`. Ties go to the earlier class."""
-    quotas = count * np.asarray(proportions, dtype=np.float64)
-    counts = np.floor(quotas).astype(np.int64)
-    remainders = quotas - counts
-    short = count - int(counts.sum())
-    # A stable sort on -remainder keeps class order among equal remainders.
-    for index in np.argsort(-remainders, kind="stable")[:short]:
-        counts[index] += 1
-    return counts
+def class_sequence(count: int, proportions) -> np.ndarray:
+    """The classes of a population's images in one interleaved order, int64 [count]: for every n <= count, its
+    first n entries hold floor(n p_k) or ceil(n p_k) images of each class k (within quota), so a population of
+    any size is a prefix of a larger one, class by class.
+
+    Balinski and Young's quota apportionment, as a schedule: the j-th image of class k may come at position m
+    once j <= ceil(m p_k) (upper quota) and must come by the first m with floor(m p_k) >= j (lower quota);
+    each position takes, among the classes whose next image may come, the one due first (ties to the class
+    furthest behind its share m p_k, then to the earlier class). Scheduling unit jobs earliest-deadline-first meets every deadline that any order meets, and
+    Balinski and Young show an order within quota at every size exists. The proportions are taken as the
+    nearest fractions with denominators up to 10^9 (0.13 is 13/100), so the arithmetic is exact.
+    """
+    fractions = [Fraction(float(p)).limit_denominator(10 ** 9) for p in proportions]
+    total = sum(fractions)
+    shares = [f / total for f in fractions]
+    denominator = math.lcm(*(share.denominator for share in shares))
+    weights = [share.numerator * (denominator // share.denominator) for share in shares]  # p_k = w_k / denominator
+    taken = [0] * len(weights)
+    order = np.empty(count, dtype=np.int64)
+    for m in range(1, count + 1):
+        candidates = []
+        for k, w in enumerate(weights):
+            behind = m * w - taken[k] * denominator  # (m p_k - taken_k) x denominator
+            if behind > 0:  # the next image of class k may come: taken_k < m p_k
+                deadline = -(-(taken[k] + 1) * denominator // w)  # the first m with floor(m p_k) >= taken_k + 1
+                candidates.append((deadline, -behind, k))
+        chosen = min(candidates)[2]
+        order[m - 1] = chosen
+        taken[chosen] += 1
+    return order
+
+
+def allocate_counts(count: int, proportions) -> np.ndarray:
+    """Per-class image counts of a population of `count` images: those of the first `count` entries of
+    class_sequence, so they sum to `count`, each is within quota, and none shrinks when `count` grows."""
+    return np.bincount(class_sequence(count, proportions), minlength=len(proportions)).astype(np.int64)
 
 
 def class_proportions(source: Source, pop: PopulationSpec) -> np.ndarray:

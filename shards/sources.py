@@ -6,16 +6,20 @@ its channels. Items are addressed by their position in a split, which is stable 
 so a manifest can name them (`train-0001234`). Loading is lazy and by index, so a large LSUN category is
 never held in memory at once.
 
-Channels (data.source.channels): auto keeps grey sources grey: digits are 1, CIFAR-10 and LSUN 3, and a
+Channels (data.source.channels): auto keeps grey sources grey: digits and IDX files are 1, CIFAR-10 and LSUN 3, and a
 folder is 1 when every image in it is grey (judged from the file headers, see is_grey), else 3. 1 or 3
 forces it: grey is replicated into RGB, colour becomes PIL's "L" (ITU-R 601-2 luma).
 
 An item whose stored bytes do not decode (a corrupt file in a folder, a bad lmdb value) raises
-UndecodableItem, which prepare counts and skips; CIFAR-10 and digits are arrays and cannot be bad.
+UndecodableItem, which prepare counts and skips; CIFAR-10, IDX files and digits are arrays and cannot be bad
+item by item: a damaged file is refused whole.
 """
+import gzip
 import io
+import math
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +37,14 @@ CIFAR10_SPLIT_MEMBERS = {
     "train": [f"data_batch_{i}" for i in range(1, 6)],
     "test": ["test_batch"],
 }
+# The IDX files of an MNIST-style dataset under their usual names, each also accepted gzipped (name + ".gz").
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# IDX magic numbers: two zero bytes, the element type (0x08: unsigned byte), the number of dimensions.
+IDX_IMAGES_MAGIC = 0x00000803
+IDX_LABELS_MAGIC = 0x00000801
 
 
 @dataclass
@@ -291,7 +303,92 @@ class FolderSource(Source):
         return decode_image(data, self.image_size, self.channels, str(file))
 
 
-SOURCE_KINDS = {"digits": DigitsSource, "cifar10": Cifar10Source, "lsun": LsunSource, "folder": FolderSource}
+def idx_file(directory: Path, name: str) -> Path:
+    """The IDX file `name` in `directory`, or its gzipped copy; DataError naming both if neither is there."""
+    for path in (directory / name, directory / f"{name}.gz"):
+        if path.is_file():
+            return path
+    raise DataError(f"the idx source {directory} has no {name} (nor {name}.gz)")
+
+
+def read_idx(path: Path, magic: int, header_only: bool = False):
+    """The dimensions of an IDX file of unsigned bytes (header_only), or its array uint8 [*dimensions]. One
+    DataError naming the file for a wrong magic number (another element type or number of dimensions, or not
+    IDX at all), a file shorter or longer than its header says, or a damaged gzip stream."""
+    ndim = magic & 0xFF
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) < 4 or int.from_bytes(head, "big") != magic:
+                found = f"0x{int.from_bytes(head, 'big'):08x}" if len(head) == 4 else f"{len(head)} bytes"
+                raise DataError(f"{path} is not an IDX file of {ndim}-dimensional unsigned bytes: its magic number "
+                                f"is {found}, expected 0x{magic:08x}")
+            raw = handle.read(4 * ndim)
+            if len(raw) < 4 * ndim:
+                raise DataError(f"{path} is truncated: its header ends after {4 + len(raw)} bytes")
+            dims = tuple(int.from_bytes(raw[4 * i:4 * i + 4], "big") for i in range(ndim))
+            if header_only:
+                return dims
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read {path}: {error}") from None
+    expected = math.prod(dims)
+    if len(data) != expected:
+        state = "truncated" if len(data) < expected else "longer than its header says"
+        raise DataError(f"{path} is {state}: its header says {' x '.join(map(str, dims))} = {expected} bytes of "
+                        f"data, it holds {len(data)}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+@dataclass
+class IdxSource(Source):
+    """An MNIST-style dataset as IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST): a directory holding the
+    train and t10k image and label files under their usual names (IDX_FILES), each plain or gzipped.
+
+    The labels and the image headers are read and checked when the source opens (so a missing file, a wrong
+    magic number or an image count that differs from its label count stops prepare before it writes); each
+    split's images are read whole on first use, and checked against their header then. Class names are
+    `categories` in label order, or the label numbers ("0", "1", ...) without them.
+    """
+    path: Path = None
+    categories: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.channels = self.channels or 1
+        self.splits = list(IDX_FILES)
+        self._files = {split: [idx_file(self.path, name) for name in names] for split, names in IDX_FILES.items()}
+        self._labels, self._images = {}, {}
+        for split, (images, labels) in self._files.items():
+            count, rows, cols = read_idx(images, IDX_IMAGES_MAGIC, header_only=True)
+            self._labels[split] = read_idx(labels, IDX_LABELS_MAGIC).astype(np.int64)
+            if len(self._labels[split]) != count:
+                raise DataError(f"{images} holds {count} images but {labels} holds {len(self._labels[split])} labels")
+            if min(rows, cols) < 1:
+                raise DataError(f"{images} holds images of {rows} x {cols} pixels")
+        top = max(int(labels.max(initial=0)) for labels in self._labels.values())
+        if not self.categories:
+            self.class_names = [str(label) for label in range(top + 1)]
+        elif len(set(self.categories)) != len(self.categories) or len(self.categories) <= top:
+            raise DataError(f"data.source.categories must name each label of the idx source {self.path} (0 to {top}) "
+                            f"once, in label order; it names {len(self.categories)}: {', '.join(self.categories)}")
+        else:
+            self.class_names = list(self.categories)
+
+    def labels(self, split: str) -> np.ndarray:
+        self.check_split(split)
+        return self._labels[split]
+
+    def _load_one(self, split: str, index: int) -> np.ndarray:
+        if split not in self._images:
+            self._images[split] = read_idx(self._files[split][0], IDX_IMAGES_MAGIC)
+        image = self._images[split][index]
+        if image.shape == (self.image_size, self.image_size) and self.channels == 1:
+            return image[:, :, None]
+        return to_array(Image.fromarray(image), self.image_size, self.channels)
+
+
+SOURCE_KINDS = {"digits": DigitsSource, "cifar10": Cifar10Source, "lsun": LsunSource, "folder": FolderSource,
+                "idx": IdxSource}
 
 
 def open_source(spec: SourceSpec) -> Source:
@@ -317,4 +414,6 @@ def open_source(spec: SourceSpec) -> Source:
     if spec.kind == "lsun":
         return LsunSource(image_size=spec.image_size, channels=channels, path=path,
                           categories=list(spec.categories))
+    if spec.kind == "idx":
+        return IdxSource(image_size=spec.image_size, channels=channels, path=path, categories=list(spec.categories))
     return FolderSource(image_size=spec.image_size, channels=channels, path=path)

@@ -17,12 +17,15 @@ class SourceSpec:
 
     kind: digits (sklearn's embedded 8x8 digits) | cifar10 (the python tarball at `path`) |
           lsun (a directory at `path` holding one `<category>_train_lmdb` per entry of `categories`) |
-          folder (a directory at `path` with one sub-directory per class).
+          folder (a directory at `path` with one sub-directory per class) |
+          idx (a directory at `path` holding MNIST-style IDX files: train- and t10k-images-idx3-ubyte and
+          -labels-idx1-ubyte, each plain or .gz).
     image_size: images are resized (area/bicubic) to image_size x image_size.
-    channels: auto (digits and all-grey folders 1, the rest 3) | 1 | 3 (forced: grey is replicated into
+    categories: the LSUN categories; for idx, the class names in label order (default: the label numbers).
+    channels: auto (digits, idx and all-grey folders 1, the rest 3) | 1 | 3 (forced: grey is replicated into
           RGB, colour becomes PIL's luma).
     """
-    kind: str = choice("digits", "cifar10", "lsun", "folder")
+    kind: str = choice("digits", "cifar10", "lsun", "folder", "idx")
     path: Optional[str] = None
     image_size: int = positive(16)
     channels: str = choice("auto", "1", "3")

@@ -33,7 +33,7 @@ class LaunchSpec:
 @dataclass
 class SweepSpec:
     """The sweep over the target size n (`scorefuse sweep`): each n is a run of its own under
-    <run>/sweep/n<n>/ with a target of n images (nested where rounding the mixture allows: sweep.md says),
+    <run>/sweep/n<n>/ with a target of n images (nested: a smaller n's target inside a larger one's),
     the same auxiliaries, reference and feature classifier."""
     sizes: List[int] = field(default_factory=list)
     # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it

@@ -1,9 +1,8 @@
 """sweep: ScoreFusion's experiment, the target size n against every method (the paper's figure: NLL vs n).
 
 Each n in sweep.sizes is a run of its own, runs/<name>/sweep/n<n>/: its data directory holds a target of n
-images cut like the main run's (nested, a smaller target inside a larger one, wherever rounding the class
-mixture to whole images allows; sweep.md says whether they are) and shares the main
-run's auxiliary and reference shards (shards/prepare.py, shared=); it fits lambda and trains the baselines on
+images cut like the main run's (nested at every pair of sizes: a smaller target is inside a larger one,
+shards/populations.py) and shares the main run's auxiliary and reference shards (shards/prepare.py, shared=); it fits lambda and trains the baselines on
 those n images (the fuse stage) and is evaluated against the same held-out images (the evaluate stage). The
 auxiliaries, the feature classifier and the evaluation cache are the main run's (stages/rundir.py), so the
 auxiliaries are trained once and each one's samples are measured once. Every step skips what is finished:
@@ -21,7 +20,6 @@ from evaluation.plots import metric_vs_n
 from evaluation.report import write_report
 from evaluation.run_report import COPIES, KID, LOSS, NLL, comparison_rows, fd_column, model_row
 from shards.errors import ConfigError, ModelError
-from shards.manifest import load_manifest
 from stages.config import RunConfig, sweep_member
 from trainer.accelerator import make_accelerator
 from trainer.progress import say
@@ -30,6 +28,7 @@ from stages import evaluate, fuse, prepare
 
 # The methods on the plots (every model of a member's measurements is in sweep.json): fusion and its baselines.
 METHODS = (*FUSED, *BASELINES)
+NESTED = "The targets are nested: each holds every image of the smaller ones, so a change of n adds images."
 # the report's column -> (the plot's file name, what the error bar shows); and the Fréchet distance's (fd_column)
 METRICS = {NLL: ("nll", "± standard error"), LOSS: ("loss", "± standard error"),
            KID: ("kid", "± std over subsets"), COPIES: ("copies", "")}
@@ -92,26 +91,11 @@ def summarise(cfg: RunConfig) -> None:
     notes = ["Each n is the run sweep/n<n>/ (its report.md has the details and the floors); every model is "
              "measured on the same held-out images at every n.",
              "Plots: " + ", ".join(f"{file_name}.png" for file_name, _ in metrics.values()) + " in this directory.",
-             _nesting(cfg, sizes)]
+             NESTED]
     write_report(main.sweep / "sweep.md", f"scorefuse sweep: {cfg.name}, target sizes {sizes}", sections, notes,
                  data={"sizes": sizes, "metrics": table,
                        "comparisons": {n: comparison_rows(measured[n]) for n in sizes}})
     say(f"sweep: summary in {main.sweep / 'sweep.md'}")
-
-
-def _nesting(cfg: RunConfig, sizes: list[int]) -> str:
-    """Whether each target contains the next smaller one. Classes are drawn as prefixes of one permutation
-    (shards/populations.py), so that holds exactly when no class count shrinks as n grows; rounding the
-    mixture to whole images can break it at some sizes, and a comparison across such sizes then mixes a
-    change of n with a change of images."""
-    histograms = {n: load_manifest(RunDir.of(sweep_member(cfg, n)).data)["populations"][cfg.data.target.name]
-                  ["class_histogram"] for n in sizes}
-    broken = [(a, b) for a, b in zip(sizes, sizes[1:])
-              if any(count > histograms[b].get(k, 0) for k, count in histograms[a].items())]
-    if not broken:
-        return "The targets are nested: each holds every image of the smaller ones."
-    return ("The targets are NOT nested at " + ", ".join(f"n = {a} -> {b}" for a, b in broken) + ": rounding the "
-            "class mixture gives a class fewer images at the larger size, so those comparisons also change images.")
 
 
 def _bar(value) -> tuple[float, float, float]:

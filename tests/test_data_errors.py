@@ -1,15 +1,19 @@
 """Bad source images at prepare time: skipped, counted and listed in the manifest; past
-data.max_bad_samples the call stops with one line and leaves the data directory as it was."""
+data.max_bad_samples the call stops with one line and leaves the data directory as it was; so does a
+damaged source file."""
+import gzip
+
 import pytest
 import yaml
 
 from shards.errors import DataError
 from shards.manifest import load_manifest, population_entry
 from shards.prepare import prepare
+from shards.sources import IDX_FILES
 from shards.stream import read_population
 from tests.conftest import scorefuse_here
 from tests.test_prepare import folder_spec
-from tests.test_sources import write_folder
+from tests.test_sources import write_folder, write_idx_set
 
 NOT_AN_IMAGE = "not an image format PIL reads"
 
@@ -94,3 +98,24 @@ def test_a_population_with_nothing_to_write_is_refused(tmp_path):
     assert str(error.value) == ("population 'target': none of its 1 images could be written; the first skipped: "
                                 "train-0000002: duplicate of train-0000000")
     assert not data_dir.exists()
+
+
+def test_a_damaged_idx_file_stops_prepare_with_one_line_and_writes_nothing(tmp_path, capfd):
+    """The t10k images are read when the reference is written, after the auxiliaries' shards: the call still
+    exits 2 with one line naming the file, and leaves no run directory behind."""
+    idx = tmp_path / "idx"
+    write_idx_set(idx, gz=True, counts=(12, 6), classes=3)
+    images = idx / (IDX_FILES["test"][0] + ".gz")
+    images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-5]))
+    config = tmp_path / "idx.yaml"
+    config.write_text(yaml.safe_dump({"name": "idx", "root": str(tmp_path / "runs"), "data": {
+        "source": {"kind": "idx", "path": str(idx), "image_size": 28},
+        "aux": [{"name": "aux", "mixture": {"0": 0.5, "1": 0.5}, "count": 4, "seed": 1}],
+        "reference": {"name": "reference", "mixture": {"2": 1.0}, "count": 2, "seed": 2, "split": "test"},
+        "target": {"name": "target", "mixture": {"2": 1.0}, "count": 2, "seed": 3},
+        "min_shards": 2, "workers": 0}}))
+    code, _, err = scorefuse_here(capfd, "prepare", "--config", config)
+    assert code == 2, err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        f"scorefuse: error: {images} is truncated: its header says 6 x 28 x 28 = 4704 bytes of data, it holds 4699"]
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()

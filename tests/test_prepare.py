@@ -4,9 +4,11 @@ early."""
 import copy
 import hashlib
 import io
+import math
 import os
 import shutil
 import tarfile
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -17,18 +19,20 @@ from sklearn.datasets import load_digits
 
 from shards.errors import DataError
 from shards.manifest import load_manifest, population_entry, shard_paths
-from shards.populations import allocate_counts
+from shards.populations import allocate_counts, class_sequence, draw_populations, ordered_populations
 from shards.prepare import prepare, shard_count
+from shards.sources import open_source
 from shards.spec import DataSpec, PopulationSpec, SourceSpec
 from shards.stream import read_population
 from tests.conftest import DIGITS
 from tests.test_sources import write_folder
 
 THIRDS = {"0": 1 / 3, "1": 1 / 3, "2": 1 / 3}
-# Largest-remainder allocations of the populations below, worked by hand.
+# Class counts of the populations below (within quota, worked by hand; allocate_counts' order decides the
+# classes that get the ceiling).
 EXPECTED_HISTOGRAMS = {
     "aux0": {"0": 4, "1": 3, "2": 3},            # 3.33 each: the tie goes to the first class
-    "aux1": {"3": 3, "4": 3, "5": 1},            # 3.15, 2.45, 1.4: the 0.45 remainder wins
+    "aux1": {"3": 3, "4": 3, "5": 1},            # 3.15, 2.45, 1.4: the order 3 4 5 3 4 3 4
     "aux2": {"9": 3},
     "target": {"0": 13, "9": 12},                # 12.5 each: tie to class 0
     "reference": {str(c): 6 for c in range(10)},
@@ -85,11 +89,42 @@ def population_pixels(data_dir, manifest, name):
     return pixels
 
 
-def test_largest_remainder_allocation():
-    np.testing.assert_array_equal(allocate_counts(10, [1 / 3] * 3), [4, 3, 3])
+def test_class_counts_stay_within_quota_and_never_shrink():
+    """At every size n from 1 to 300, each class count is floor(n p_k) or ceil(n p_k) (exact fractions), the
+    counts sum to n, and none is smaller than at n - 1: the counts of one interleaved order's prefixes."""
+    mixtures = [[Fraction(13, 100)] * 5 + [Fraction(7, 100)] * 5,  # the digits' target
+                [Fraction(1, 50)] * 5 + [Fraction(9, 50)] * 5,     # a skewed auxiliary
+                [Fraction(1, 3)] * 3, [Fraction(9, 20), Fraction(7, 20), Fraction(1, 5)],
+                [Fraction(0), Fraction(1, 2), Fraction(1, 2)], [Fraction(1, 7)] * 7,
+                [Fraction(1, 1000), Fraction(999, 1000)]]
+    for mixture in mixtures:
+        previous = np.zeros(len(mixture), dtype=np.int64)
+        for n in range(1, 301):
+            counts = allocate_counts(n, [float(p) for p in mixture])
+            assert counts.sum() == n and np.all(counts >= previous), (mixture, n, counts)
+            assert all(math.floor(n * p) <= c <= math.ceil(n * p) for c, p in zip(counts, mixture)), (mixture, n, counts)
+            previous = counts
+    np.testing.assert_array_equal(allocate_counts(10, [1 / 3] * 3), [4, 3, 3])  # ties: the earlier class
     np.testing.assert_array_equal(allocate_counts(7, [0.45, 0.35, 0.2]), [3, 3, 1])
-    np.testing.assert_array_equal(allocate_counts(5, [0.0, 0.5, 0.5]), [0, 3, 2])
-    assert allocate_counts(1001, np.full(7, 1 / 7)).sum() == 1001
+    np.testing.assert_array_equal(class_sequence(7, [0.45, 0.35, 0.2]), [0, 1, 2, 0, 1, 0, 1])
+
+
+def test_targets_are_nested_at_every_size():
+    """The digits' target mixture at every n from 1 to 300 (auxiliaries cut to 100 images so the source holds
+    them): the target of n images is inside the target of n + 1, and its class histogram is allocate_counts'."""
+    spec = digits_config_spec()
+    for pop in spec.aux:
+        pop.count = 100
+    source = open_source(spec.source)
+    labels = source.labels("train")
+    mixture = np.array([spec.target.mixture[str(k)] for k in range(10)])
+    previous = set()
+    for n in range(1, 301):
+        spec.target.count = n
+        _, indices = draw_populations(source, ordered_populations(spec))["target"]
+        assert previous < set(indices.tolist()), n
+        np.testing.assert_array_equal(np.bincount(labels[indices], minlength=10), allocate_counts(n, mixture))
+        previous = set(indices.tolist())
 
 
 def test_shard_count_rule():
@@ -286,9 +321,10 @@ def test_the_reference_ignores_the_target_size_and_targets_nest(sweep):
     assert keys[main, "reference"] == keys[member, "reference"] and len(keys[main, "reference"]) == 200
     assert len(keys[member, "target"]) == 16 and len(keys[main, "target"]) == 64
     assert keys[member, "target"] < keys[main, "target"]
-    # Largest remainder of 16 and 64 x (0.13 x 5, 0.07 x 5): every class count grows with n.
-    assert list(population_entry(manifest, "target")["class_histogram"].values()) == [2] * 6 + [1] * 4
-    assert list(population_entry(main_manifest, "target")["class_histogram"].values()) == [8] * 5 + [5] * 4 + [4]
+    # 16 and 64 x (0.13 x 5, 0.07 x 5), each class within quota (2.08 -> 3 or 2, 1.12 -> 1; 8.32 -> 9 or 8,
+    # 4.48 -> 5 or 4), and every class count grows with n.
+    assert list(population_entry(manifest, "target")["class_histogram"].values()) == [3] + [2] * 4 + [1] * 5
+    assert list(population_entry(main_manifest, "target")["class_histogram"].values()) == [9] * 3 + [8] * 2 + [5] + [4] * 4
 
 
 def test_shared_populations_are_not_written_again(sweep):

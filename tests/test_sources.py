@@ -1,9 +1,11 @@
 """Sources read the real on-disk formats (written here, small) back exactly."""
+import gzip
 import io
 import os
 import pickle
 import re
 import tarfile
+from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from PIL import Image
 
 from shards.errors import DataError, UndecodableItem
-from shards.sources import open_source
+from shards.sources import IDX_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, open_source
 from shards.spec import SourceSpec
 
 def load(source, split, indices):
@@ -265,3 +267,113 @@ def test_undecodable_items_name_the_file_or_key(tmp_path):
     with pytest.raises(UndecodableItem) as error:
         lsun.load("train", 1)
     assert str(error.value).startswith(f"cannot decode image key 0b in {tmp_path}/bedroom_train_lmdb: ")
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """An IDX file: the magic number, each dimension as a big-endian 32-bit word, then the bytes."""
+    return b"".join([magic.to_bytes(4, "big"), *(d.to_bytes(4, "big") for d in array.shape), array.tobytes()])
+
+
+def write_idx_set(directory, gz: bool, counts=(5, 3), size=(28, 28), classes=4, seed=0) -> dict:
+    """The four files of an MNIST-style IDX set (plain or gzipped) with random images; returns
+    {split: (images uint8 [N, rows, cols], labels)}."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for (split, (images_name, labels_name)), count in zip(IDX_FILES.items(), counts):
+        images = rng.integers(0, 256, size=(count, *size), dtype=np.uint8)
+        labels = rng.permutation(np.arange(count) % classes).astype(np.uint8)  # classes as even as can be
+        for name, data in ((images_name, idx_bytes(images, IDX_IMAGES_MAGIC)),
+                           (labels_name, idx_bytes(labels, IDX_LABELS_MAGIC))):
+            (directory / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
+        written[split] = (images, labels.astype(np.int64))
+    return written
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_reads_both_splits_pixel_exact(tmp_path, gz):
+    expected = write_idx_set(tmp_path, gz)
+    source = open_source(SourceSpec(kind="idx", path=str(tmp_path), image_size=28))
+    assert source.class_names == ["0", "1", "2", "3"] and source.channels == 1
+    assert source.splits == ["train", "test"]
+    for split, (images, labels) in expected.items():
+        np.testing.assert_array_equal(source.labels(split), labels)
+        np.testing.assert_array_equal(load(source, split, range(len(labels))), images[..., None])
+    named = open_source(SourceSpec(kind="idx", path=str(tmp_path), image_size=14, channels="3",
+                                   categories=["shirt", "trouser", "bag", "boot"]))
+    assert named.class_names == ["shirt", "trouser", "bag", "boot"] and named.channels == 3
+    box = Image.fromarray(expected["test"][0][2]).resize((14, 14), resample=Image.BOX)
+    np.testing.assert_array_equal(load(named, "test", [2])[0], np.stack([np.asarray(box)] * 3, axis=-1))
+
+
+def spoil_idx(directory, how: str):
+    """Damage a plain IDX set one way; returns the file the error must name."""
+    images, labels = (directory / name for name in IDX_FILES["train"])
+    test_images = directory / IDX_FILES["test"][0]
+    if how == "missing":
+        labels.unlink()
+        return labels
+    if how == "truncated":
+        test_images.write_bytes(test_images.read_bytes()[:-1])
+        return test_images
+    if how == "longer":
+        images.write_bytes(images.read_bytes() + b"\0")
+        return images
+    if how == "short header":
+        labels.write_bytes(labels.read_bytes()[:6])
+        return labels
+    if how == "counts":
+        labels.write_bytes(idx_bytes(np.zeros(4, np.uint8), IDX_LABELS_MAGIC))
+        return labels
+    if how == "magic":  # a labels file where the images should be
+        images.write_bytes(labels.read_bytes())
+        return images
+    raise ValueError(how)
+
+
+IDX_REFUSALS = {
+    "missing": "has no train-labels-idx1-ubyte (nor train-labels-idx1-ubyte.gz)",
+    "truncated": "is truncated: its header says 3 x 28 x 28 = 2352 bytes of data, it holds 2351",
+    "longer": "is longer than its header says: its header says 5 x 28 x 28 = 3920 bytes of data, it holds 3921",
+    "short header": "is truncated: its header ends after 6 bytes",
+    "counts": "holds 5 images but",
+    "magic": "is not an IDX file of 3-dimensional unsigned bytes: its magic number is 0x00000801, expected 0x00000803",
+}
+
+
+@pytest.mark.parametrize("how", list(IDX_REFUSALS))
+def test_idx_refuses_a_damaged_set_naming_the_file(tmp_path, how):
+    write_idx_set(tmp_path, gz=False)
+    culprit = spoil_idx(tmp_path, how)
+    with pytest.raises(DataError) as raised:
+        source = open_source(SourceSpec(kind="idx", path=str(tmp_path), image_size=28))
+        for split in source.splits:  # images are read on first use
+            source.load(split, 0)
+    message = str(raised.value)
+    assert "\n" not in message and IDX_REFUSALS[how] in message
+    assert str(culprit) in message if how != "missing" else f"the idx source {tmp_path} " in message
+
+
+def test_idx_refuses_a_cut_gzip_stream_and_unnamed_labels(tmp_path):
+    write_idx_set(tmp_path, gz=True)
+    labels = tmp_path / (IDX_FILES["test"][1] + ".gz")
+    labels.write_bytes(labels.read_bytes()[:-12])
+    with pytest.raises(DataError, match=f"^cannot read {labels}: Compressed file ended before the end-of-stream"):
+        open_source(SourceSpec(kind="idx", path=str(tmp_path), image_size=28))
+    write_idx_set(tmp_path, gz=True)
+    with pytest.raises(DataError, match=r"categories must name each label .* \(0 to 3\) once, in label order; it "
+                                        r"names 3: a, b, c$"):
+        open_source(SourceSpec(kind="idx", path=str(tmp_path), categories=["a", "b", "c"]))
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Fashion-MNIST is not installed "
+                    "(apt-get install dataset-fashion-mnist; `make venv` does it where apt-get runs as root)")
+def test_the_real_fashion_mnist_files_parse():
+    source = open_source(SourceSpec(kind="idx", path=str(FASHION_MNIST), image_size=28))
+    assert source.class_names == [str(c) for c in range(10)] and source.channels == 1
+    for split, count in (("train", 6000), ("test", 1000)):
+        assert np.bincount(source.labels(split)).tolist() == [count] * 10
+        assert source.load(split, len(source.labels(split)) - 1).shape == (28, 28, 1)

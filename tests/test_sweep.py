@@ -4,14 +4,10 @@ table and a plot per metric; under `submit` the sizes are an array job after the
 a view of each size's measurements file: made-up ones give known findings and tables."""
 import json
 import shutil
-from pathlib import Path
-
-import numpy as np
 import pytest
 
 from evaluation.measurements import write_measurements
 from shards.manifest import load_manifest, shard_paths
-from shards.populations import allocate_counts
 from shards.stream import read_population
 from tests.conftest import DIGITS, scorefuse
 from tests.constructed_measurements import measurements, model, plus
@@ -38,7 +34,7 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
         assert (sweep / f"{name}.png").is_file()
     md = (sweep / "sweep.md").read_text()
     assert "fused-exact against target-scratch on held-out NLL (paired):" in md
-    assert "The targets are nested" in md
+    assert sweep_stage.NESTED in md
 
     small, large = (sweep / "n8" / "data"), (sweep / "n16" / "data")
     targets = [set(map(tuple, read_population(d, "target")[0].flatten(1).tolist())) for d in (small, large)]
@@ -60,19 +56,7 @@ def test_submit_queues_the_sizes_as_an_array_after_the_auxiliaries(tmp_path):
     assert '"--dependency=afterok:$sweep_runs"' in lines["sweep"]
 
 
-def test_sizes_whose_rounding_breaks_nesting_are_named(monkeypatch):
-    """Largest-remainder rounding of the digits' target mixture gives class 5 two images at n = 16 and one at
-    n = 17: the n = 16 target is then not inside the n = 17 one, and the summary says so."""
-    cfg = load_config(DIGITS, [])
-    mixture = np.array([cfg.data.target.mixture[str(k)] for k in range(10)])
-    histograms = {n: {str(k): int(c) for k, c in enumerate(allocate_counts(n, mixture))} for n in (16, 17, 32)}
-    monkeypatch.setattr(sweep_stage, "load_manifest", lambda data: {"populations": {cfg.data.target.name: {
-        "class_histogram": histograms[int(Path(data).parent.name[1:])]}}})
-    assert "NOT nested at n = 16 -> 17:" in sweep_stage._nesting(cfg, [16, 17, 32])
-    assert sweep_stage._nesting(cfg, [16, 32]).startswith("The targets are nested")
-
-
-def test_the_summary_is_a_view_of_each_sizes_measurements(tmp_path, monkeypatch):
+def test_the_summary_is_a_view_of_each_sizes_measurements(tmp_path):
     """Measurements files written here for n = 8 and 16: fused-exact beats target-scratch on NLL at n = 8 (paired
     difference -1.0 ± 0.04) and ties it at n = 16 (-0.005 ± 0.012), and its Fréchet interval separates from
     target-scratch's at both; sweep.md says so, and sweep.json holds the members' numbers as they are."""
@@ -87,7 +71,6 @@ def test_the_summary_is_a_view_of_each_sizes_measurements(tmp_path, monkeypatch)
                              floors={"real: held-out half vs half": model(fd=(1.0, 0.5, 1.5))}, sweep_n=16)}
     for n, m in made.items():
         write_measurements(RunDir.of(sweep_member(cfg, n)).measurements, m)
-    monkeypatch.setattr(sweep_stage, "_nesting", lambda cfg, sizes: f"nesting of {sizes}")  # no data here
 
     sweep_stage.summarise(cfg)
     sweep = RunDir.of(cfg).sweep
@@ -95,7 +78,7 @@ def test_the_summary_is_a_view_of_each_sizes_measurements(tmp_path, monkeypatch)
     assert "- fused-exact against target-scratch on held-out NLL (paired): better at n = 8; indistinguishable at " \
            "n = 16.\n" in md
     assert "- fused-exact against target-scratch on Fréchet distance (95% intervals): better at n = 8, 16.\n" in md
-    assert "| fused-exact | 2.3 ± 0.13 | 2.3 ± 0.13 |" in md and "- nesting of [8, 16]" in md
+    assert "| fused-exact | 2.3 ± 0.13 | 2.3 ± 0.13 |" in md and f"- {sweep_stage.NESTED}" in md
     data = json.loads((sweep / "sweep.json").read_text())["data"]
     assert data["sizes"] == [8, 16]
     assert set(data["metrics"]) == {"NLL bits/dim", "held-out loss", "KID", "copies %", "fd_clf64 vs reference"}
