@@ -5,9 +5,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 
-.PHONY: demo test test-fast venv bench sweep gpu-check clean-demo
+.PHONY: demo test test-fast venv datasets bench sweep gpu-check clean-demo
 
-venv: $(STAMP)
+venv: $(STAMP) datasets
+
+# Fashion-MNIST from the distribution's archive (configs/fashion_mnist.yaml and the tests on the real files).
+# Skipped where it is installed or there is no apt-get; where apt-get cannot install it (not root, no
+# archive) a note says so and the tests that need it skip.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+datasets:
+	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) || \
+	    echo "note: apt-get could not install dataset-fashion-mnist; the tests on the real files skip"
 
 # The registry's torch build (not the local +cpu wheel: torchvision, and so torch-fidelity, do not
 # load with it). Three '=' pin the exact version so pip skips the +cpu local build. DeepSpeed builds
@@ -20,27 +30,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: venv
 	$(BIN)/scorefuse run --config $(CONFIG)
 
-test: $(STAMP)
+test: venv
 	$(BIN)/python -m pytest -q
 
 # The quick local loop: the suite without the tests marked slow, resume, multiprocess or slurm.
-test-fast: $(STAMP)
+test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not resume and not multiprocess and not slurm"
 
 # ScoreFusion's experiment on the digits: every method at the target sizes of sweep.sizes (after `make demo`,
 # whose auxiliaries it reuses; it trains them first otherwise).
-sweep: $(STAMP)
+sweep: venv
 	$(BIN)/scorefuse run --config $(CONFIG) stages=prepare,train-aux
 	$(BIN)/scorefuse sweep --config $(CONFIG)
 
 # On a GPU node: the prepared check of every CUDA path (about 5 minutes on one H200, 9 at most), rows in gpu_check.md as they finish.
-gpu-check: $(STAMP)
+gpu-check: venv
 	$(BIN)/python bench/gpu_check.py --out gpu_check.md
 
-bench: $(STAMP)
+bench: venv
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/likelihood.py

@@ -7,7 +7,7 @@ drawn from the same RNG. A resumed run passes the number of batches it already c
 exactly the batches an uninterrupted run would have seen next; the skipped visits are walked with the
 manifest's per-shard counts, without reading them.
 
-Evaluation (read_population) goes through a population exactly once, in shard order.
+Evaluation (population_batches, read_population) goes through a population exactly once, in shard order.
 
 Both count corrupt data with BadSampleCounter: a bad sample is skipped with one warning, and the reader
 stops with a DataError once it has met more than `max_bad_samples` distinct bad samples. The training
@@ -29,6 +29,8 @@ from webdataset.tariterators import tarfile_samples
 from shards.errors import DataError
 from shards.manifest import load_manifest, population_entry, shard_paths
 from shards.pixels import to_unit
+
+READ_BATCH = 1024  # images decoded at a time by read_population
 
 
 class BadSampleCounter:
@@ -204,18 +206,36 @@ def _leave_interrupts_to_the_trainer(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def read_population(data_dir, population, max_bad_samples=10):
-    """The whole population in shard order, in this process: (uint8 [N, C, H, W], int64 labels [N]).
-    For small populations (FID reference statistics, the target set, a classifier's training data)."""
+def population_batches(data_dir, population, batch_size, max_bad_samples=10, rank=0, world_size=1):
+    """One pass over a population in shard order, cut into batches of `batch_size` samples (the last one may be
+    smaller): (batch index, uint8 images [B, C, H, W], int64 labels [B]) of the batches whose index % world_size
+    is `rank`. Every shard is read once and streamed, so memory holds one batch, whatever the population's size;
+    the samples of other ranks' batches are read past without being decoded. A corrupt sample leaves its batch
+    one image short (the batches are cut by position in the shards, the same on every rank)."""
     shards = PopulationShards(data_dir, population)
     counter = BadSampleCounter(population, max_bad_samples)
-    images, labels = [], []
-    for path, expected in zip(shards.paths, shards.counts):
-        for sample in shard_samples(path, expected, counter):
-            decoded = decode_or_record(sample, counter, shards.channels, shards.image_size)
-            if decoded is not None:
-                images.append(decoded[0])
-                labels.append(decoded[1])
     shape = (0, shards.channels, shards.image_size, shards.image_size)
-    stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
-    return torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.int64)
+    samples = (sample for path, expected in zip(shards.paths, shards.counts)
+               for sample in shard_samples(path, expected, counter))
+    for index in count_from():
+        raw = list(islice(samples, batch_size))
+        if not raw:
+            return
+        if index % world_size != rank:
+            continue
+        decoded = [d for d in (decode_or_record(sample, counter, shards.channels, shards.image_size)
+                               for sample in raw) if d is not None]
+        images = np.stack([image for image, _ in decoded]) if decoded else np.zeros(shape, np.uint8)
+        yield index, torch.from_numpy(images), torch.tensor([label for _, label in decoded], dtype=torch.int64)
+
+
+def read_population(data_dir, population, max_bad_samples=10):
+    """The whole population in shard order, in this process: (uint8 [N, C, H, W], int64 labels [N]).
+    For populations that fit in memory (FID reference statistics, a classifier's training data); a pass that
+    need not hold them reads population_batches."""
+    parts = list(population_batches(data_dir, population, READ_BATCH, max_bad_samples))
+    if not parts:  # no shard could be read (and no more of them than max_bad_samples)
+        shards = PopulationShards(data_dir, population)
+        return (torch.zeros((0, shards.channels, shards.image_size, shards.image_size), dtype=torch.uint8),
+                torch.zeros(0, dtype=torch.int64))
+    return torch.cat([images for _, images, _ in parts]), torch.cat([labels for _, _, labels in parts])

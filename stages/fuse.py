@@ -30,7 +30,8 @@ import torch
 from evaluation.plots import lambda_chart
 from shards.atomic import write_atomically
 from shards.errors import ModelError
-from shards.stream import read_population
+from shards.manifest import population_entry
+from shards.stream import population_batches
 from stages.catalogue import barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model, single_lambda
 from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
@@ -50,41 +51,42 @@ from stages.train_aux import model_meta, train_denoiser
 
 # ---- the fits -----------------------------------------------------------------------------------------------
 
-def target_batches(images: torch.Tensor, batch: int, seed: int, rank: int, world: int):
-    """This rank's share of the target images as (x0, generator) pairs, batch i to rank i % world, each
-    batch's draws seeded by its global index: the Gram sums do not depend on the world size."""
-    for index, chunk in enumerate(to_unit(images).split(batch)):
-        if index % world == rank:
-            yield chunk, generator(seed, Stream.GRAM, index)
+def target_batches(batches, seed: int):
+    """(x0 in [-1, 1], generator) pairs of the Gram pass from (batch index, uint8 images, ...) batches (a rank's
+    share, shards.stream.population_batches), each batch's draws seeded by its global index: the Gram sums do
+    not depend on the world size."""
+    for index, images, *_ in batches:
+        yield to_unit(images), generator(seed, Stream.GRAM, index)
 
 
-def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) -> dict:
-    """Both fits on the target images (uint8); returns (and on the main process writes) lambda.json's content."""
+def fit_lambda(ctx: StageContext, fused: FusedDenoiser, n: int) -> dict:
+    """Both fits on the n target images, streamed from their shards (one read per pass, one batch in memory);
+    returns (and on the main process writes) lambda.json's content."""
     cfg, acc, fuse = ctx.cfg, ctx.acc, ctx.cfg.fuse
     edges = list(fuse.sigma_bins) or None
     autocast = autocast_dtype(fuse.precision)
     rank, world = acc.process_index, acc.num_processes
 
     t0 = time.perf_counter()
-    batches = ((x.to(ctx.device), g) for x, g in target_batches(images, fuse.batch, cfg.train.seed, rank, world))
+    shares = population_batches(ctx.run.data, cfg.data.target.name, fuse.batch, cfg.data.max_bad_samples, rank, world)
+    batches = ((x.to(ctx.device), g) for x, g in target_batches(shares, cfg.train.seed))
     objective = objective_of(fuse.objective, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data)
     stats = accumulate_gram(fused, batches, fuse.draws_per_image, objective, sigma_edges=edges, autocast_dtype=autocast,
                             reduce=(lambda t: acc.reduce(t, "sum")) if world > 1 else None)
     exact = fit_barycenter_weights(stats, fused.names)
     exact_seconds = time.perf_counter() - t0
     ctx.log(f"fuse (exact, {fuse.objective} objective): lambda {_fmt(exact['lambda'])}, loss "
-            f"{exact['report']['loss']:.5f} in {exact_seconds:.1f} s ({fuse.draws_per_image} draws x {len(images)} images)")
+            f"{exact['report']['loss']:.5f} in {exact_seconds:.1f} s ({fuse.draws_per_image} draws x {n} images)")
 
     # one epoch = one pass over the n target images; no accumulation: a micro-batch per rank per step
-    spec = replace(ctx.short_run(fuse.batch, fuse.sgd_lr, fuse.sgd_epochs * len(images) / 1000), accum=1)
+    spec = replace(ctx.short_run(fuse.batch, fuse.sgd_lr, fuse.sgd_epochs * n / 1000), accum=1)
     modules, optimizers, updates = sgd_fit_parts(fused, objective, sigma_edges=edges, momentum=fuse.sgd_momentum,
                                                  autocast_dtype=autocast,
                                                  init=generator(cfg.train.seed, Stream.LAMBDA_INIT))
     micro = fuse.batch // world
 
     def target_stream(start_batch):
-        # the target set is small: read in this process
-        return ctx.training_images(cfg.data.target.name, micro, cfg.train.seed, start_batch, workers=0)
+        return ctx.training_images(cfg.data.target.name, micro, cfg.train.seed, start_batch)
 
     torch.manual_seed(seed_of(cfg.train.seed, Stream.LAMBDA_SGD, rank))  # its draws: per rank, saved in its checkpoints
     engine = Engine(acc, spec, engine_paths(ctx.run.sgd_fit), modules=modules, optimizers=optimizers, updates=updates,
@@ -99,7 +101,7 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
             f"optimum) in {engine.seconds:.1f} s")
     return {"method": fuse.method, "objective": fuse.objective, "names": fused.names, "sigma_edges": edges,
             "target": cfg.data.target.name,
-            "target_images": len(images),
+            "target_images": n,
             "exact": {"lambda": exact["lambda"].tolist(), "seconds": exact_seconds, **exact["report"]}, "sgd": sgd}
 
 
@@ -169,24 +171,32 @@ def train_router(ctx: StageContext, names: list[str]) -> Router:
     return load_router(stage)
 
 
-def fit_mixture(ctx: StageContext, images: torch.Tensor, auxiliaries: dict, router: Router) -> dict:
-    """pi by EM on the n target images (uint8): on the router's density ratios at fuse.router_sigma, and (nll_check)
-    on each auxiliary's PF-ODE log-likelihood of the images; each with the bits/dim the mixture of the
-    auxiliaries' likelihoods reaches with it (a comparable yardstick for both). Main process."""
+def fit_mixture(ctx: StageContext, batches, auxiliaries: dict, router: Router) -> dict:
+    """pi by EM on the n target images, read as (batch index, uint8 images, ...) `batches` (one pass, one batch in
+    memory): on the router's density ratios at fuse.router_sigma, and (nll_check) on each auxiliary's PF-ODE
+    log-likelihood of the images; each with the bits/dim the mixture of the auxiliaries' likelihoods reaches with
+    it (a comparable yardstick for both). Main process."""
     cfg, f, ev = ctx.cfg, ctx.cfg.fuse, ctx.cfg.eval
     started = time.perf_counter()
-    log_r = log_density_ratios(router.to(ctx.device), to_unit(images).to(ctx.device), f.router_sigma,
-                               f.router_draws, generator(cfg.train.seed, Stream.MIXTURE))
-    pi, _ = em_mixture_weights(log_r)
+    router = router.to(ctx.device)
+    log_r, log_p, seen, dims = [], [], 0, None
+    for index, images, *_ in batches:
+        # each batch's noise from a generator seeded by the batch's index, as the Gram pass draws
+        log_r.append(log_density_ratios(router, to_unit(images).to(ctx.device), f.router_sigma, f.router_draws,
+                                        generator(cfg.train.seed, Stream.MIXTURE, index)))
+        if f.nll_check:
+            dims = images[0].numel() * math.log(2)
+            log_p.append(torch.stack([-dims * nll_bits_per_dim(
+                denoiser.to(ctx.device), images, range(seen, seen + len(images)), cfg.train.seed, steps=ev.nll_steps,
+                probes=ev.nll_probes, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max, rho=cfg.edm.rho,
+                batch_size=ev.nll_batch, device=ctx.device) for denoiser in auxiliaries.values()], dim=1))
+        seen += len(images)
+    pi, _ = em_mixture_weights(torch.cat(log_r))
     result = {"names": list(auxiliaries), "priors": [1 / len(auxiliaries)] * len(auxiliaries),
-              "router_sigma": f.router_sigma, "target_images": len(images), "weights": f.mixture_weights,
+              "router_sigma": f.router_sigma, "target_images": seen, "weights": f.mixture_weights,
               "router": {"pi": pi.tolist()}}
     if f.nll_check:
-        dims = images[0].numel() * math.log(2)
-        log_p = torch.stack([-dims * nll_bits_per_dim(
-            denoiser.to(ctx.device), images, range(len(images)), cfg.train.seed, steps=ev.nll_steps,
-            probes=ev.nll_probes, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max, rho=cfg.edm.rho,
-            batch_size=ev.nll_batch, device=ctx.device) for denoiser in auxiliaries.values()], dim=1)
+        log_p = torch.cat(log_p)
         pi_nll, best = em_mixture_weights(log_p)
         reached = float(torch.logsumexp(log_p + pi.clamp(min=1e-300).log(), dim=1).mean())
         result["router"]["nll_bits_per_dim"] = -reached / dims
@@ -244,10 +254,8 @@ def run(cfg: RunConfig) -> dict:
         names = list(auxiliaries)
         uniform = FusedDenoiser(list(auxiliaries.values()), torch.full((len(names),), 1 / len(names)), names=names,
                                 batched=cfg.fuse.batched).to(ctx.device)
-        images, _ = read_population(ctx.run.data, cfg.data.target.name, cfg.data.max_bad_samples)
-        if len(images) == 0:
-            raise ModelError(f"target population {cfg.data.target.name} has no images")
-        fit = fit_lambda(ctx, uniform, images)
+        n = population_entry(ctx.manifest, cfg.data.target.name)["count"]
+        fit = fit_lambda(ctx, uniform, n)
         if ctx.acc.is_main_process:
             write_atomically(run_dir.lambda_file, json.dumps(fit, indent=1).encode())
             edges = fit["sigma_edges"]
@@ -259,7 +267,9 @@ def run(cfg: RunConfig) -> dict:
         if cfg.fuse.mixture:
             router = train_router(ctx, list(auxiliaries))
             if ctx.acc.is_main_process:
-                mixture = fit_mixture(ctx, images, auxiliaries, router)
+                batches = population_batches(ctx.run.data, cfg.data.target.name, cfg.fuse.batch,
+                                             cfg.data.max_bad_samples)
+                mixture = fit_mixture(ctx, batches, auxiliaries, router)
                 write_atomically(run_dir.mixture_file, (json.dumps(mixture, indent=1) + "\n").encode())
                 ctx.log(f"fuse (mixture): pi {_fmt(mixture['router']['pi'])} (router EM)"
                         + (f", {_fmt(mixture['nll']['pi'])} (likelihood EM)"

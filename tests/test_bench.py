@@ -42,6 +42,11 @@ def test_train_step_bench():
     assert "engine overhead:" in bench("train_step.py")
 
 
+def test_gram_pass_bench():
+    out = bench("gram_pass.py")
+    assert "| streamed from the shards (the fuse stage) | 64 |" in out and "| read whole first | 64 |" in out
+
+
 def test_likelihood_bench():
     out = bench("likelihood.py")
     assert "| FusedDenoiser, K = 3 | 3 |" in out and "| 16 |" in out  # both tables, to the last row

@@ -162,7 +162,7 @@ def test_fit_mixture():
                         edm=dict(sigma_min=0.002, sigma_max=80.0, rho=7.0))
         ctx = SimpleNamespace(cfg=SimpleNamespace(**{k: SimpleNamespace(**v) for k, v in settings.items()}),
                               device=device)
-        return fit_mixture(ctx, images(), {"a": tiny(0), "b": tiny(1)}, router())
+        return fit_mixture(ctx, [(0, images())], {"a": tiny(0), "b": tiny(1)}, router())
     expected = run(CPU)
     with fake_cuda() as cuda:
         result = run(cuda)

@@ -141,10 +141,12 @@ IMAGES, BATCH, DRAWS, EDGES = 12, 2, 2, [0.5]
 
 
 def gram_stats(rank: int, world: int, reduce=None):
-    """The fuse stage's Gram pass over this rank's share of the target images (trainer.scorefusion.target_batches)."""
+    """The fuse stage's Gram pass over this rank's share of the target images (stages.fuse.target_batches), batch i
+    to rank i % world as shards.stream.population_batches deals them."""
     images = torch.randint(0, 256, (IMAGES, 1, 16, 16), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
     fused = FusedDenoiser([tiny(seed) for seed in range(3)], torch.full((3,), 1 / 3))
-    batches = target_batches(images, BATCH, seed=0, rank=rank, world=world)
+    shares = ((index, batch) for index, batch in enumerate(images.split(BATCH)) if index % world == rank)
+    batches = target_batches(shares, seed=0)
     return accumulate_gram(fused, batches, DRAWS, OBJECTIVE, sigma_edges=EDGES, reduce=reduce)
 
 

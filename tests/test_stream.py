@@ -15,7 +15,8 @@ from shards.errors import DataError
 from shards.manifest import load_manifest, shard_paths
 from shards.prepare import prepare, write_shard
 from shards.spec import DataSpec, PopulationSpec, SourceSpec
-from shards.stream import (BadSampleCounter, TrainStream, read_population, shard_samples,
+from shards import stream
+from shards.stream import (BadSampleCounter, TrainStream, population_batches, read_population, shard_samples,
                            train_loader)
 
 POPULATION = "reference"
@@ -53,6 +54,23 @@ def test_read_population_in_shard_order(data_dir):
         with tarfile.open(path) as archive:
             in_order += [int(archive.extractfile(m).read()) for m in archive.getmembers() if m.name.endswith(".cls")]
     assert labels.tolist() == in_order
+
+
+def test_population_batches_deal_one_pass_over_the_ranks(data_dir, monkeypatch):
+    """Batches of 8 of the 70 images (the last one 6), batch i to rank i % 3: together the ranks' batches are
+    read_population's images in order, and each rank reads every shard once (decoding only its own batches)."""
+    images, labels = read_population(data_dir, POPULATION)
+    reads = []
+    monkeypatch.setattr(stream, "shard_samples", lambda path, *args: reads.append(path) or shard_samples(path, *args))
+    shares = {rank: list(population_batches(data_dir, POPULATION, 8, rank=rank, world_size=3)) for rank in range(3)}
+    paths = shard_paths(data_dir, load_manifest(data_dir), POPULATION)
+    assert reads == paths * 3
+    assert {rank: [index for index, _, _ in share] for rank, share in shares.items()} == {
+        0: [0, 3, 6], 1: [1, 4, 7], 2: [2, 5, 8]}
+    dealt = sorted((index, batch, batch_labels) for share in shares.values() for index, batch, batch_labels in share)
+    assert [len(batch) for _, batch, _ in dealt] == [8] * 8 + [6]
+    assert torch.equal(torch.cat([batch for _, batch, _ in dealt]), images)
+    assert torch.equal(torch.cat([batch_labels for _, _, batch_labels in dealt]), labels)
 
 
 def batches(loader, count):
