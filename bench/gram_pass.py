@@ -2,16 +2,18 @@
 the shards as the stage reads them (shards.stream.population_batches: one shard read at a time, one batch
 decoded) against the same pass over the target read whole into memory first.
 
-Writes an MNIST-shaped IDX set of random 28x28 grey images in a temporary directory, prepares it (a target of
-n images), then times one pass of trainer.lambda_fit.accumulate_gram over K `tiny` networks (untrained: the
-pass costs the same). Peak memory is the process's resident set (Linux /proc: VmHWM, reset before each
-variant through /proc/self/clear_refs), reported above the resident set at the start of the variant.
+Writes an MNIST-shaped IDX set of random 28x28 grey images in a temporary directory, prepares it at 16x16 (the
+tiny network's size; a target of n images), then times one pass of trainer.lambda_fit.accumulate_gram over K `tiny` networks (untrained: the
+pass costs the same). Each variant runs in a fresh process; its peak memory is the process's resident set
+(Linux /proc: VmHWM, reset through /proc/self/clear_refs once the networks are built), reported above the
+resident set at the start of the pass.
 
     python bench/gram_pass.py                    # n = 16,384, K = 4, 1 draw per image, batch 512
     python bench/gram_pass.py --tiny             # smoke test: n = 64, batch 16 (no measurement)
 """
 import argparse
 import gzip
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +34,7 @@ from trainer.lambda_fit import accumulate_gram, objective_of  # noqa: E402
 from trainer.spec import EDMSpec  # noqa: E402
 from trainer.unet import build_unet  # noqa: E402
 
-SIZE, CLASSES = 28, 10
+SIZE, IMAGE_SIZE, CLASSES = 28, 16, 10  # IDX images as MNIST's; prepared at the tiny network's size
 UNIFORM = {str(c): 1 / CLASSES for c in range(CLASSES)}
 
 
@@ -70,6 +72,18 @@ def measure(label: str, batches_of, fused, draws: int, n: int) -> str:
             f"{peak / 1024:.0f} |")
 
 
+def fused_networks(k: int) -> FusedDenoiser:
+    torch.manual_seed(0)
+    return FusedDenoiser([Denoiser(build_unet("tiny", IMAGE_SIZE, 1)) for _ in range(k)], torch.full((k,), 1 / k),
+                         batched=False)
+
+
+VARIANTS = {  # label -> the pass's batches, from the data directory and the batch size
+    "streamed from the shards (the fuse stage)": lambda data, batch: population_batches(data, "target", batch),
+    "read whole first": lambda data, batch: enumerate(read_population(data, "target")[0].split(batch)),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=16384, help="target images")
@@ -77,17 +91,20 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=1, help="(sigma, noise) draws per image")
     p.add_argument("--batch", type=int, default=512, help="fuse.batch")
     p.add_argument("--tiny", action="store_true", help="smoke test: n = 64, batch 16")
+    p.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # a variant's own process: its index in VARIANTS
+    p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.tiny:
         args.n, args.batch = 64, 16
-    torch.manual_seed(0)
-    fused = FusedDenoiser([Denoiser(build_unet("tiny", SIZE, 1)) for _ in range(args.k)],
-                          torch.full((args.k,), 1 / args.k), batched=False)
+    if args.measure is not None:
+        label, batches = list(VARIANTS.items())[args.measure]
+        print(measure(label, lambda: batches(args.data, args.batch), fused_networks(args.k), args.draws, args.n))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "idx").mkdir()
         write_idx_set(tmp / "idx", train=args.n + CLASSES, test=CLASSES)
-        spec = DataSpec(source=SourceSpec(kind="idx", path=str(tmp / "idx"), image_size=SIZE),
+        spec = DataSpec(source=SourceSpec(kind="idx", path=str(tmp / "idx"), image_size=IMAGE_SIZE),
                         aux=[PopulationSpec(name="aux", mixture=UNIFORM, count=CLASSES, seed=1)],
                         reference=PopulationSpec(name="reference", mixture=UNIFORM, count=CLASSES, seed=2,
                                                  split="test"),
@@ -96,17 +113,18 @@ def main() -> None:
         t0 = time.perf_counter()
         prepare(spec, tmp / "data", log=lambda line: None)
         prepared = time.perf_counter() - t0
-        streamed = measure("streamed from the shards (the fuse stage)",
-                           lambda: population_batches(tmp / "data", "target", args.batch), fused, args.draws, args.n)
-        whole = measure("read whole first", lambda: enumerate(read_population(tmp / "data", "target")[0].split(
-            args.batch)), fused, args.draws, args.n)
+        # each variant in a fresh process, so that neither inherits the other's allocations
+        rows = [subprocess.run([sys.executable, __file__, "--measure", str(i), "--data", str(tmp / "data"),
+                                "--n", str(args.n), "--k", str(args.k), "--draws", str(args.draws),
+                                "--batch", str(args.batch)], check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+                for i in range(len(VARIANTS))]
     print(f"\nGram pass: K = {args.k} tiny networks, {args.draws} draw(s) per image, batch {args.batch}, "
-          f"{SIZE}x{SIZE} grey, torch threads {torch.get_num_threads()}; prepare of the target took {prepared:.1f} s"
+          f"{IMAGE_SIZE}x{IMAGE_SIZE} grey (the target: {args.n * IMAGE_SIZE ** 2 / 2 ** 20:.1f} MiB as uint8), "
+          f"torch threads {torch.get_num_threads()}; prepare of the target took {prepared:.1f} s"
           + (" (--tiny: a smoke test, not a measurement)" if args.tiny else ""))
     print("| pass | n | images/s | seconds | peak memory above the start, MiB | peak resident, MiB |\n"
           "|---|---|---|---|---|---|")
-    print(streamed)
-    print(whole)
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

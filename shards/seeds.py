@@ -25,7 +25,7 @@ class Stream(IntEnum):
     SPLIT = 8         # random splits (floors, classifier hold-out)
     REAL_MIX = 9      # which "real" samples of the distillation are target images
     LAMBDA_INIT = 10  # the paper's N(0, 1) logits of the SGD fit of lambda
-    MIXTURE = 11      # the noise of the router's density ratios on the target images
+    MIXTURE = 11      # the noise of the router's density ratios on the target images, per target batch
     LAMBDA_SGD = 12   # torch's global RNG of the SGD fit of lambda, per rank: its (sigma, noise) draws
     ROUTER_DATA = 13  # the router's training stream of each auxiliary population
     REAL_MIX_DATA = 14  # the stream of target images distillation mixes into its "real" side

@@ -2,6 +2,7 @@
 at the largest sweep size, none of the auxiliaries has the target's mixture, the held-out reference comes from
 the test split, and `scorefuse prepare` writes it (cut down, on IDX files the test writes) with the splits and
 disjointness in the manifest."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ from shards.manifest import load_manifest
 from shards.populations import allocate_counts, draw_populations, ordered_populations
 from shards.sources import open_source
 from stages.config import load_config
-from tests.conftest import ROOT, scorefuse_here
+from stages.rundir import RunDir, is_finished
+from tests.conftest import FAST, ROOT, scorefuse, scorefuse_here
 from tests.test_sources import FASHION_MNIST, write_idx_set
 
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
@@ -67,3 +69,23 @@ def test_prepare_writes_it_cut_down(tmp_path, capfd):
     assert {name: (entry["split"], entry["count"]) for name, entry in manifest["populations"].items()} == {
         "tops-10": ("train", 100), "tops-30": ("train", 100), "tops-70": ("train", 100), "tops-90": ("train", 100),
         "reference": ("test", 50), "target": ("train", 16)}
+
+
+@pytest.mark.slow
+def test_a_tiny_fashion_mnist_shaped_run_through_fuse(tmp_path):
+    """prepare -> train-aux -> fuse with the config's populations (cut down), on a 28x28 IDX set written here
+    (prepared at 16x16), the fast pipeline's settings and the tiny network: lambda over the four auxiliaries fitted on the 16 target
+    images, streamed from their shards, pi by EM, and every baseline finished."""
+    idx = tmp_path / "idx"
+    write_idx_set(idx, gz=False, counts=(600, 100), classes=10)
+    overrides = [f"root={tmp_path / 'runs'}", f"data.source.path={idx}", *(f"data.aux.{i}.count=100" for i in range(4)),
+                 "data.reference.count=50", "data.target.count=16", "data.min_shards=2", "data.workers=0",
+                 "data.source.image_size=16", "network.preset=tiny", "train.precision=no", "eval.sample_precision=no", "fuse.batch=8",
+                 "fuse.router_batch=32", *FAST]
+    scorefuse("run", "--config", CONFIG, "stages=prepare,train-aux,fuse", *overrides)
+    run = RunDir.of(load_config(CONFIG, overrides))
+    fit = json.loads(run.lambda_file.read_text())
+    assert fit["names"] == ["tops-10", "tops-30", "tops-70", "tops-90"] and fit["target_images"] == 16
+    assert sum(fit["exact"]["lambda"]) == pytest.approx(1.0)
+    assert json.loads(run.mixture_file.read_text())["target_images"] == 16
+    assert all(is_finished(run.baseline(name)) for name in ("target-scratch", "target-finetune", "checkpoint-merge"))
