@@ -13,6 +13,7 @@ def parameter_count(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("preset, resolution, channels, batch", [
     ("tiny", 16, 1, 4),
     ("ddpmpp-cifar10", 32, 3, 1),
+    ("ddpmpp-28", 28, 1, 1),
     ("ddpmpp-64", 64, 3, 1),
 ])
 def test_output_shape_equals_input_shape(preset, resolution, channels, batch):

@@ -12,7 +12,7 @@ BASELINES = ("target-scratch", "target-finetune", "checkpoint-merge")
 
 @dataclass
 class NetworkSpec:
-    preset: str = "tiny"          # tiny | ddpmpp-cifar10 | ddpmpp-64 (trainer/unet.py)
+    preset: str = "tiny"          # tiny | ddpmpp-cifar10 | ddpmpp-28 | ddpmpp-64 (trainer/unet.py)
     dropout: Optional[float] = within("[0, 1)", None)  # None keeps the preset's value
 
 

@@ -36,6 +36,10 @@ PRESETS: dict[str, dict] = {
     # EDM's CIFAR-10 DDPM++ (training config "ddpmpp", dropout 0.13): ~56M parameters at 32x32x3.
     "ddpmpp-cifar10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
                            attn_resolutions=(16,), dropout=0.13),
+    # The CIFAR-10 network at 28x28 (MNIST-style IDX sets at their own size): its levels are 28/14/7, so its
+    # attention sits at 14x14, the level 16x16 is at 32x32. 55.7M parameters for grey images.
+    "ddpmpp-28": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+                      attn_resolutions=(14,), dropout=0.13),
     # EDM's 64x64 DDPM++ (FFHQ/AFHQv2 config). EDM used dropout 0.05 for FFHQ (70k images) and
     # 0.25 for AFHQv2 (15k); the LSUN populations cut for this project are tens of thousands of
     # images, so 0.1 sits between the two. Override per run through build_unet(dropout=...).
