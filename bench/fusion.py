@@ -51,7 +51,8 @@ def objective(cfg):
 
 def exact_fit(fused, images, cfg, draws, seed):
     t0 = time.perf_counter()
-    stats = accumulate_gram(fused, target_batches(enumerate(images.split(cfg.fuse.batch)), seed), draws, objective(cfg),
+    batches = target_batches(enumerate(images.split(cfg.fuse.batch)), seed)
+    stats = accumulate_gram(fused, batches, draws, objective(cfg),
                             sigma_edges=list(cfg.fuse.sigma_bins) or None,
                             autocast_dtype=autocast_dtype(cfg.fuse.precision))  # returns on the CPU: synchronised
     fit = fit_barycenter_weights(stats, fused.names)

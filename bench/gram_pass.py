@@ -3,8 +3,8 @@ the shards as the stage reads them (shards.stream.population_batches: one shard 
 decoded) against the same pass over the target read whole into memory first.
 
 Writes an MNIST-shaped IDX set of random 28x28 grey images in a temporary directory, prepares it at 16x16 (the
-tiny network's size; a target of n images), then times one pass of trainer.lambda_fit.accumulate_gram over K `tiny` networks (untrained: the
-pass costs the same). Each variant runs in a fresh process; its peak memory is the process's resident set
+tiny network's size; a target of n images), then times one pass of trainer.lambda_fit.accumulate_gram over K
+`tiny` networks (untrained: the pass costs the same). Each variant runs in a fresh process; its peak memory is the process's resident set
 (Linux /proc: VmHWM, reset through /proc/self/clear_refs once the networks are built), reported above the
 resident set at the start of the pass.
 
@@ -114,10 +114,10 @@ def main() -> None:
         prepare(spec, tmp / "data", log=lambda line: None)
         prepared = time.perf_counter() - t0
         # each variant in a fresh process, so that neither inherits the other's allocations
-        rows = [subprocess.run([sys.executable, __file__, "--measure", str(i), "--data", str(tmp / "data"),
-                                "--n", str(args.n), "--k", str(args.k), "--draws", str(args.draws),
-                                "--batch", str(args.batch)], check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
-                for i in range(len(VARIANTS))]
+        settings = ["--data", str(tmp / "data"), "--n", str(args.n), "--k", str(args.k), "--draws", str(args.draws),
+                    "--batch", str(args.batch)]
+        rows = [subprocess.run([sys.executable, __file__, "--measure", str(i), *settings], check=True,
+                               stdout=subprocess.PIPE, text=True).stdout.strip() for i in range(len(VARIANTS))]
     print(f"\nGram pass: K = {args.k} tiny networks, {args.draws} draw(s) per image, batch {args.batch}, "
           f"{IMAGE_SIZE}x{IMAGE_SIZE} grey (the target: {args.n * IMAGE_SIZE ** 2 / 2 ** 20:.1f} MiB as uint8), "
           f"torch threads {torch.get_num_threads()}; prepare of the target took {prepared:.1f} s"

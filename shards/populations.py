@@ -39,8 +39,9 @@ def class_sequence(count: int, proportions) -> np.ndarray:
     Balinski and Young's quota apportionment, as a schedule: the j-th image of class k may come at position m
     once j <= ceil(m p_k) (upper quota) and must come by the first m with floor(m p_k) >= j (lower quota);
     each position takes, among the classes whose next image may come, the one due first (ties to the class
-    furthest behind its share m p_k, then to the earlier class). Scheduling unit jobs earliest-deadline-first meets every deadline that any order meets, and
-    Balinski and Young show an order within quota at every size exists. The proportions are taken as the
+    furthest behind its share m p_k, then to the earlier class). Scheduling unit jobs earliest-deadline-first
+    meets every deadline that any order meets, and Balinski and Young show an order within quota at every size
+    exists. The proportions are taken as the
     nearest fractions with denominators up to 10^9 (0.13 is 13/100), so the arithmetic is exact.
     """
     fractions = [Fraction(float(p)).limit_denominator(10 ** 9) for p in proportions]

@@ -2,8 +2,8 @@
 
 Each n in sweep.sizes is a run of its own, runs/<name>/sweep/n<n>/: its data directory holds a target of n
 images cut like the main run's (nested at every pair of sizes: a smaller target is inside a larger one,
-shards/populations.py) and shares the main run's auxiliary and reference shards (shards/prepare.py, shared=); it fits lambda and trains the baselines on
-those n images (the fuse stage) and is evaluated against the same held-out images (the evaluate stage). The
+shards/populations.py) and shares the main run's auxiliary and reference shards (shards/prepare.py, shared=);
+it fits lambda and trains the baselines on those n images (the fuse stage) and is evaluated against the same held-out images (the evaluate stage). The
 auxiliaries, the feature classifier and the evaluation cache are the main run's (stages/rundir.py), so the
 auxiliaries are trained once and each one's samples are measured once. Every step skips what is finished:
 the sweep resumes like any stage, and `scorefuse submit` runs the sizes as an array job.

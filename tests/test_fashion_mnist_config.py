@@ -78,7 +78,8 @@ def test_a_tiny_fashion_mnist_shaped_run_through_fuse(tmp_path):
     images, streamed from their shards, pi by EM, and every baseline finished."""
     idx = tmp_path / "idx"
     write_idx_set(idx, gz=False, counts=(600, 100), classes=10)
-    overrides = [f"root={tmp_path / 'runs'}", f"data.source.path={idx}", *(f"data.aux.{i}.count=100" for i in range(4)),
+    overrides = [f"root={tmp_path / 'runs'}", f"data.source.path={idx}",
+                 *(f"data.aux.{i}.count=100" for i in range(4)),
                  "data.reference.count=50", "data.target.count=16", "data.min_shards=2", "data.workers=0",
                  "data.source.image_size=16", "network.preset=tiny", "train.precision=no", "eval.sample_precision=no", "fuse.batch=8",
                  "fuse.router_batch=32", *FAST]
@@ -88,4 +89,4 @@ def test_a_tiny_fashion_mnist_shaped_run_through_fuse(tmp_path):
     assert fit["names"] == ["tops-10", "tops-30", "tops-70", "tops-90"] and fit["target_images"] == 16
     assert sum(fit["exact"]["lambda"][0]) == pytest.approx(1.0)  # one sigma bin
     assert json.loads(run.mixture_file.read_text())["target_images"] == 16
-    assert all(is_finished(run.baseline(name)) for name in ("target-scratch", "target-finetune", "checkpoint-merge"))
+    assert all(is_finished(run.baseline(b)) for b in ("target-scratch", "target-finetune", "checkpoint-merge"))

@@ -102,7 +102,8 @@ def test_class_counts_stay_within_quota_and_never_shrink():
         for n in range(1, 301):
             counts = allocate_counts(n, [float(p) for p in mixture])
             assert counts.sum() == n and np.all(counts >= previous), (mixture, n, counts)
-            assert all(math.floor(n * p) <= c <= math.ceil(n * p) for c, p in zip(counts, mixture)), (mixture, n, counts)
+            within = all(math.floor(n * p) <= c <= math.ceil(n * p) for c, p in zip(counts, mixture))
+            assert within, (mixture, n, counts)
             previous = counts
     np.testing.assert_array_equal(allocate_counts(10, [1 / 3] * 3), [4, 3, 3])  # ties: the earlier class
     np.testing.assert_array_equal(allocate_counts(7, [0.45, 0.35, 0.2]), [3, 3, 1])
@@ -324,7 +325,8 @@ def test_the_reference_ignores_the_target_size_and_targets_nest(sweep):
     # 16 and 64 x (0.13 x 5, 0.07 x 5), each class within quota (2.08 -> 3 or 2, 1.12 -> 1; 8.32 -> 9 or 8,
     # 4.48 -> 5 or 4), and every class count grows with n.
     assert list(population_entry(manifest, "target")["class_histogram"].values()) == [3] + [2] * 4 + [1] * 5
-    assert list(population_entry(main_manifest, "target")["class_histogram"].values()) == [9] * 3 + [8] * 2 + [5] + [4] * 4
+    assert list(population_entry(main_manifest, "target")["class_histogram"].values()) == \
+        [9] * 3 + [8] * 2 + [5] + [4] * 4
 
 
 def test_shared_populations_are_not_written_again(sweep):
