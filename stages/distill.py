@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from evaluation.labels import auxiliary
 from shards.atomic import sha256_file, sha256_text
 from shards.errors import ModelError
 from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
@@ -76,7 +77,7 @@ def teacher_parts(ctx: StageContext):
     if d.init == "warm" or d.score_init == "aux":
         if d.warm_from == "best":
             best = best_auxiliary(fit)
-            warm, info["warm"] = auxiliaries[best].state_dict(), f"aux/{best}"
+            warm, info["warm"] = auxiliaries[best].state_dict(), auxiliary(best)
         else:
             lam = single_lambda(fit)
             warm = merge_weights([auxiliaries[n] for n in fit["names"]], lam)

@@ -36,6 +36,7 @@ from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
 from trainer.export import build_denoiser, export_denoiser
 from trainer.fused_denoiser import FusedDenoiser, merge_weights
+from evaluation.labels import CHECKPOINT_MERGE, TARGET_FINETUNE, TARGET_SCRATCH
 from evaluation.likelihood import nll_bits_per_dim
 from trainer.lambda_fit import Objective, SoftmaxWeights, accumulate_gram, fit_barycenter_weights, objective_of
 from trainer.mixture import em_mixture_weights
@@ -218,7 +219,7 @@ def checkpoint_merge(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Pat
     one lambda: with sigma bins, the single-lambda fit on the same draws."""
     if ctx.acc.is_main_process:
         lam = single_lambda(fit)
-        meta = {**model_meta(ctx, "checkpoint-merge"), "lambda": lam}
+        meta = {**model_meta(ctx, CHECKPOINT_MERGE), "lambda": lam}
         merged = build_denoiser(meta)
         merged.load_state_dict(merge_weights([auxiliaries[n] for n in fit["names"]], lam))
         export_denoiser(stage, merged, meta)
@@ -227,8 +228,7 @@ def checkpoint_merge(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Pat
     ctx.acc.wait_for_everyone()
 
 
-BUILDERS = {"target-scratch": target_scratch, "target-finetune": target_finetune,
-            "checkpoint-merge": checkpoint_merge}
+BUILDERS = {TARGET_SCRATCH: target_scratch, TARGET_FINETUNE: target_finetune, CHECKPOINT_MERGE: checkpoint_merge}
 assert tuple(BUILDERS) == BASELINES
 
 
