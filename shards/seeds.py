@@ -29,6 +29,7 @@ class Stream(IntEnum):
     LAMBDA_SGD = 12   # torch's global RNG of the SGD fit of lambda, per rank: its (sigma, noise) draws
     ROUTER_DATA = 13  # the router's training stream of each auxiliary population
     REAL_MIX_DATA = 14  # the stream of target images distillation mixes into its "real" side
+    CLASSIFIER_INIT = 15  # the feature classifier's initial weights
 
 
 def seed_of(*words: int) -> int:
