@@ -31,7 +31,8 @@ from evaluation.plots import lambda_chart
 from shards.atomic import write_atomically
 from shards.errors import ModelError
 from shards.stream import read_population
-from stages.catalogue import barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model, single_lambda
+from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model, single_lambda,
+                              trained_auxiliaries)
 from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
 from trainer.export import build_denoiser, export_denoiser
@@ -68,7 +69,10 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
 
     t0 = time.perf_counter()
     batches = ((x.to(ctx.device), g) for x, g in target_batches(images, fuse.batch, cfg.train.seed, rank, world))
-    objective = objective_of(fuse.objective, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data)
+    # draws outside the auxiliaries' common sigma range (pretrained models are valid on their tables only) are
+    # moved to its nearest end, so that every auxiliary is fitted where it is valid
+    objective = objective_of(fuse.objective, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data).within(
+        getattr(fused, "sigma_range", None))
     stats = accumulate_gram(fused, batches, fuse.draws_per_image, objective, sigma_edges=edges, autocast_dtype=autocast,
                             reduce=(lambda t: acc.reduce(t, "sum")) if world > 1 else None)
     exact = fit_barycenter_weights(stats, fused.names)
@@ -99,7 +103,7 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
     ctx.log(f"fuse (sgd): lambda {_fmt(sgd_lam)}, loss {sgd_loss:.5f} ({sgd['gap_percent']:+.3f}% from the exact "
             f"optimum) in {engine.seconds:.1f} s")
     return {"method": fuse.method, "objective": fuse.objective, "names": fused.names, "sigma_edges": edges,
-            "target": cfg.data.target.name,
+            "sigma_range": getattr(fused, "sigma_range", None), "target": cfg.data.target.name,
             "target_images": len(images),
             "exact": {"lambda": exact["lambda"].tolist(), "seconds": exact_seconds, **exact["report"]}, "sgd": sgd}
 
@@ -205,8 +209,9 @@ def target_scratch(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path)
 
 
 def target_finetune(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
-    """The auxiliary with the lowest target loss (a vertex of the fit), fine-tuned on the n target images."""
-    best = best_auxiliary(fit)
+    """The auxiliary trained here with the lowest target loss (a vertex of the fit), fine-tuned on the n target
+    images."""
+    best = best_auxiliary(fit, trained_auxiliaries(ctx.cfg))
     ctx.log(f"target-finetune: starting from aux/{best} (target loss {fit['exact']['vertex_losses'][best]:.5f})")
     f = ctx.cfg.fuse
     train = replace(ctx.cfg.train, total_kimg=f.finetune_kimg, lr=f.finetune_lr, lr_rampup_kimg=0)

@@ -1,0 +1,175 @@
+"""Pretrained auxiliaries: a model that exists already, in the place of one trained on a population.
+
+`data.aux` entries with `pretrained:` name a diffusers model (a directory written by save_pretrained, in a
+pipeline's layout with unet/ and scheduler/ or the model's own with scheduler_config.json beside it; or a hub id
+with `revision` and `subfolder`, through diffusers' own from_pretrained) wrapped as an EDM denoiser
+(trainer/pretrained.py), or a scorefuse export of any run (ema.safetensors + model.json). `train-aux` loads it
+once, checks it against the run's images and records what it loaded in the auxiliary's directory (the source,
+the sha256 of its weights, its schedule and sigma range); every later stage loads it through `load_recorded`,
+which refuses weights that changed since. Refused, in one line: pickled networks (never unpickled), a model of
+another image shape, a schedule or prediction type the wrapper does not handle, a directory that is no model,
+a hub id that is not cached while the hub cannot be reached.
+"""
+import hashlib
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from shards.atomic import write_atomically
+from shards.errors import CheckpointError, ConfigError, ModelError
+from shards.spec import AuxSpec
+from trainer.export import has_denoiser, load_denoiser
+from trainer.pretrained import from_diffusers
+
+# what torch.save, pickle and NVlabs' EDM write: loading any of them runs code
+PICKLES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+MODEL_CLASS = "UNet2DModel"
+
+
+def load_pretrained(aux: AuxSpec, shape: tuple[int, int, int], layout: tuple | None = None) -> tuple[nn.Module, dict]:
+    """(the denoiser in eval mode, its record) of a pretrained auxiliary whose images must be `shape` (C, H, W).
+    `layout`: the (model, scheduler) subfolders of a diffusers model, when a record already found them."""
+    where = f"data.aux {aux.name}: pretrained={aux.pretrained}"
+    path = Path(aux.pretrained).expanduser()
+    if path.suffix.lower() in PICKLES:
+        raise ConfigError(f"{where} is a pickle, which runs code when loaded and is refused; export its weights "
+                          "to safetensors (save_pretrained, or a scorefuse export)")
+    if path.is_file() and path.suffix == ".safetensors":
+        path = path.parent  # a scorefuse export's weights: its model.json is beside them
+    if path.is_dir() and has_denoiser(path):
+        denoiser, meta = load_denoiser(path)
+        record = {"kind": "scorefuse", "model": meta, "sigma_range": None}
+    elif path.is_dir() or (not path.exists() and HUB_ID.fullmatch(aux.pretrained)):
+        denoiser, record = _diffusers(aux, where, local=path.is_dir(), layout=layout)
+    elif path.exists():
+        raise ConfigError(f"{where} is not a diffusers model directory, a scorefuse export or a hub id")
+    else:
+        raise ConfigError(f"{where}: no such file or directory, and not a hub id (owner/name)")
+    if tuple(denoiser.image_shape) != tuple(shape):
+        raise ConfigError(f"{where} makes {'x'.join(map(str, denoiser.image_shape))} images (channels x height x "
+                          f"width) and the run's are {'x'.join(map(str, shape))}")
+    record = {"name": aux.name, "pretrained": aux.pretrained, "revision": aux.revision, "timesteps": aux.timesteps,
+              **record, "image_shape": list(shape), "parameters": sum(p.numel() for p in denoiser.parameters()),
+              "weights_sha256": weights_sha256(denoiser)}
+    return denoiser, record
+
+
+def save_record(record: dict, path: Path) -> None:
+    write_atomically(path, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def load_recorded(aux: AuxSpec, path: Path) -> nn.Module:
+    """The recorded pretrained auxiliary, loaded again from its source; CheckpointError when there is no record
+    or the weights are not the recorded ones."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"auxiliary {aux.name}: no record of its pretrained model ({path}); "
+                              f"run `scorefuse train-aux aux={aux.name}` first")
+    record = json.loads(Path(path).read_text())
+    if record["pretrained"] != aux.pretrained or record["revision"] != aux.revision:
+        raise ConfigError(f"data.aux {aux.name}: pretrained={aux.pretrained} but {path} recorded "
+                          f"{record['pretrained']}; use another run name, or train.resume=none with train-aux")
+    layout = (record["subfolder"], record["scheduler_subfolder"]) if record["kind"] == "diffusers" else None
+    denoiser, loaded = load_pretrained(aux, record["image_shape"], layout)
+    if loaded["weights_sha256"] != record["weights_sha256"]:
+        raise CheckpointError(f"auxiliary {aux.name}: the weights of {aux.pretrained} changed since they were "
+                              f"recorded in {path}; run `scorefuse train-aux aux={aux.name} train.resume=none` "
+                              "to record the new ones (the fits that used the old ones must be redone)")
+    return denoiser
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 of a network's tensors (names, dtypes, shapes and values, in name order): the same for the same
+    weights whatever file format, layout or cache they were loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- diffusers ------------------------------------------------------------------------------------------------
+
+def _diffusers(aux: AuxSpec, where: str, local: bool, layout: tuple | None) -> tuple[nn.Module, dict]:
+    """A diffusers UNet2DModel and its scheduler's config through diffusers' own loaders: from the directory, or
+    from the hub (its local cache first, so that an offline node uses what was downloaded before)."""
+    for local_files_only in ((True,) if local else (True, False)):
+        try:
+            return _load_diffusers(aux, where, layout, local_files_only)
+        except _NotFound as missing:
+            if local or not local_files_only:
+                raise ConfigError(f"{where}: {missing}" + ("" if local else " on the hub")) from None
+            if not _hub_reachable():
+                raise ConfigError(f"{where}: not in the local hub cache, and the hub ({_endpoint()}) could not be "
+                                  "reached; download it where there is internet (the same HF_HOME), or give the "
+                                  "directory save_pretrained wrote") from None
+
+
+class _NotFound(Exception):
+    """No model, or no scheduler config, where one was looked for."""
+
+
+def _load_diffusers(aux: AuxSpec, where: str, layout: tuple | None, local_files_only: bool):
+    from diffusers import DDPMScheduler, UNet2DModel
+    options = {"revision": aux.revision, "local_files_only": local_files_only}
+    if layout is not None:
+        model_folders, scheduler_folders = [layout[0]], [layout[1]]
+    else:
+        # the pipeline's layout (unet/, scheduler/) or the model's own (config.json, scheduler_config.json)
+        model_folders = [aux.subfolder] if aux.subfolder else [None, "unet"]
+        scheduler_folders = [*([aux.subfolder] if aux.subfolder else []), "scheduler", None]
+    model_folder, config = _first_config(UNet2DModel, aux.pretrained, model_folders, options)
+    if config is None:
+        places = " or ".join(["in it" if f is None else f"in {f}/" for f in model_folders])
+        raise _NotFound(f"not a diffusers model (no config.json {places}) nor a scorefuse export "
+                        "(ema.safetensors + model.json)")
+    if config.get("_class_name") != MODEL_CLASS:
+        raise ModelError(f"{where} is a {config.get('_class_name')}; only {MODEL_CLASS} (unconditional DDPM) "
+                         "models are handled")
+    scheduler_folder, scheduler = _first_config(DDPMScheduler, aux.pretrained, scheduler_folders, options)
+    if scheduler is None:
+        raise _NotFound("no scheduler_config.json beside the model or in scheduler/: its noise schedule is unknown")
+    try:
+        denoiser = from_diffusers(UNet2DModel.from_pretrained(aux.pretrained, subfolder=model_folder, **options),
+                                  scheduler, aux.timesteps)
+    except ModelError as error:
+        raise ModelError(f"{where}: {error}") from None
+    schedule = {k: scheduler.get(k) for k in ("_class_name", "beta_schedule", "beta_start", "beta_end",
+                                               "num_train_timesteps")}
+    return denoiser, {"kind": "diffusers", "subfolder": model_folder, "scheduler_subfolder": scheduler_folder,
+                      "class": MODEL_CLASS, "schedule": schedule, "prediction_type": denoiser.prediction,
+                      "sigma_range": list(denoiser.sigma_range)}
+
+
+def _first_config(cls, source: str, folders: list, options: dict):
+    """(the first of `folders` holding a config of `cls`, that config), or (None, None) when none does."""
+    for folder in folders:
+        try:
+            return folder, dict(cls.load_config(source, subfolder=folder, **options))
+        except (OSError, ValueError):  # diffusers' "no file named ...", "... is not a local folder"
+            continue
+    return None, None
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+    return constants.ENDPOINT
+
+
+def _hub_reachable() -> bool:
+    """Whether a connection to the hub opens (within 5 s), unless HF_HUB_OFFLINE says it must not be tried."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
