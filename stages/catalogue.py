@@ -91,6 +91,19 @@ def trained_auxiliaries(cfg: RunConfig) -> list[str]:
     return [a.name for a in cfg.data.aux if a.pretrained is None]
 
 
+def sigma_limits(cfg: RunConfig) -> tuple[float, float]:
+    """The run's sigma_min and sigma_max (edm.*) within the ranges recorded for its pretrained auxiliaries: where
+    the likelihood's ODE runs for every model, so that the rows of the report compare on the same ODE."""
+    run, low, high = RunDir.of(cfg), cfg.edm.sigma_min, cfg.edm.sigma_max
+    for spec in cfg.data.aux:
+        record = run.pretrained_record(spec.name)
+        if spec.pretrained is not None and record.is_file():
+            valid = json.loads(record.read_text())["sigma_range"]
+            if valid is not None:
+                low, high = max(low, valid[0]), min(high, valid[1])
+    return low, high
+
+
 def _valid_for(sigma_range, why: str = "") -> str:
     """What a description says of a model valid at part of the sigmas only (a pretrained auxiliary, what fuses
     one): ", valid for sigma lo to hi"; nothing for one valid at every sigma (sigma_range None)."""
@@ -178,9 +191,13 @@ def finished_models(cfg: RunConfig) -> list[Model]:
 
             def mixed():
                 return mixture_model(cfg, mixture, auxiliaries(), load_router(run.router)).eval()
-            facts = {"minutes": mixture["seconds"] / 60, "weights": mixture[mixture["weights"]]["pi"]}
+            drawn = mixture.get("router_samples", {})  # the pretrained auxiliaries' samples the router trained on
+            facts = {"minutes": (mixture["seconds"] + sum(d["seconds"] for d in drawn.values())) / 60,
+                     "weights": mixture[mixture["weights"]]["pi"]}
+            on_samples = "; the router trained on " + ", ".join(f"{d['images']} samples of {n}" for n, d in
+                                                                 drawn.items()) if drawn else ""
             models.append(Model(labels.FUSED_MIXTURE, f"mixture fusion, pi by EM on the {mixture['weights']} "
-                                "(router posteriors or the auxiliaries' likelihoods)", mixed,
+                                f"(router posteriors or the auxiliaries' likelihoods){on_samples}", mixed,
                                 aux_files + _files(run.router, ROUTER_FILES), facts=facts))
     for name, description in ((labels.TARGET_SCRATCH, "trained on the n target images alone"),
                               (labels.TARGET_FINETUNE, "the best auxiliary fine-tuned on the n target images"),

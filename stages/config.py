@@ -226,13 +226,11 @@ def _check_pretrained(run: RunConfig) -> None:
     if not pretrained:
         return
     trained = len(run.data.aux) - len(pretrained)
-    which = f"the pretrained auxiliar{'y' if len(pretrained) == 1 else 'ies'} {', '.join(pretrained)}"
-    if run.fuse.mixture:
-        raise ConfigError(f"fuse.mixture: the mixture's router trains on the auxiliary populations, and {which} "
-                          "has none; set fuse.mixture=false")
+    one = len(pretrained) == 1
+    which = f"the pretrained auxiliar{'y' if one else 'ies'} {', '.join(pretrained)}"
     if "checkpoint-merge" in run.fuse.baselines:
         raise ConfigError(f"fuse.baselines: checkpoint-merge averages the weights of auxiliaries of one "
-                          f"architecture trained here, and {which} is not; remove it")
+                          f"architecture trained here, and {which} {'is' if one else 'are'} not; remove it")
     if "target-finetune" in run.fuse.baselines and not trained:
         raise ConfigError("fuse.baselines: target-finetune starts from an auxiliary trained here, and every "
                           "auxiliary is pretrained; remove it")
@@ -240,7 +238,7 @@ def _check_pretrained(run: RunConfig) -> None:
     if (d.init == "warm" or d.score_init == "aux") and not d.real_population and (d.warm_from == "merge" or not trained):
         what = "a weight average of the auxiliaries" if d.warm_from == "merge" else "an auxiliary trained here"
         raise ConfigError(f"distill.warm_from={d.warm_from}: the generator and score network start from {what} "
-                          f"(network.preset), and {which} is not; set distill.init=scratch and "
+                          f"(network.preset), and {which} {'is' if one else 'are'} not; set distill.init=scratch and "
                           f"distill.score_init=scratch" + (" or distill.warm_from=best" if trained else ""))
 
 

@@ -72,9 +72,11 @@ def load_recorded(aux: AuxSpec, path: Path) -> nn.Module:
         raise CheckpointError(f"auxiliary {aux.name}: no record of its pretrained model ({path}); "
                               f"run `scorefuse train-aux aux={aux.name}` first")
     record = json.loads(Path(path).read_text())
-    if record["pretrained"] != aux.pretrained or record["revision"] != aux.revision:
-        raise ConfigError(f"data.aux {aux.name}: pretrained={aux.pretrained} but {path} recorded "
-                          f"{record['pretrained']}; use another run name, or train.resume=none with train-aux")
+    recorded = [record[key] for key in ("pretrained", "revision", "timesteps")]
+    if recorded != [aux.pretrained, aux.revision, aux.timesteps]:
+        raise ConfigError(f"data.aux {aux.name}: pretrained={aux.pretrained}, revision={aux.revision}, timesteps="
+                          f"{aux.timesteps}, but {path} recorded {', '.join(map(str, recorded))}; use another run "
+                          f"name, or `scorefuse train-aux aux={aux.name} train.resume=none` (then fuse again)")
     layout = (record["subfolder"], record["scheduler_subfolder"]) if record["kind"] == "diffusers" else None
     denoiser, loaded = load_pretrained(aux, record["image_shape"], layout)
     if loaded["weights_sha256"] != record["weights_sha256"]:

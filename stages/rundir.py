@@ -7,7 +7,8 @@
                                        pretrained.json (what was loaded) and done.json
     runs/<name>/fuse/                  lambda.json, lambda.png, samples.png, sgd/ (the paper's SGD fit), mixture.json,
                                        mixture-samples.png, done.json
-    runs/<name>/router/                the mixture's router: checkpoints/, router.safetensors + router.json, done.json
+    runs/<name>/router/                the mixture's router: checkpoints/, router.safetensors + router.json, done.json,
+                                       samples-<k>.safetensors (a pretrained auxiliary's samples it trains on)
     runs/<name>/baselines/<b>/         target-scratch, target-finetune (trained), checkpoint-merge (weights averaged)
     runs/<name>/distill/               teacher/ (shards), checkpoints/, generator.safetensors + generator.json,
                                        samples.png, metrics.jsonl, done.json
@@ -144,6 +145,10 @@ class RunDir:
     def router(self) -> Path:
         """The mixture's router, trained on the auxiliary populations (so a sweep's runs share the parent's)."""
         return (self.parent or self).root / "router"
+
+    def router_samples(self, aux: str) -> Path:
+        """A pretrained auxiliary's samples that the router trains on in place of its population (uint8)."""
+        return self.router / f"samples-{aux}.safetensors"
 
     @property
     def baselines(self) -> Path:

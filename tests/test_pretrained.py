@@ -19,6 +19,7 @@ from shards.spec import AuxSpec
 from stages.config import load_config
 from stages.pretrained import load_pretrained, weights_sha256
 from tests.conftest import DIGITS, FAST, ROOT, scorefuse, scorefuse_here
+from trainer.fused_denoiser import FusedDenoiser, architecture_difference
 from trainer.gaussian import GaussianDenoiser
 from trainer.pretrained import DiscreteTimeDenoiser, from_diffusers
 
@@ -86,6 +87,23 @@ def test_rounded_timesteps_take_the_nearest_entry_in_ln_sigma():
     low, high = denoiser.sigma_range
     assert (low, high) == pytest.approx((float(table[0]), float(table[-1])))
     assert denoiser.timestep(torch.tensor([low / 10, high * 10])).tolist() == [0, 999]  # the table's ends
+
+
+def test_pretrained_models_fuse_batched_as_in_the_loop_and_only_with_one_table():
+    same = [from_diffusers(tiny_unet(seed), scheduler_config()) for seed in (0, 1)]
+    fused = [FusedDenoiser(same, torch.tensor([0.3, 0.7]), batched=batched) for batched in (True, False)]
+    assert fused[0].sigma_range == pytest.approx(same[0].sigma_range)
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(9))
+    sigma = torch.tensor([0.02, 1.5, 90.0])
+    with torch.no_grad():
+        torch.testing.assert_close(fused[0](x, sigma), fused[1](x, sigma), rtol=1e-5, atol=1e-5)
+    other = from_diffusers(tiny_unet(1), scheduler_config(beta_schedule="squaredcos_cap_v2"))
+    assert "log_sigma_table" in architecture_difference([same[0], other])
+    with pytest.raises(ModelError, match="batched evaluation needs auxiliaries of one architecture"):
+        FusedDenoiser([same[0], other], torch.tensor([0.5, 0.5]), batched=True)
+    low, high = FusedDenoiser([same[0], other], torch.tensor([0.5, 0.5])).sigma_range
+    assert (low, high) == (max(same[0].sigma_range[0], other.sigma_range[0]),
+                           min(same[0].sigma_range[1], other.sigma_range[1]))
 
 
 class GaussianEpsilon(UNet2DModel):
@@ -217,11 +235,10 @@ def test_what_is_refused_is_named_in_one_line(case, tmp_path, monkeypatch):
 
 
 def pretrained_config(tmp_path, pretrained: str) -> str:
-    """configs/digits.yaml with a fourth auxiliary, pretrained ("pre"), and what such a run cannot do turned off
-    (the mixture's router, checkpoint-merge). Its populations are the digits': the same prepared shards."""
+    """configs/digits.yaml with a fourth auxiliary, pretrained ("pre"), and without what such a run cannot do
+    (checkpoint-merge). Its populations are the digits': the same prepared shards."""
     cfg = OmegaConf.load(DIGITS)
     cfg.data.aux.append({"name": "pre", "pretrained": pretrained})
-    cfg.fuse.mixture = False
     cfg.fuse.baselines = ["target-scratch", "target-finetune"]
     path = tmp_path / "pretrained.yaml"
     OmegaConf.save(cfg, path)
@@ -244,7 +261,6 @@ def test_config_keys_of_pretrained_auxiliaries(tmp_path):
         "data.aux.3.count=5": r"data.aux.3 \(pre\) is the pretrained model owner/model, not a population",
         "data.aux.0.subfolder=unet": r"data.aux.0.subfolder names a version of a pretrained model",
         "data.aux.3.timesteps=nearest": r"data.aux.3.timesteps: 'nearest' is not interpolate \| round",
-        "fuse.mixture=true": r"fuse.mixture: the mixture's router trains on the auxiliary populations",
         "fuse.baselines=[checkpoint-merge]": r"fuse.baselines: checkpoint-merge averages the weights",
         "distill.warm_from=merge": r"distill.warm_from=merge: the generator and score network start from a weight",
     }
@@ -293,7 +309,10 @@ def test_a_pretrained_auxiliary_fuses_with_trained_ones_through_the_cli(fuse_pen
     assert "aux pre: pretrained" in recorded.stderr and "recorded in" in recorded.stderr
     record = json.loads((run / "aux" / "pre" / "pretrained.json").read_text())
     assert record["kind"] == "diffusers" and record["subfolder"] == "unet"
-    scorefuse("run", "--config", config, *overrides, "stages=fuse,evaluate")
+    fused = scorefuse("run", "--config", config, *overrides, "fuse.router_samples=64", "stages=fuse,evaluate")
+    assert "router: 64 samples of aux/pre in" in fused.stderr
+    drawn = json.loads((run / "fuse" / "mixture.json").read_text())["router_samples"]
+    assert list(drawn) == ["pre"] and drawn["pre"]["images"] == 64 and drawn["pre"]["seconds"] > 0
     fit = json.loads((run / "fuse" / "lambda.json").read_text())
     assert fit["names"] == ["aux-low", "aux-high", "aux-even", "pre"]
     assert fit["sigma_range"] == pytest.approx(record["sigma_range"])  # the trained ones are valid at every sigma
@@ -302,6 +321,9 @@ def test_a_pretrained_auxiliary_fuses_with_trained_ones_through_the_cli(fuse_pen
         assert (lam >= -1e-12).all() and float(lam.sum()) == pytest.approx(1, abs=1e-6)
     report = json.loads((run / "report.json").read_text())
     text = json.dumps(report)
-    for label in ("aux/aux-low", "aux/aux-high", "aux/pre", "fused-exact", "fused-sgd", "target-finetune"):
+    for label in ("aux/aux-low", "aux/aux-high", "aux/pre", "fused-exact", "fused-sgd", "fused-mixture",
+                  "target-finetune"):
         assert f'"{label}"' in text, label
-    assert "pretrained " in text and "valid for sigma" in text
+    assert "pretrained " in text and "valid for sigma" in text and "router trained on 64 samples of pre" in text
+    low = max(0.002, record["sigma_range"][0])
+    assert f"probability-flow ODE from sigma {low:.4g} to 80" in (run / "report.md").read_text()

@@ -18,6 +18,7 @@ network that never saw a timestep between two integers. Outside [sigma_min, sigm
 table's end: the model declares that range (`sigma_range`), and the stages use the intersection of the fused
 models' ranges.
 """
+import inspect
 import math
 
 import torch
@@ -33,8 +34,8 @@ TIMESTEPS = ("interpolate", "round")
 
 def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
     """abar_t of a diffusers scheduler config, float64 [T], as diffusers' own DDPMScheduler computes it (every
-    discrete DDPM-family scheduler shares its beta schedules); ModelError for a schedule the wrapper does not
-    handle. `source` names the model in the messages."""
+    discrete DDPM-family scheduler shares its beta schedules); ModelError for a schedule or prediction type the
+    wrapper does not handle."""
     from diffusers import DDPMScheduler
     schedule = scheduler_config.get("beta_schedule")
     if schedule not in SCHEDULES:
@@ -46,7 +47,10 @@ def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
     prediction = scheduler_config.get("prediction_type", "epsilon")  # older configs predate the key: epsilon
     if prediction not in PREDICTIONS:
         raise ModelError(f"prediction_type {prediction!r} is not handled (handled: {', '.join(PREDICTIONS)})")
-    return DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(torch.float64)
+    # DDPMScheduler's own keys only: another scheduler's (PNDM's skip_prk_steps, ...) would be warned about
+    known = inspect.signature(DDPMScheduler.__init__).parameters
+    config = {k: v for k, v in scheduler_config.items() if k in known}
+    return DDPMScheduler.from_config(config).alphas_cumprod.to(torch.float64)
 
 
 class DiscreteTimeDenoiser(nn.Module):
@@ -74,20 +78,27 @@ class DiscreteTimeDenoiser(nn.Module):
         self.net = net
         self.prediction = prediction
         self.timesteps = timesteps
-        # not a buffer: state_dict() stays the network's own, and .to(dtype) cannot round the table
-        self.log_sigmas = log_sigmas
+        # A plain tuple, not a buffer: state_dict() stays the network's own, .to(dtype) and the fused model's
+        # autocast copy cannot round it, and two wrappers of one architecture with different tables count as
+        # different networks (trainer.fused_denoiser.architecture_difference compares such settings).
+        self.log_sigma_table = tuple(log_sigmas.tolist())
         if image_shape is not None:
             self.image_shape = tuple(image_shape)
 
     @property
+    def log_sigmas(self) -> torch.Tensor:
+        """ln sigma_t of the table, float64 [T] on the CPU."""
+        return torch.tensor(self.log_sigma_table, dtype=torch.float64)
+
+    @property
     def sigma_range(self) -> tuple[float, float]:
         """The sigmas the network was trained at: its table's first and last."""
-        return math.exp(self.log_sigmas[0]), math.exp(self.log_sigmas[-1])
+        return math.exp(self.log_sigma_table[0]), math.exp(self.log_sigma_table[-1])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """t(sigma), float64 [N], for sigma [N] (any float dtype): in ln sigma, linear between the table's
         neighbours (clamped to its ends), or its nearest entry."""
-        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigmas = torch.tensor(self.log_sigma_table, dtype=torch.float64, device=sigma.device)
         log_sigma = sigma.to(torch.float64).clamp(min=1e-10).log()
         distances = log_sigma[None] - log_sigmas[:, None]  # [T, N]
         if self.timesteps == "round":
