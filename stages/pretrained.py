@@ -153,6 +153,8 @@ def _load_diffusers(aux: AuxSpec, where: str, layout: tuple | None, local_files_
 def _first_config(cls, source: str, folders: list, options: dict):
     """(the first of `folders` holding a config of `cls`, that config), or (None, None) when none does."""
     for folder in folders:
+        if Path(source).is_dir() and not (Path(source) / (folder or "") / cls.config_name).is_file():
+            continue  # diffusers would take the directory's own config for a missing subfolder's
         try:
             return folder, dict(cls.load_config(source, subfolder=folder, **options))
         except (OSError, ValueError):  # diffusers' "no file named ...", "... is not a local folder"

@@ -229,6 +229,11 @@ class FusedDenoiser(nn.Module):
             tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                        for k, v in {**params, **buffers}.items()}
             template = copy.deepcopy(self.denoisers[0]).to("meta")
+            for module in template.modules():
+                if isinstance(module, nn.GroupNorm):
+                    # vmap's group_norm cannot ask an input laid out otherwise whether it is contiguous, and
+                    # diffusers' attention hands the next block a transposed view
+                    module.register_forward_pre_hook(_contiguous_input)
             if dtype is not None:
                 # Ops that autocast keeps in float32 (CUDA's: group_norm, upsampling) hand the next layer a
                 # float32 input, which a vmapped convolution, bypassing autocast, refuses with weights in
@@ -246,6 +251,10 @@ class FusedDenoiser(nn.Module):
         # and would run once per model.
         with sdpa_kernel(SDPBackend.MATH):
             return vmap(one_model, in_dims=(0, None, None))(tensors, x, sigma).to(torch.float32)
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
 
 
 def _input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
