@@ -353,7 +353,8 @@ def pretrained_case(s: Sizes, work: Path) -> None:
         torch.manual_seed(seed)
         models.append(from_diffusers(UNet2DModel(**unet), schedule).to(s.device))
     z = torch.randn(s.sample_batch, *shape, generator=torch.Generator().manual_seed(0)).to(s.device)
-    fused_sampling_rows(s, models, z, f" pretrained DDPM UNets ({sum(p.numel() for p in models[0].parameters()) / 1e6:.3g}M each)")
+    size = sum(p.numel() for p in models[0].parameters()) / 1e6
+    fused_sampling_rows(s, models, z, f" pretrained DDPM UNets ({size:.3g}M each)")
 
 
 def nll_batch_setting(s: Sizes) -> tuple[int, str]:

@@ -162,7 +162,8 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         stage = run.aux(pop.name)
         if is_finished(stage) and pop.pretrained is not None:
             record = json.loads(run.pretrained_record(pop.name).read_text())
-            kind = f"{record['class']} {record['prediction_type']}" if record["kind"] == "diffusers" else "scorefuse export"
+            kind = f"{record['class']} {record['prediction_type']}" if record["kind"] == "diffusers" else \
+                "scorefuse export"
             described = f"pretrained {pop.pretrained} ({kind}{_valid_for(record['sigma_range'])})"
             models.append(Model(labels.auxiliary(pop.name), described,
                                 partial(_auxiliary, run, pop), _aux_files(run, pop), facts={"minutes": 0.0}))

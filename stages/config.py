@@ -235,7 +235,8 @@ def _check_pretrained(run: RunConfig) -> None:
         raise ConfigError("fuse.baselines: target-finetune starts from an auxiliary trained here, and every "
                           "auxiliary is pretrained; remove it")
     d = run.distill
-    if (d.init == "warm" or d.score_init == "aux") and not d.real_population and (d.warm_from == "merge" or not trained):
+    starts_warm = (d.init == "warm" or d.score_init == "aux") and not d.real_population
+    if starts_warm and (d.warm_from == "merge" or not trained):
         what = "a weight average of the auxiliaries" if d.warm_from == "merge" else "an auxiliary trained here"
         raise ConfigError(f"distill.warm_from={d.warm_from}: the generator and score network start from {what} "
                           f"(network.preset), and {which} {'is' if one else 'are'} not; set distill.init=scratch and "

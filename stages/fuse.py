@@ -34,8 +34,8 @@ from evaluation.plots import lambda_chart
 from shards.atomic import write_atomically
 from shards.errors import ModelError
 from shards.stream import read_population
-from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model, single_lambda,
-                              trained_auxiliaries)
+from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model,
+                              single_lambda, trained_auxiliaries)
 from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
 from trainer.export import build_denoiser, export_denoiser

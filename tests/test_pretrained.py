@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
@@ -311,7 +312,7 @@ def test_a_pretrained_auxiliary_fuses_with_trained_ones_through_the_cli(fuse_pen
     assert "aux pre: pretrained" in recorded.stderr and "recorded in" in recorded.stderr
     record = json.loads((run / "aux" / "pre" / "pretrained.json").read_text())
     assert record["kind"] == "diffusers" and record["subfolder"] == "unet"
-    fused = scorefuse("run", "--config", config, *overrides, "fuse.router_samples=64", "stages=fuse,evaluate")
+    fused = scorefuse("run", "--config", config, *overrides, "fuse.router_samples=64", "stages=fuse,distill,evaluate")
     assert "router: 64 samples of aux/pre in" in fused.stderr
     drawn = json.loads((run / "fuse" / "mixture.json").read_text())["router_samples"]
     assert list(drawn) == ["pre"] and drawn["pre"]["images"] == 64 and drawn["pre"]["seconds"] > 0
@@ -324,8 +325,12 @@ def test_a_pretrained_auxiliary_fuses_with_trained_ones_through_the_cli(fuse_pen
     report = json.loads((run / "report.json").read_text())
     text = json.dumps(report)
     for label in ("aux/aux-low", "aux/aux-high", "aux/pre", "fused-exact", "fused-sgd", "fused-mixture",
-                  "target-finetune"):
+                  "target-finetune", "distill"):
         assert f'"{label}"' in text, label
     assert "pretrained " in text and "valid for sigma" in text and "router trained on 64 samples of pre" in text
     low = max(0.002, record["sigma_range"][0])
     assert f"probability-flow ODE from sigma {low:.4g} to 80" in (run / "report.md").read_text()
+    teacher = json.loads((run / "distill" / "teacher" / "manifest.json").read_text())["teacher"]
+    assert teacher["names"] == fit["names"] and teacher["warm"] != "aux/pre"  # warm from one trained here
+    scorefuse("sample", "--config", config, *overrides, "model=aux/pre", "n=4", f"out={tmp_path / 'pre.npz'}")
+    assert np.load(tmp_path / "pre.npz")["images"].shape == (4, 16, 16, 1)
