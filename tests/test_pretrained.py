@@ -15,13 +15,16 @@ from diffusers import DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler, UNet2
 from omegaconf import OmegaConf
 
 from evaluation.likelihood import log_likelihood
-from shards.errors import ConfigError, ModelError
+from shards.errors import CheckpointError, ConfigError, ModelError
+from shards.populations import ordered_populations
+from shards.prepare import data_fingerprint
 from shards.spec import AuxSpec
 from stages.config import load_config
-from stages.pretrained import load_pretrained, weights_sha256
+from stages.pretrained import load_pretrained, load_recorded, save_record, weights_sha256
 from tests.conftest import DIGITS, FAST, ROOT, scorefuse, scorefuse_here
 from trainer.fused_denoiser import FusedDenoiser, architecture_difference
 from trainer.gaussian import GaussianDenoiser
+from trainer.lambda_fit import objective_of
 from trainer.pretrained import DiscreteTimeDenoiser, from_diffusers
 
 SHAPE = (1, 16, 16)  # the digits'
@@ -270,6 +273,34 @@ def test_config_keys_of_pretrained_auxiliaries(tmp_path):
     for override, message in refused.items():
         with pytest.raises(ConfigError, match=message):
             load_config(config, [override])
+
+
+def test_a_pretrained_auxiliary_leaves_the_shards_and_their_fingerprint_alone(tmp_path):
+    with_model, without = load_config(pretrained_config(tmp_path, "owner/model")), load_config(DIGITS)
+    assert [p.name for _, p in ordered_populations(with_model.data)] == \
+        [p.name for _, p in ordered_populations(without.data)]
+    assert data_fingerprint(with_model.data) == data_fingerprint(without.data)
+
+
+def test_a_recorded_model_whose_weights_changed_is_refused(tmp_path):
+    source = save_pipeline(tmp_path / "ddpm")
+    aux, path = AuxSpec(name="pre", pretrained=str(source)), tmp_path / "pretrained.json"
+    save_record(load_pretrained(aux, SHAPE)[1], path)
+    assert weights_sha256(load_recorded(aux, path)) == json.loads(path.read_text())["weights_sha256"]
+    with pytest.raises(ConfigError, match=r"timesteps=round, but .* recorded .*, None, interpolate"):
+        load_recorded(AuxSpec(name="pre", pretrained=str(source), timesteps="round"), path)
+    save_pipeline(source, seed=1)  # the same directory, other weights
+    with pytest.raises(CheckpointError, match=r"auxiliary pre: the weights of .*ddpm changed since they were recorded"):
+        load_recorded(aux, path)
+
+
+def test_the_lambda_fits_sigma_draws_stay_in_the_common_range():
+    objective = objective_of("edm", -1.2, 1.2, 0.5)
+    sigma = objective.within((0.1, 2.0)).sample(4000, torch.Generator().manual_seed(10), torch.device("cpu"))
+    assert float(sigma.min()) == pytest.approx(0.1) and float(sigma.max()) == pytest.approx(2.0)
+    unclamped = objective.sample(4000, torch.Generator().manual_seed(10), torch.device("cpu"))
+    torch.testing.assert_close(sigma, unclamped.clamp(0.1, 2.0), rtol=0, atol=0)
+    assert objective.within(None) is objective
 
 
 @pytest.mark.parametrize("name", ["cifar10_pretrained", "lsun_pretrained"])
