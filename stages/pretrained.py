@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -102,16 +103,23 @@ def weights_sha256(module: nn.Module) -> str:
 def _diffusers(aux: AuxSpec, where: str, local: bool, layout: tuple | None) -> tuple[nn.Module, dict]:
     """A diffusers UNet2DModel and its scheduler's config through diffusers' own loaders: from the directory, or
     from the hub (its local cache first, so that an offline node uses what was downloaded before)."""
+    unreachable = (f"{where}: not in the local hub cache, and the hub ({_endpoint()}) could not be reached; download "
+                   "it where there is internet (the same HF_HOME), or give the directory save_pretrained wrote")
     for local_files_only in ((True,) if local else (True, False)):
         try:
-            return _load_diffusers(aux, where, layout, local_files_only)
+            with warnings.catch_warnings():
+                # huggingface_hub's deprecation notices about the arguments diffusers passes it: not the user's
+                warnings.filterwarnings("ignore", module="huggingface_hub")
+                return _load_diffusers(aux, where, layout, local_files_only)
         except _NotFound as missing:
             if local or not local_files_only:
                 raise ConfigError(f"{where}: {missing}" + ("" if local else " on the hub")) from None
             if not _hub_reachable():
-                raise ConfigError(f"{where}: not in the local hub cache, and the hub ({_endpoint()}) could not be "
-                                  "reached; download it where there is internet (the same HF_HOME), or give the "
-                                  "directory save_pretrained wrote") from None
+                raise ConfigError(unreachable) from None
+        except OSError as error:  # from the hub: a dropped connection, a gated or private model ...
+            if _connection_failed(error):
+                raise ConfigError(unreachable) from None
+            raise ConfigError(f"{where}: {str(error).strip().splitlines()[0]}") from None
 
 
 class _NotFound(Exception):
@@ -157,7 +165,9 @@ def _first_config(cls, source: str, folders: list, options: dict):
             continue  # diffusers would take the directory's own config for a missing subfolder's
         try:
             return folder, dict(cls.load_config(source, subfolder=folder, **options))
-        except (OSError, ValueError):  # diffusers' "no file named ...", "... is not a local folder"
+        except (OSError, ValueError) as error:  # diffusers' "no file named ...", "... is not a local folder"
+            if not options["local_files_only"] and _connection_failed(error):
+                raise  # not a missing file: the hub could not be asked
             continue
     return None, None
 
@@ -167,10 +177,24 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
+def _connection_failed(error: BaseException) -> bool:
+    """Whether an error of diffusers' loaders comes from not reaching the hub (huggingface_hub found the file
+    neither there nor in its cache, or the connection failed), judged by the errors it was raised from."""
+    while error is not None:
+        if type(error).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError",
+                                    "ConnectionError", "ConnectTimeout"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _hub_reachable() -> bool:
-    """Whether a connection to the hub opens (within 5 s), unless HF_HUB_OFFLINE says it must not be tried."""
+    """Whether a connection to the hub opens (within 5 s), unless HF_HUB_OFFLINE says it must not be tried. Behind
+    a proxy the direct connection proves nothing: diffusers tries, and its error says what happened."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     url = urlparse(_endpoint())
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()

@@ -251,12 +251,15 @@ def pretrained_config(tmp_path, pretrained: str) -> str:
     return str(path)
 
 
-def test_a_refusal_through_the_cli_exits_2_and_writes_nothing(digits_run, tmp_path, capfd):
-    config = pretrained_config(tmp_path, str(save_pipeline(tmp_path / "wide", size=32)))
-    code, out, err = scorefuse_here(capfd, "train-aux", "--config", config, f"root={digits_run.parent}", "aux=pre")
-    assert code == 2, err
-    assert err.strip().count("\n") == 0 and "makes 1x32x32 images" in err, err
-    assert not (digits_run / "aux" / "pre").exists()
+def test_a_refusal_through_the_cli_exits_2_and_writes_nothing(digits_run, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for source, message in ((save_pipeline(tmp_path / "wide", size=32), "makes 1x32x32 images"),
+                            ("scorefuse-tests/no-such-ddpm", "the hub (https://huggingface.co) could not be reached")):
+        config = pretrained_config(tmp_path, str(source))
+        code, out, err = scorefuse_here(capfd, "train-aux", "--config", config, f"root={digits_run.parent}", "aux=pre")
+        assert code == 2, err
+        assert err.strip().count("\n") == 0 and message in err, err
+        assert not (digits_run / "aux" / "pre").exists()
 
 
 def test_config_keys_of_pretrained_auxiliaries(tmp_path):
