@@ -35,7 +35,7 @@ from shards.atomic import write_atomically
 from shards.errors import ModelError
 from shards.stream import read_population
 from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model,
-                              single_lambda, trained_auxiliaries)
+                              sigma_limits, single_lambda, trained_auxiliaries)
 from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
 from trainer.export import build_denoiser, export_denoiser
@@ -233,9 +233,10 @@ def fit_mixture(ctx: StageContext, images: torch.Tensor, auxiliaries: dict, rout
               "router": {"pi": pi.tolist()}}
     if f.nll_check:
         dims = images[0].numel() * math.log(2)
+        sigma_min, sigma_max = sigma_limits(cfg)  # one ODE for every auxiliary, where each is valid
         log_p = torch.stack([-dims * nll_bits_per_dim(
             denoiser.to(ctx.device), images, range(len(images)), cfg.train.seed, steps=ev.nll_steps,
-            probes=ev.nll_probes, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max, rho=cfg.edm.rho,
+            probes=ev.nll_probes, sigma_min=sigma_min, sigma_max=sigma_max, rho=cfg.edm.rho,
             batch_size=ev.nll_batch, device=ctx.device) for denoiser in auxiliaries.values()], dim=1)
         pi_nll, best = em_mixture_weights(log_p)
         reached = float(torch.logsumexp(log_p + pi.clamp(min=1e-300).log(), dim=1).mean())
