@@ -111,12 +111,13 @@ def _diffusers(aux: AuxSpec, where: str, local: bool, layout: tuple | None) -> t
                 # huggingface_hub's deprecation notices about the arguments diffusers passes it: not the user's
                 warnings.filterwarnings("ignore", module="huggingface_hub")
                 return _load_diffusers(aux, where, layout, local_files_only)
-        except _NotFound as missing:
-            if local or not local_files_only:
-                raise ConfigError(f"{where}: {missing}" + ("" if local else " on the hub")) from None
-            if not _hub_reachable():
+        except (_NotFound, OSError) as error:  # OSError: diffusers' (a file missing from the cache, a dropped
+            if local_files_only and not local:  # connection, a gated model, a damaged file ...)
+                if _hub_reachable():
+                    continue  # not (all) in the hub cache: from the hub
                 raise ConfigError(unreachable) from None
-        except OSError as error:  # from the hub: a dropped connection, a gated or private model ...
+            if isinstance(error, _NotFound):
+                raise ConfigError(f"{where}: {error}" + ("" if local else " on the hub")) from None
             if _connection_failed(error):
                 raise ConfigError(unreachable) from None
             raise ConfigError(f"{where}: {str(error).strip().splitlines()[0]}") from None

@@ -206,6 +206,12 @@ def unsupported(tmp_path, name, change):
     return directory
 
 
+def truncated(weights):
+    """Cut a weights file short; the model's directory (two levels up)."""
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return weights.parents[1]
+
+
 REFUSALS = {
     "pickle": (lambda d: (d / "network-snapshot.pkl").write_bytes(b"\x80\x04K\x01.") and d / "network-snapshot.pkl",
                r"pretrained=.*network-snapshot\.pkl is a pickle, which runs code when loaded and is refused; "
@@ -224,6 +230,9 @@ REFUSALS = {
                     r"scorefuse export \(ema.safetensors \+ model.json\)"),
     "no schedule": (lambda d: shutil.rmtree(save_pipeline(d / "unscheduled") / "scheduler") or d / "unscheduled",
                     r"pretrained=.*unscheduled: no scheduler_config.json beside the model or in scheduler/"),
+    "damaged weights": (lambda d: truncated(save_pipeline(d / "damaged") / "unet" /
+                                            "diffusion_pytorch_model.safetensors"),
+                        r"pretrained=.*damaged: Unable to load weights from checkpoint file"),
     "offline hub": (lambda d: "scorefuse-tests/no-such-ddpm",
                     r"pretrained=scorefuse-tests/no-such-ddpm: not in the local hub cache, and the hub "
                     r"\(https://huggingface.co\) could not be reached"),
