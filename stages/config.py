@@ -213,10 +213,10 @@ def _check_data(run: RunConfig) -> None:
         total = sum(pop.mixture.values())
         if abs(total - 1) > 1e-6:
             raise ConfigError(f"{role}.mixture: proportions sum to {total:.6g}, not 1 ({dict(pop.mixture)})")
-    populations = [p.name for p in populations if getattr(p, "pretrained", None) is None]
+    drawn_names = [p.name for p in populations if getattr(p, "pretrained", None) is None]
     for key in ("eval.fd_reference", "distill.real_population"):
-        if _value(run, key) is not None and _value(run, key) not in populations:
-            raise ConfigError(f"{key}: no population {_value(run, key)!r} (have: {', '.join(populations)})")
+        if _value(run, key) is not None and _value(run, key) not in drawn_names:
+            raise ConfigError(f"{key}: no population {_value(run, key)!r} (have: {', '.join(drawn_names)})")
 
 
 def _check_pretrained(run: RunConfig) -> None:

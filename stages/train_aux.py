@@ -3,6 +3,8 @@
 The same body trains the fuse stage's target-only baselines (stages/fuse.py). It is the engine plus
 three stage-specific parts: the network, the EDM loss, and the population's stream. When it finishes, the
 EMA weights are exported (trainer/export.py) and the engine marks the stage finished, so a re-run skips it.
+A pretrained auxiliary (data.aux.*.pretrained) is not trained: it is loaded, checked and recorded
+(stages/pretrained.py), and its stage is finished at once.
 """
 import time
 from pathlib import Path
