@@ -33,7 +33,7 @@ from stages.catalogue import find, latents  # noqa: E402
 from stages.config import load_config  # noqa: E402
 from stages.fuse import sgd_fit_parts  # noqa: E402
 from trainer.lambda_fit import accumulate_gram, fit_barycenter_weights, objective_of  # noqa: E402
-from shards.seeds import Stream, generator  # noqa: E402
+from shards.seeds import Stream, generator, seed_of  # noqa: E402
 from shards.pixels import to_unit  # noqa: E402
 from stages.rundir import RunDir  # noqa: E402
 from trainer.precision import autocast_dtype  # noqa: E402
@@ -63,7 +63,7 @@ def fastest_exact(fused, images, cfg, reference, optimum, max_draws):
     """(seconds, draws per image, loss on the reference) of the cheapest exact fit within 0.1%."""
     draws = 1
     while True:
-        _, fit, seconds = exact_fit(fused, images, cfg, draws, cfg.train.seed + 1)
+        _, fit, seconds = exact_fit(fused, images, cfg, draws, seed_of(cfg.train.seed, Stream.GRAM))
         loss = float(reference.loss(fit["lambda"]))
         if loss <= optimum * 1.001 or draws >= max_draws:
             return seconds, draws, loss
@@ -72,7 +72,7 @@ def fastest_exact(fused, images, cfg, reference, optimum, max_draws):
 
 def sgd_fit(fused, images, cfg, stats, optimum, max_epochs, device):
     """The paper's SGD; returns (seconds to within 0.1% of the optimum or None, epochs, final loss)."""
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(seed_of(cfg.train.seed, Stream.LAMBDA_SGD, 0))  # as the fuse stage's rank 0
     modules, optimizers, updates = sgd_fit_parts(fused, objective(cfg), sigma_edges=list(cfg.fuse.sigma_bins) or None,
                                                  lr=cfg.fuse.sgd_lr, momentum=cfg.fuse.sgd_momentum,
                                                  autocast_dtype=autocast_dtype(cfg.fuse.precision),

@@ -30,7 +30,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from shards.atomic import write_atomically
 from shards.errors import ConfigError, DataError
 from shards.pixels import to_unit
-from shards.seeds import Stream, generator
+from shards.seeds import Stream, generator, seed_of
 
 EXTRACTOR_NAME = "classifier"
 FEATURE_DIM = 64
@@ -161,7 +161,7 @@ def train_classifier(images: torch.Tensor, labels, class_names: Sequence[str], o
     held_out, train = order[:n_held_out], order[n_held_out:]
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed_of(seed, Stream.CLASSIFIER_INIT))
         model = Classifier(channels, size, len(class_names))
     x = model.prepare_input(to_unit(images))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -29,6 +29,8 @@ class Stream(IntEnum):
     LAMBDA_SGD = 12   # torch's global RNG of the SGD fit of lambda, per rank: its (sigma, noise) draws
     ROUTER_DATA = 13  # the router's training stream of each auxiliary population
     REAL_MIX_DATA = 14  # the stream of target images distillation mixes into its "real" side
+    CLASSIFIER_INIT = 15  # the feature classifier's initial weights
+    ROUTER_SAMPLES = 16  # latents of a pretrained auxiliary's samples that the router trains on, and their stream
 
 
 def seed_of(*words: int) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from evaluation.labels import auxiliary
 from shards.atomic import sha256_file, sha256_text
 from shards.errors import ModelError
 from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
@@ -34,7 +35,7 @@ from stages.context import StageContext
 from stages.rundir import engine_paths
 from trainer.router import load_router
 from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, load_mixture,
-                              mixture_model, single_lambda)
+                              mixture_model, single_lambda, trained_auxiliaries)
 
 TEACHER_POPULATION = "teacher"
 TEACHER_CHUNK = 250      # teacher samples per chunk = per shard
@@ -75,8 +76,8 @@ def teacher_parts(ctx: StageContext):
     d, warm = cfg.distill, None
     if d.init == "warm" or d.score_init == "aux":
         if d.warm_from == "best":
-            best = best_auxiliary(fit)
-            warm, info["warm"] = auxiliaries[best].state_dict(), f"aux/{best}"
+            best = best_auxiliary(fit, trained_auxiliaries(cfg))
+            warm, info["warm"] = auxiliaries[best].state_dict(), auxiliary(best)
         else:
             lam = single_lambda(fit)
             warm = merge_weights([auxiliaries[n] for n in fit["names"]], lam)

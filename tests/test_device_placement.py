@@ -160,7 +160,10 @@ def test_fit_mixture():
         settings = dict(fuse=dict(router_sigma=0.05, router_draws=2, mixture_weights="router", nll_check=True),
                         eval=dict(nll_steps=1, nll_probes=1, nll_batch=2), train=dict(seed=0),
                         edm=dict(sigma_min=0.002, sigma_max=80.0, rho=7.0))
-        ctx = SimpleNamespace(cfg=SimpleNamespace(**{k: SimpleNamespace(**v) for k, v in settings.items()}),
+        # no pretrained auxiliary: the likelihood's sigma range is edm's (stages.catalogue.sigma_limits)
+        settings.update(data=dict(aux=[]), sweep=dict(n=None))
+        ctx = SimpleNamespace(cfg=SimpleNamespace(name="run", root="runs",
+                                                  **{k: SimpleNamespace(**v) for k, v in settings.items()}),
                               device=device)
         return fit_mixture(ctx, [(0, images())], {"a": tiny(0), "b": tiny(1)}, router())
     expected = run(CPU)

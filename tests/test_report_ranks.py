@@ -5,7 +5,6 @@ reach the collective on the accelerator's device even from a rank that has no im
 import threading
 
 import numpy as np
-import pytest
 import torch
 
 from evaluation.features import Ranks, frechet

@@ -49,6 +49,25 @@ def final_state(stage_dir):
     return ckpt.name, model, ema, opt
 
 
+def kill_after(proc, stage_dir, step):
+    """SIGKILL once the checkpoint of `step` is there, before the stage finished."""
+    wait_for_step(proc, stage_dir, step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (stage_dir / "done.json").exists(), "the run finished before it was killed"
+
+
+def assert_same_final_state(stage_a, stage_b, step):
+    """The newest checkpoints of two runs are both of `step`, with bit-identical weights, EMA and optimizer."""
+    a, b = final_state(stage_a), final_state(stage_b)
+    assert a[0] == b[0] == f"ckpt-{step:09d}"
+    for x, y in zip(a[1:], b[1:]):
+        tx, ty = dict(flat_tensors(x)), dict(flat_tensors(y))
+        assert tx.keys() == ty.keys()
+        for k in tx:
+            assert torch.equal(tx[k], ty[k]), f"{k} differs after resume"
+
+
 def flat_tensors(obj, prefix=""):
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
@@ -73,22 +92,13 @@ def test_sigkill_and_restart_is_bit_identical(digits_run, tmp_path):
     reference = popen(train_args(straight, total))
     proc = popen(train_args(killed, total))
     stage = killed / "aux" / "aux-low"
-    wait_for_step(proc, stage, 60)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (stage / "done.json").exists(), "the run finished before it was killed"
+    kill_after(proc, stage, 60)
     out = scorefuse(*train_args(killed, total)).stderr
     reference_out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, reference_out
     assert "resumed from" in out
 
-    a, b = final_state(straight / "aux" / "aux-low"), final_state(stage)
-    assert a[0] == b[0] == "ckpt-000000120"
-    for x, y in zip(a[1:], b[1:]):
-        tx, ty = dict(flat_tensors(x)), dict(flat_tensors(y))
-        assert tx.keys() == ty.keys()
-        for k in tx:
-            assert torch.equal(tx[k], ty[k]), f"{k} differs after resume"
+    assert_same_final_state(straight / "aux" / "aux-low", stage, 120)
     assert load_file(straight / "aux/aux-low/ema.safetensors").keys() == load_file(stage / "ema.safetensors").keys()
     for k, v in load_file(straight / "aux/aux-low/ema.safetensors").items():
         assert torch.equal(v, load_file(stage / "ema.safetensors")[k])
@@ -147,10 +157,7 @@ def test_fuse_killed_during_a_baseline_resumes_it_bit_identically(fuse_pending, 
 
     proc = popen(fuse_args(killed, overrides))
     stage = killed / "baselines" / "target-scratch"
-    wait_for_step(proc, stage, 4)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (stage / "done.json").exists(), "the baseline finished before it was killed"
+    kill_after(proc, stage, 4)
     # the baseline's own weights alone, not the SGD fit's that was trained before it in the same process
     assert {p.name for p in (stage / "checkpoints").glob("*/model*.safetensors")} == {"model.safetensors"}
     out = scorefuse(*fuse_args(killed, overrides)).stderr
@@ -158,9 +165,4 @@ def test_fuse_killed_during_a_baseline_resumes_it_bit_identically(fuse_pending, 
     assert reference.returncode == 0, reference_out
     assert "resumed from" in out and "skipping checkpoint" not in out
 
-    a, b = final_state(straight / "baselines" / "target-scratch"), final_state(stage)
-    assert a[0] == b[0] == "ckpt-000000030"
-    for x, y in zip(a[1:], b[1:]):
-        tx, ty = dict(flat_tensors(x)), dict(flat_tensors(y))
-        assert tx.keys() == ty.keys()
-        assert all(torch.equal(tx[k], ty[k]) for k in tx)
+    assert_same_final_state(straight / "baselines" / "target-scratch", stage, 30)
