@@ -95,8 +95,8 @@ BAD_VALUES = {
     "distill.teacher_fit=best": "distill.teacher_fit: 'best' is not \"\" | exact | sgd | mixture",
     "eval.fd_reference=nope": "eval.fd_reference: no population 'nope' (have: aux-low, aux-high, aux-even, target, "
                               "reference)",
-    "network.preset=huge": "network.preset: unknown preset 'huge' (tiny | ddpmpp-cifar10 | ddpmpp-64)",
-    "fuse.router_preset=huge": "fuse.router_preset: unknown preset 'huge' (tiny | ddpmpp-cifar10 | ddpmpp-64)",
+    "network.preset=huge": "network.preset: unknown preset 'huge' (tiny | ddpmpp-cifar10 | ddpmpp-28 | ddpmpp-64)",
+    "fuse.router_preset=huge": "fuse.router_preset: unknown preset 'huge' (tiny | ddpmpp-cifar10 | ddpmpp-28 | ddpmpp-64)",
     "train.resume=/no/such/ckpt": "train.resume: /no/such/ckpt is not latest, none or a checkpoint directory",
     "edm.sigma_min=100": "edm.sigma_min (100.0) must be below edm.sigma_max (80.0)",
     "train.adam_betas=[0.9]": "train.adam_betas must be two numbers in [0, 1), got [0.9]",
