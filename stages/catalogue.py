@@ -89,7 +89,7 @@ def load_fit(cfg: RunConfig) -> dict:
 
 
 def barycenter_model(fit: dict, auxiliaries: dict, which: str | None = None, batched: bool | None = None) -> FusedDenoiser:
-    """The fused model of a fit: `which` = exact | sgd, or None for fuse.method's."""
+    """The fused model of a fit: `which` = exact | sgd | uniform, or None for fuse.method's."""
     lam = torch.tensor(fit[which or fit["method"]]["lambda"], dtype=torch.float64)
     return FusedDenoiser([auxiliaries[n] for n in fit["names"]], lam, sigma_edges=fit["sigma_edges"],
                          names=fit["names"], batched=batched)
@@ -141,11 +141,16 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         def fused(which):
             return barycenter_model(fit, auxiliaries(), which, batched=cfg.fuse.batched).eval()
         aux_files = tuple(f for name in fit["names"] for f in _files(run.aux(name), DENOISER_FILES))
-        for which, how in (("exact", "exact"), ("sgd", "the paper's SGD")):
+        for which, description in (
+                ("exact", f"ScoreFusion barycenter, lambda by exact fit ({fit.get('objective', 'edm')} objective)"),
+                ("sgd", f"ScoreFusion barycenter, lambda by the paper's SGD fit ({fit.get('objective', 'edm')} "
+                        "objective)"),
+                ("uniform", "control: the barycenter with lambda = 1/K, an ensemble fitted to nothing")):
+            if which not in fit:  # a fit written before the uniform control existed
+                continue
             facts = {"minutes": fit[which]["seconds"] / 60, "weights": fit[which]["lambda"],
                      "fit gap %": fit[which].get("gap_percent", 0.0)}
-            models.append(Model(labels.fused(which), f"ScoreFusion barycenter, lambda by {how} fit "
-                                f"({fit.get('objective', 'edm')} objective)", partial(fused, which), aux_files, facts=facts))
+            models.append(Model(labels.fused(which), description, partial(fused, which), aux_files, facts=facts))
         if run.mixture_file.is_file():
             mixture = load_mixture(cfg)
 
@@ -161,8 +166,9 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         stage = run.baseline(name)
         if is_finished(stage) and has_denoiser(stage):
             done = finished_info(stage)
-            facts = {"kimg": done["kimg"], "minutes": done["seconds"] / 60} if "kimg" in done else \
-                {"minutes": 0.0, "weights": done["lambda"]}
+            facts = {"kimg": done["kimg"], "minutes": done["seconds"] / 60,
+                     **({"early_stopping": done["early_stopping"]} if "early_stopping" in done else {})} \
+                if "kimg" in done else {"minutes": 0.0, "weights": done["lambda"]}
             models.append(Model(name, description, partial(_denoiser, stage), _files(stage, DENOISER_FILES), facts=facts))
     if is_finished(run.distill):
         done = finished_info(run.distill)

@@ -40,7 +40,7 @@ from evaluation.classifier import class_proportions
 from evaluation.features import Ranks, frechet, metric_name
 from evaluation.comparison import comparisons
 from evaluation.intervals import bootstrap_interval, bootstrap_round, frechet_on, kernel_distance
-from evaluation.labels import HALVES, TARGET_AS_SAMPLES, fused
+from evaluation.labels import HALVES, TARGET_AS_SAMPLES, auxiliary, fused
 from evaluation.likelihood import nll_bits_per_dim
 from evaluation.memorisation import copies_figure, memorisation
 from evaluation.measurements import entry, read_measurements, total_variation, write_measurements
@@ -49,11 +49,12 @@ from evaluation.score_matching import held_out_loss
 from evaluation.spec import EvalSpec
 from shards.manifest import population_entry
 from shards.stream import read_population
-from stages.catalogue import Model, finished_models
+from stages.catalogue import Model, best_auxiliary, finished_models, load_fit
 from stages.config import RunConfig
 from shards.pixels import to_unit
 from shards.seeds import Stream, generator
 from stages.context import StageContext
+from stages.rundir import is_finished
 
 ROLES = ["aux", "target", "reference"]
 
@@ -121,7 +122,8 @@ def measure(ctx: StageContext, cache: ResultCache, model: Model, reference: torc
     mine = nll_indices[rank::world]
     if len(nll_indices):
         nll_key = {"model": weights, "images": reference_hash, "count": len(nll_indices), "steps": ev.nll_steps,
-                   "probes": ev.nll_probes, "seed": cfg.train.seed, "sigma_min": e.sigma_min, "sigma_max": e.sigma_max}
+                   "probes": ev.nll_probes, "seed": cfg.train.seed, "sigma_min": e.sigma_min, "sigma_max": e.sigma_max,
+                   "bins": "centred"}  # the dequantisation bins are part of what a cached value means
         measured.nll = cache.get("nll", nll_key, lambda: {"bits_per_dim": gather_by_index(ctx.ranks, nll_bits_per_dim(
             network, reference[mine], mine.tolist(), cfg.train.seed, steps=ev.nll_steps, probes=ev.nll_probes,
             sigma_min=e.sigma_min, sigma_max=e.sigma_max, rho=e.rho, batch_size=ev.nll_batch, device=ctx.device),
@@ -194,8 +196,9 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
                       target: torch.Tensor, own: dict, ev: EvalSpec, seed: int, ranks: Ranks, device, *,
                       classify: Callable | None = None, domain: tuple | None = None) -> tuple[dict, object, float]:
     """The heavy numbers of the report, on every rank: (per row label {"fd": Interval or None (no bootstrap),
-    "fd value", "kid": (mean, std), "copies": memorisation's dict, "classes", "domain", "own": or None}, the
-    class proportions of the reference images or None, the seconds of the slowest task).
+    "fd value", "fd rounds": the bootstrap rounds' values in round order or None, "kid": (mean, std), "copies":
+    memorisation's dict, "classes", "domain", "own": or None}, the class proportions of the reference images or
+    None, the seconds of the slowest task).
 
     rows are compared with reference_features (or their own .reference) and with `target`, the training images
     (memorisation, against as many held-out images: `reference`'s first, or the row's .held_out). own: features
@@ -244,6 +247,7 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
         value = results[m.label, "fd value"]
         draws = [results[m.label, "round", r] for r in range(ev.bootstrap)]
         stats[m.label] = {"fd": bootstrap_interval(value, draws) if draws else None, "fd value": value,
+                          "fd rounds": draws or None,
                           **{what: results.get((m.label, what)) for what in ("kid", "copies", "classes", "domain",
                                                                              "own")}}
     return stats, results.get(("reference", "classes")), max((seconds for _, seconds in done.values()), default=0.0)
@@ -270,6 +274,7 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
     def entries(rows: list[Measured]) -> dict:
         return {m.label: _entry(m, stats[m.label], reference_props, reference[0].numel()) for m in rows}
     models, barycenter = entries(measured), fused(cfg.fuse.method)
+    best = auxiliary(best_auxiliary(load_fit(cfg))) if is_finished(ctx.run.fuse) else None
     floor_tv = (total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
                 if reference_props is not None else None)
     settings = {"held_out": cfg.data.reference.name, "nll_images": ev.nll_images, "nll_steps": ev.nll_steps,
@@ -280,27 +285,29 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
                 "bootstrap": ev.bootstrap, "kid_subsets": ev.kid_subsets, "kid_subset_size": ev.kid_subset_size,
                 "copy_threshold": ev.copy_threshold,
                 "copies_figures": str(ctx.run.copies_figure("MODEL").parent.relative_to(ctx.run.root)),
-                "fit_objective": cfg.fuse.objective, "sgd_lr": cfg.fuse.sgd_lr, "sgd_momentum": cfg.fuse.sgd_momentum,
+                "validation_share": cfg.fuse.validation_share, "fit_objective": cfg.fuse.objective, "sgd_lr": cfg.fuse.sgd_lr, "sgd_momentum": cfg.fuse.sgd_momentum,
                 "sgd_epochs": cfg.fuse.sgd_epochs}
     populations = [{"name": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
                     "mixture": _mixture_vector(e["mixture"], classes).tolist()}
                    for p, e in sorted(ctx.manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
-    return {"run": {"name": cfg.name, "sweep_n": cfg.sweep.n}, "barycenter": barycenter, "class_names": classes,
+    return {"run": {"name": cfg.name, "sweep_n": cfg.sweep.n}, "barycenter": barycenter, "best_auxiliary": best,
+            "class_names": classes,
             "settings": settings,
             "reference": {"class_proportions": None if reference_props is None else
                           np.asarray(reference_props, dtype=float).tolist(), "classifier_tv": floor_tv},
             "populations": populations, "models": models, "floors": entries(floor_rows),
-            "comparisons": comparisons(models, barycenter)}
+            "comparisons": comparisons(models, barycenter, best)}
 
 
 def _entry(m: Measured, s: dict, reference_props, pixels: int) -> dict:
     """One entry of the measurements: what measure() and report_statistics found of m."""
-    return entry(m.description, fd=s["fd"] or s["fd value"], kid=s["kid"], copies=s["copies"], pixels=pixels,
+    return entry(m.description, fd=s["fd"] or s["fd value"], fd_rounds=s["fd rounds"], kid=s["kid"],
+                 copies=s["copies"], pixels=pixels,
                  nll=m.nll, loss=m.loss, classes=s["classes"], reference_classes=reference_props,
                  fd_classifier=s["domain"], fd_own_population=s["own"], nfe=m.nfe,
                  samples_per_second=len(m.images) / m.seconds if m.seconds else None,
                  fit_minutes=m.facts.get("minutes"), weights=m.facts.get("weights"),
-                 fit_gap_percent=m.facts.get("fit gap %"))
+                 fit_gap_percent=m.facts.get("fit gap %"), early_stopping=m.facts.get("early_stopping"))
 
 
 def _mixture_vector(mixture: dict, class_names: list[str]) -> np.ndarray:

@@ -38,6 +38,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # a stage's TensorBoard events (train.log_with)
 GRID = "samples.png"
 MIXTURE_GRID = "mixture-samples.png"  # the fuse stage's second grid: the mixture-fused model's samples
+BEST = "best.json"  # in a baseline's best/: the kimg, step and held-out loss of the weights beside it
 
 
 def _file_name(label: str) -> str:
@@ -146,6 +147,17 @@ class RunDir:
 
     def baseline(self, name: str) -> Path:
         return self.baselines / name
+
+    @property
+    def validation_split(self) -> Path:
+        """The training part of the target images, as shards: what the baselines train on when some of the
+        target images are held out for early stopping (stages/early_stopping.py)."""
+        return self.baselines / "split"
+
+    @staticmethod
+    def best_weights(stage_dir: Path) -> Path:
+        """A baseline's lowest held-out loss so far: its EMA weights, model.json and best.json."""
+        return Path(stage_dir) / "best"
 
     @property
     def distill(self) -> Path:

@@ -14,12 +14,12 @@ those files: sweep.md (how fusion compares with the baselines at each n, then a 
 (the same, and under "data" every metric of every model at every n with its uncertainty) and one plot per
 metric (metric vs n, a line per method, error bars).
 """
-from evaluation.comparison import BETTER, INDISTINGUISHABLE, WORSE, find
-from evaluation.labels import BASELINES, FUSED, FUSED_MIXTURE, fused
+from evaluation.comparison import ALPHA, BETTER, INDISTINGUISHABLE, WORSE, decide, tests_in
+from evaluation.labels import BASELINES, FUSED, FUSED_MIXTURE, FUSED_UNIFORM, fused
 from evaluation.measurements import read_measurements
 from evaluation.plots import metric_vs_n
 from evaluation.report import write_report
-from evaluation.run_report import COPIES, KID, LOSS, NLL, comparison_rows, fd_column, model_row
+from evaluation.run_report import COMPARISONS, COPIES, KID, LOSS, NLL, comparison_rows, fd_column, model_row
 from shards.errors import ConfigError, ModelError
 from shards.manifest import load_manifest
 from stages.config import RunConfig, sweep_member
@@ -28,8 +28,9 @@ from trainer.progress import say
 from stages.rundir import RunDir, is_finished
 from stages import evaluate, fuse, prepare
 
-# The methods on the plots (every model of a member's measurements is in sweep.json): fusion and its baselines.
-METHODS = (*FUSED, *BASELINES)
+# The methods on the plots (every model of a member's measurements is in sweep.json): fusion, the uniform control
+# and the baselines.
+METHODS = (*FUSED, FUSED_UNIFORM, *BASELINES)
 # the report's column -> (the plot's file name, what the error bar shows); and the Fréchet distance's (fd_column)
 METRICS = {NLL: ("nll", "± standard error"), LOSS: ("loss", "± standard error"),
            KID: ("kid", "± std over subsets"), COPIES: ("copies", "")}
@@ -81,7 +82,8 @@ def summarise(cfg: RunConfig) -> None:
     models = [m for m in rows[sizes[0]] if all(m in rows[n] for n in sizes)]
     table = {metric: {model: {n: rows[n][model].get(metric) for n in sizes} for model in models} for metric in metrics}
 
-    sections = [("Fusion against the baselines", _findings({n: measured[n]["comparisons"] for n in sizes}, cfg))]
+    findings, family = _findings({n: measured[n]["comparisons"] for n in sizes}, cfg)
+    sections = [(COMPARISONS, findings)]
     for metric, (file_name, bars) in metrics.items():
         series = {model: [(n, *_bar(value)) for n, value in table[metric][model].items() if value is not None]
                   for model in METHODS if model in table[metric]}
@@ -92,6 +94,9 @@ def summarise(cfg: RunConfig) -> None:
     notes = ["Each n is the run sweep/n<n>/ (its report.md has the details and the floors); every model is "
              "measured on the same held-out images at every n.",
              "Plots: " + ", ".join(f"{file_name}.png" for file_name, _ in metrics.values()) + " in this directory.",
+             f"The findings are one family of {sum(family.values())} paired tests ({family['nll']} on NLL, "
+             f"{family['fd']} on the Fréchet distance), Holm-adjusted together: 'better' or 'worse' where the "
+             f"adjusted p is at most {ALPHA:g} (each n's report adjusts over its own comparisons instead).",
              _nesting(cfg, sizes)]
     write_report(main.sweep / "sweep.md", f"scorefuse sweep: {cfg.name}, target sizes {sizes}", sections, notes,
                  data={"sizes": sizes, "metrics": table,
@@ -124,17 +129,21 @@ def _bar(value) -> tuple[float, float, float]:
     return float(value), float(value), float(value)
 
 
-def _findings(comparisons: dict[int, list[dict]], cfg: RunConfig) -> list[str]:
-    """Per baseline and metric, the sizes at which the fused model (fuse.method's, then the mixture) is better,
-    worse or indistinguishable: the members' comparisons (evaluation/comparison.py), by n."""
+def _findings(comparisons: dict[int, list[dict]], cfg: RunConfig) -> tuple[list[str], dict[str, int]]:
+    """Per fused model (fuse.method's, then the mixture), model it is compared with and metric, the sizes at which
+    it is better, worse or indistinguishable; and the family's test counts. The members' comparisons
+    (evaluation/comparison.py) at every n are one family, decided again with Holm over all of them."""
+    models = (fused(cfg.fuse.method), FUSED_MIXTURE)
+    family = decide([{"n": n, **c} for n in sorted(comparisons) for c in comparisons[n]
+                     if c["model"] in models and c["against"] not in models])
     lines = []
-    for model in (fused(cfg.fuse.method), FUSED_MIXTURE):
-        for baseline in BASELINES:
-            for metric, name in (("nll", "held-out NLL (paired)"), ("fd", "Fréchet distance (95% intervals)")):
-                verdicts = {n: c[metric] for n in sorted(comparisons)
-                            if (c := find(comparisons[n], model, baseline)) is not None and c[metric]}
+    for model in models:
+        for against in dict.fromkeys(c["against"] for c in family if c["model"] == model):
+            for metric, name in (("nll", "held-out NLL (paired)"), ("fd", "Fréchet distance (paired rounds)")):
+                verdicts = {c["n"]: c[metric] for c in family
+                            if c["model"] == model and c["against"] == against and c[metric]}
                 if verdicts:
                     by = {v: [n for n in verdicts if verdicts[n] == v] for v in (BETTER, INDISTINGUISHABLE, WORSE)}
-                    lines.append(f"{model} against {baseline} on {name}: " + "; ".join(
+                    lines.append(f"{model} against {against} on {name}: " + "; ".join(
                         f"{v} at n = {', '.join(map(str, ns))}" for v, ns in by.items() if ns) + ".")
-    return lines
+    return lines, tests_in(family)
