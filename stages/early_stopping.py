@@ -61,8 +61,9 @@ def split_target(ctx: StageContext) -> TargetSplit | None:
     fingerprint = sha256_text(canonical_json({"target": target_hash, "training": training}))
     if ctx.acc.is_main_process and not _holds(out, fingerprint):
         out.mkdir(parents=True, exist_ok=True)
-        shard = write_shard(out / "shard-000000.tar", ((f"target-{i:07d}", images[i].permute(1, 2, 0).numpy(),
-                                                         int(labels[i])) for i in training))
+        pixels = images.permute(0, 2, 3, 1).contiguous().numpy()  # NHWC, as shards hold them
+        shard = write_shard(out / "shard-000000.tar",
+                            ((f"target-{i:07d}", pixels[i], int(labels[i])) for i in training))
         population = {"role": "target", "split": "training part", "count": len(training), "mixture": {},
                       "class_histogram": {}, "shards": [shard], "hash": fingerprint}
         write_manifest(out, {"version": MANIFEST_VERSION, "fingerprint": fingerprint,

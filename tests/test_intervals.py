@@ -139,20 +139,21 @@ def test_paired_rounds_by_hand():
 
 
 def test_a_difference_the_overlapping_intervals_miss_is_found_in_paired_rounds():
-    """Samples of two models from the same 1000 latents z: a = z, b = z + 0.15 in every coordinate of D = 4, so
-    their Fréchet distances to any reference differ by about 4 x 0.15^2 = 0.09 plus the cross term with the
-    reference's mean. Against a 40-image reference, whose own noise makes each interval about 1 wide, the two
-    95% intervals overlap; in the paired rounds (the same reference rows and sample indices in each round) that
-    noise cancels, and the difference's interval excludes 0, far out."""
-    z = gaussian(1000, 4, seed=0)
-    reference = gaussian(40, 4, seed=1)
-    a, b = z, z + 0.15
+    """Samples of two models from the same 1000 latents z in D = 8: a = z, b = z + 0.5 in every coordinate, so
+    their Fréchet distances to a reference differ by 8 x 0.5^2 = 2 plus twice the shift times the gap between
+    the means of z and the reference (the part of the reference's noise that the shift interacts with, which
+    does not cancel). Against a 20-image reference, whose noise makes each interval several units wide, the two
+    95% intervals overlap; in the paired rounds (the same reference rows and sample indices in each round) the
+    rest of that noise cancels, and the difference's interval excludes 0."""
+    z = gaussian(1000, 8, seed=0)
+    reference = gaussian(20, 8, seed=1)
+    a, b = z, z + 0.5
     ia, ib = frechet_interval(a, reference, rounds=200, seed=0), frechet_interval(b, reference, rounds=200, seed=0)
-    assert ia.high > ib.low and ib.high > ia.low  # overlapping: the old rule said "indistinguishable"
-    assert min(ia.high - ia.low, ib.high - ib.low) > 5 * abs(ia.value - ib.value)
+    assert ia.high > ib.low and ib.high > ia.low  # overlapping: "indistinguishable" by the overlap rule
     draws_a = [bootstrap_round(a, reference, 0, r) for r in range(200)]
     draws_b = [bootstrap_round(b, reference, 0, r) for r in range(200)]
     difference, se = paired_rounds_interval(ia.value, draws_a, ib.value, draws_b)
     assert difference.value == pytest.approx(ia.value - ib.value)
-    assert difference.high < 0 or difference.low > 0
-    assert abs(difference.value) > 5 * se
+    assert difference.high < 0  # b is farther, and the paired rounds say so
+    unpaired = math.hypot(float(np.std(draws_a, ddof=1)), float(np.std(draws_b, ddof=1)))
+    assert abs(difference.value) > 2.5 * se and se < unpaired  # pairing shrinks the standard error
