@@ -68,7 +68,7 @@ def comparison_rows(measurements: dict) -> list[dict]:
     rows = []
     for c in measurements["comparisons"]:
         nll, fd = c["nll_difference"], c["fd_difference"]
-        rows.append({"model": c["model"], "against": c["against"],
+        rows.append({"fused": c["model"], "against": c["against"],
                      "NLL difference": None if nll is None else {"mean": nll["mean"], "se": nll["se"]},
                      "NLL p (Holm)": None if nll is None else nll["p_holm"], "NLL": c["nll"],
                      "FD difference": None if fd is None else {k: fd[k] for k in ("value", "low", "high")},

@@ -94,7 +94,7 @@ def test_the_run_report_is_a_view_of_the_measurements(tmp_path):
     floor = rows["real: target images as samples"]
     assert floor["fd_clf64 vs reference"] == 1.0 and floor["copies %"] == 100.0 and floor["NLL bits/dim"] is None
     table = sections["Fusion against the baselines and the controls"]
-    assert [(c["model"], c["against"], c["NLL"], c["FD"]) for c in table] == [
+    assert [(c["fused"], c["against"], c["NLL"], c["FD"]) for c in table] == [
         ("fused-exact", "target-scratch", "better", "better"), ("fused-mixture", "target-scratch", "better", "better"),
         ("fused-mixture", "fused-exact", "indistinguishable", "indistinguishable")]
     # 6 tests; the FD differences have no noise (the rounds share everything): p = 0, or 1 for equal distances
