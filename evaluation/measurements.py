@@ -6,7 +6,8 @@ Schema 2, a JSON object (null wherever a number does not apply; an "estimate" is
 over n held-out images and its standard error):
 
     schema        2
-    run           {"name", "sweep_n": the target size n of a sweep's run, else null}
+    run           {"name", "sweep_n": the target size n of a sweep's run, else null, "replicate": which draw of
+                  the n target images (0 outside a sweep)}
     barycenter    the label of fuse.method's fused model: the verdict's "fusion"
     best_auxiliary  the label of the auxiliary with the lowest denoising loss on the n target images (the fuse
                   stage's choice, made without the held-out images), or null before the fuse stage

@@ -21,7 +21,8 @@ COMPARISONS = "Fusion against the baselines and the controls"
 def write_run_report(path: Path, measurements: dict) -> None:
     run = measurements["run"]
     title = f"scorefuse report: {run['name']}" + (f", sweep run at target size n = {run['sweep_n']}"
-                                                   if run["sweep_n"] else "")
+                                                   if run["sweep_n"] else "") \
+        + (f", replicate {run['replicate']}" if run["replicate"] else "")
     rows = [model_row(label, entry, measurements)
             for label, entry in [*measurements["models"].items(), *measurements["floors"].items()]]
     populations = [{"population": p["name"], "role": p["role"], "images": p["images"], "shards": p["shards"],

@@ -290,7 +290,8 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
     populations = [{"name": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
                     "mixture": _mixture_vector(e["mixture"], classes).tolist()}
                    for p, e in sorted(ctx.manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
-    return {"run": {"name": cfg.name, "sweep_n": cfg.sweep.n}, "barycenter": barycenter, "best_auxiliary": best,
+    return {"run": {"name": cfg.name, "sweep_n": cfg.sweep.n, "replicate": cfg.sweep.replicate},
+            "barycenter": barycenter, "best_auxiliary": best,
             "class_names": classes,
             "settings": settings,
             "reference": {"class_proportions": None if reference_props is None else

@@ -17,7 +17,9 @@
     runs/<name>/measurements.json      what evaluate measured (evaluation/measurements.py)
     runs/<name>/report.md, report.json its view (evaluation/run_report.py)
     runs/<name>/sweep/n<n>/            the sweep over the target size: one run per n (its data, fuse, baselines,
-                                       report), sharing the parent's auxiliaries, classifier and cache
+                                       report), sharing the parent's auxiliaries, classifier and cache; its
+                                       replicate r > 0 (another draw of the n target images) in n<n>-r<r>/
+    runs/<name>/baselines/split/       the target images the early-stopped baselines train on
     runs/<name>/sweep/sweep.md, sweep.json, <metric>.png
 
 A stage directory is finished when it holds done.json (one rule for every stage; the engine writes it last,
@@ -83,14 +85,14 @@ class RunDir:
     @classmethod
     def of(cls, cfg) -> "RunDir":
         base = cls(Path(cfg.root) / cfg.name)
-        return cls(base.sweep_member(cfg.sweep.n), base) if cfg.sweep.n else base
+        return cls(base.sweep_member(cfg.sweep.n, cfg.sweep.replicate), base) if cfg.sweep.n else base
 
     @property
     def sweep(self) -> Path:
         return self.root / "sweep"
 
-    def sweep_member(self, n: int) -> Path:
-        return self.sweep / f"n{n}"
+    def sweep_member(self, n: int, replicate: int = 0) -> Path:
+        return self.sweep / (f"n{n}" if replicate == 0 else f"n{n}-r{replicate}")
 
     @property
     def config_file(self) -> Path:

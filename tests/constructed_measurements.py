@@ -26,14 +26,15 @@ def model(nll: list[float] | None = None, fd: tuple = (10.0, 8.0, 12.0), copy_sh
 
 def measurements(models: dict[str, dict], floors: dict[str, dict] | None = None, barycenter: str = "fused-exact",
                  copy_threshold: float = 0.333, fd_metric: str = "fd_clf64", name: str = "digits",
-                 sweep_n: int | None = None, best_auxiliary: str | None = None) -> dict:
+                 sweep_n: int | None = None, best_auxiliary: str | None = None, replicate: int = 0) -> dict:
     settings = {"held_out": "reference", "nll_images": 4, "nll_steps": 2, "nll_probes": 1, "test_draws_per_image": 2,
                 "num_samples": 64, "extractor": "classifier", "fd_metric": fd_metric,
                 "fd_classifier_metric": fd_metric, "fd_reference": "reference", "bootstrap": 5, "kid_subsets": 2,
                 "kid_subset_size": 1000, "copy_threshold": copy_threshold, "copies_figures": "figures",
                 "validation_share": 0.25,
                 "fit_objective": "edm", "sgd_lr": 0.1, "sgd_momentum": 0.9, "sgd_epochs": 1}
-    return {"run": {"name": name, "sweep_n": sweep_n}, "barycenter": barycenter, "best_auxiliary": best_auxiliary,
+    return {"run": {"name": name, "sweep_n": sweep_n, "replicate": replicate}, "barycenter": barycenter,
+            "best_auxiliary": best_auxiliary,
             "class_names": ["0", "1"], "settings": settings,
             "reference": {"class_proportions": [0.5, 0.5], "classifier_tv": 0.01},
             "populations": [{"name": "target", "role": "target", "images": 16, "shards": 1, "mixture": [0.25, 0.75]}],

@@ -25,7 +25,7 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
     run, overrides, _ = finished_digits
     root = tmp_path / "copy"
     shutil.copytree(run, root / "digits", ignore=shutil.ignore_patterns("sweep"))
-    args = ["--config", DIGITS, *overrides, f"root={root}", "sweep.sizes=[8,16]"]
+    args = ["--config", DIGITS, *overrides, f"root={root}", "sweep.sizes=[8,16]", "sweep.replicates=2"]
     out = scorefuse("sweep", *args).stderr
     sweep = root / "digits" / "sweep"
     assert (sweep / "sweep.md").is_file() and "summary in" in out
@@ -48,8 +48,12 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
     assert read_population(small, "reference")[0].equal(read_population(root / "digits" / "data", "reference")[0])
     assert not (sweep / "n8" / "aux").exists()  # the main run's auxiliaries, not copies
 
-    again = scorefuse("sweep", *args).stderr  # resumes: every stage of every size skips itself
-    assert again.count("already finished") >= 2 * 4
+    other = read_population(sweep / "n8-r1" / "data", "target")[0]  # replicate 1: another draw of 8 images
+    assert len(other) == 8 and set(map(tuple, other.flatten(1).tolist())) != targets[0]
+    assert json.loads((sweep / "sweep.json").read_text())["data"]["replicates"] == 2
+
+    again = scorefuse("sweep", *args).stderr  # resumes: every stage of every size and replicate skips itself
+    assert again.count("already finished") >= 2 * 2 * 4
 
 
 @pytest.mark.slow
