@@ -33,7 +33,8 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
     assert summary["sizes"] == [8, 16]
     nll = summary["metrics"]["NLL bits/dim"]
     assert set(nll) >= {"fused-exact", "fused-mixture", "target-scratch", "target-finetune"}
-    assert all(nll["fused-exact"][str(n)]["se"] > 0 for n in (8, 16))
+    # two replicates: a cell is their mean ± std, which the fine-tune's target draws move
+    assert all(nll["target-finetune"][str(n)]["std"] > 0 for n in (8, 16))
     for name in ("nll", "fd", "loss", "kid", "copies"):
         assert (sweep / f"{name}.png").is_file()
     md = (sweep / "sweep.md").read_text()
