@@ -82,7 +82,7 @@ def test_the_summary_is_a_view_of_each_sizes_measurements(tmp_path, monkeypatch)
     difference -1.0 ± 0.04) and ties it at n = 16 (-0.005 ± 0.012), and on the Fréchet distance it is lower at
     both by a difference without noise (the rounds share everything but the value); sweep.md says so, after Holm
     over the sweep's 4 tests, and sweep.json holds the members' numbers as they are."""
-    cfg = load_config(DIGITS, [f"root={tmp_path}", "sweep.sizes=[16,8]"])
+    cfg = load_config(DIGITS, [f"root={tmp_path}", "sweep.sizes=[16,8]", "sweep.replicates=1"])
     fused, loss = [2.0, 2.2, 2.4, 2.6], [0.5, 0.7]
     made = {8: measurements({"fused-exact": model(fused, loss=loss),
                              "target-scratch": model(plus(fused, [1.0, 1.1, 0.9, 1.0]), fd=(20.0, 18.0, 22.0), loss=loss)},
