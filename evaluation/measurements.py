@@ -36,6 +36,8 @@ An entry:
     nll                  estimate of the NLL in bits/dim, and "per_image": image i's value, for paired differences
                          (every model is measured on the same images with the same draws); null for a model
                          without a denoiser, or with fewer than 2 images (no standard error)
+    nll_by_class         the NLL's estimate over the held-out images of each class (in class_names' order; null
+                         for a class with fewer than 2 of them), where the held-out images have labels; else null
     loss                 estimate of the held-out denoising loss
     fd                   {"value", "low", "high", "rounds"}: the Fréchet distance, its 95% bootstrap interval and
                          the bootstrap rounds' values in round order, for paired differences (low, high and rounds
@@ -100,15 +102,19 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
           fd_rounds: Sequence[float] | None = None, nll: torch.Tensor | None = None, loss: torch.Tensor | None = None, classes=None, reference_classes=None,
           fd_classifier: float | None = None, fd_own_population: float | None = None, nfe: int | None = None,
           samples_per_second: float | None = None, fit_minutes: float | None = None, weights=None,
-          fit_gap_percent: float | None = None, early_stopping: dict | None = None) -> dict:
+          fit_gap_percent: float | None = None, early_stopping: dict | None = None,
+          nll_labels: Sequence[int] | None = None, class_count: int | None = None) -> dict:
     """One model's or floor's entry from the raw results: fd an Interval (or the bare value without bootstrap
-    rounds) and fd_rounds the rounds' values it was computed from, kid (mean, std), copies evaluation.memorisation's dict for images of `pixels` values each,
+    rounds) and fd_rounds the rounds' values it was computed from, nll_labels the class of each NLL image (of
+    class_count classes; None or negative labels: no per-class NLL), kid (mean, std), copies evaluation.memorisation's dict for images of `pixels` values each,
     nll and loss per held-out image, classes and reference_classes class proportions."""
     interval = fd if isinstance(fd, Interval) else Interval(fd, None, None)
     rms = pixels ** 0.5  # memorisation's distances are L2 over all pixels: per pixel they read on the 0..255 scale
     return {
         "description": description,
         "nll": estimate(nll, per_image=True) if nll is not None and len(nll) > 1 else None,
+        "nll_by_class": by_class(nll, nll_labels, class_count) if nll is not None and len(nll) > 1 and
+        nll_labels is not None and min(nll_labels) >= 0 else None,
         "loss": estimate(loss) if loss is not None else None,
         "fd": {"value": float(interval.value), "low": _float(interval.low), "high": _float(interval.high),
                "rounds": None if fd_rounds is None else [float(r) for r in fd_rounds]},
@@ -127,6 +133,15 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
         "fit_gap_percent": _float(fit_gap_percent),
         "early_stopping": early_stopping,
     }
+
+
+def by_class(values, labels: Sequence[int], class_count: int) -> list[dict | None]:
+    """estimate() of the values of each class 0 .. class_count - 1 (None for a class with fewer than 2)."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    labels = torch.as_tensor(labels).flatten()
+    if len(labels) != len(values):
+        raise ValueError(f"{len(labels)} labels for {len(values)} values")
+    return [estimate(values[labels == k]) if int((labels == k).sum()) > 1 else None for k in range(class_count)]
 
 
 def fd_interval(entry: dict) -> Interval | None:

@@ -16,6 +16,7 @@ from evaluation.verdict import verdict
 # named by its metric and what it compares with: fd_column.
 NLL, LOSS, KID, COPIES = "NLL bits/dim", "held-out loss", "KID", "copies %"
 COMPARISONS = "Fusion against the baselines and the controls"
+BY_CLASS = "Held-out NLL by class"
 
 
 def write_run_report(path: Path, measurements: dict) -> None:
@@ -27,7 +28,9 @@ def write_run_report(path: Path, measurements: dict) -> None:
             for label, entry in [*measurements["models"].items(), *measurements["floors"].items()]]
     populations = [{"population": p["name"], "role": p["role"], "images": p["images"], "shards": p["shards"],
                     "class mixture": format_mixture(p["mixture"])} for p in measurements["populations"]]
+    by_class = class_rows(measurements)
     write_report(path, title, [("Verdict", verdict(measurements)), ("Models and floors", rows),
+                               *([(BY_CLASS, by_class)] if by_class else []),
                                (COMPARISONS, comparison_rows(measurements)),
                                ("Populations", populations)], notes(measurements))
 
@@ -62,6 +65,12 @@ def model_row(label: str, entry: dict, measurements: dict) -> dict:
                 "weights": None if weights is None else " | ".join(format_mixture(r) for r in np.atleast_2d(weights)),
                 "fit gap %": entry["fit_gap_percent"], "what": entry["description"]})
     return row
+
+
+def class_rows(measurements: dict) -> list[dict]:
+    """The table of held-out NLL by class: a row per model that has it, a column per class, mean ± SE."""
+    return [{"NLL of": label, **{name: _mean_se(e) for name, e in zip(measurements["class_names"], entry["nll_by_class"])}}
+            for label, entry in measurements["models"].items() if entry["nll_by_class"] is not None]
 
 
 def comparison_rows(measurements: dict) -> list[dict]:
@@ -110,6 +119,11 @@ def notes(measurements: dict) -> list[str]:
         f"floors: '{HALVES}' compares two halves of the held-out images (what real data scores at that size); "
         f"'{TARGET_AS_SAMPLES}' uses the n target images as samples (what copying them scores).",
     ]
+    if any(entry["nll_by_class"] is not None for entry in measurements["models"].values()):
+        lines.append(f"{BY_CLASS}: the NLL over the held-out images of each class (by their labels), mean ± standard "
+                     f"error. A class label is worth at most log2({len(measurements['class_names'])}) bits per image, "
+                     "so a difference between models that is the same in every class is about pixels, not about "
+                     "the population mixture.")
     if floor_tv is not None:
         lines.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
                      f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "

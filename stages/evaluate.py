@@ -156,7 +156,7 @@ def run(cfg: RunConfig) -> dict:
     ctx = StageContext.open(cfg)
     cache = ResultCache(ctx.run.eval_cache)
     reference_name, target_name = cfg.data.reference.name, cfg.data.target.name
-    reference = read_population(ctx.run.data, reference_name, cfg.data.max_bad_samples)[0]
+    reference, reference_labels = read_population(ctx.run.data, reference_name, cfg.data.max_bad_samples)
     target = read_population(ctx.run.data, target_name, cfg.data.max_bad_samples)[0]
     reference_features = ctx.reference(ctx.fd_reference)
     fd_images = reference if ctx.fd_reference == reference_name else \
@@ -183,7 +183,7 @@ def run(cfg: RunConfig) -> dict:
             f"(launch.timeout_minutes={cfg.launch.timeout_minutes})")
     if ctx.acc.is_main_process:  # the measurements first; the report is a view of them
         write_measurements(ctx.run.measurements,
-                           measurements(ctx, measured, floor_rows, stats, reference_props, reference))
+                           measurements(ctx, measured, floor_rows, stats, reference_props, reference, reference_labels))
         write_run_report(ctx.run.report, read_measurements(ctx.run.measurements))
         for m in measured:  # floors have no picture: their "copies" are real images
             copies_figure(m.images, target, stats[m.label]["copies"], ctx.run.copies_figure(m.label))
@@ -265,14 +265,15 @@ def _frechet_in(extract: Callable, images: torch.Tensor, reference_features: tor
 # ---- the measurements ------------------------------------------------------------------------------------------
 
 def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stats: dict, reference_props,
-                 reference: torch.Tensor) -> dict:
+                 reference: torch.Tensor, reference_labels: torch.Tensor) -> dict:
     """The measurements file's content (evaluation/measurements.py) from report_statistics' numbers, on the main
-    process."""
+    process. The NLL's images are the first of the reference, so their labels are the first of reference_labels."""
     cfg, ev = ctx.cfg, ctx.cfg.eval
     classes = ctx.manifest["class_names"]
 
     def entries(rows: list[Measured]) -> dict:
-        return {m.label: _entry(m, stats[m.label], reference_props, reference[0].numel()) for m in rows}
+        return {m.label: _entry(m, stats[m.label], reference_props, reference[0].numel(), reference_labels,
+                                len(classes)) for m in rows}
     models, barycenter = entries(measured), fused(cfg.fuse.method)
     best = auxiliary(best_auxiliary(load_fit(cfg))) if is_finished(ctx.run.fuse) else None
     floor_tv = (total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
@@ -285,8 +286,8 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
                 "bootstrap": ev.bootstrap, "kid_subsets": ev.kid_subsets, "kid_subset_size": ev.kid_subset_size,
                 "copy_threshold": ev.copy_threshold,
                 "copies_figures": str(ctx.run.copies_figure("MODEL").parent.relative_to(ctx.run.root)),
-                "validation_share": cfg.fuse.validation_share, "fit_objective": cfg.fuse.objective, "sgd_lr": cfg.fuse.sgd_lr, "sgd_momentum": cfg.fuse.sgd_momentum,
-                "sgd_epochs": cfg.fuse.sgd_epochs}
+                "validation_share": cfg.fuse.validation_share, "fit_objective": cfg.fuse.objective,
+                "sgd_lr": cfg.fuse.sgd_lr, "sgd_momentum": cfg.fuse.sgd_momentum, "sgd_epochs": cfg.fuse.sgd_epochs}
     populations = [{"name": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
                     "mixture": _mixture_vector(e["mixture"], classes).tolist()}
                    for p, e in sorted(ctx.manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
@@ -300,7 +301,7 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
             "comparisons": comparisons(models, barycenter, best)}
 
 
-def _entry(m: Measured, s: dict, reference_props, pixels: int) -> dict:
+def _entry(m: Measured, s: dict, reference_props, pixels: int, labels: torch.Tensor, class_count: int) -> dict:
     """One entry of the measurements: what measure() and report_statistics found of m."""
     return entry(m.description, fd=s["fd"] or s["fd value"], fd_rounds=s["fd rounds"], kid=s["kid"],
                  copies=s["copies"], pixels=pixels,
@@ -308,7 +309,8 @@ def _entry(m: Measured, s: dict, reference_props, pixels: int) -> dict:
                  fd_classifier=s["domain"], fd_own_population=s["own"], nfe=m.nfe,
                  samples_per_second=len(m.images) / m.seconds if m.seconds else None,
                  fit_minutes=m.facts.get("minutes"), weights=m.facts.get("weights"),
-                 fit_gap_percent=m.facts.get("fit gap %"), early_stopping=m.facts.get("early_stopping"))
+                 fit_gap_percent=m.facts.get("fit gap %"), early_stopping=m.facts.get("early_stopping"),
+                 nll_labels=None if m.nll is None else labels[:len(m.nll)].tolist(), class_count=class_count)
 
 
 def _mixture_vector(mixture: dict, class_names: list[str]) -> np.ndarray:

@@ -107,4 +107,19 @@ def test_the_run_report_is_a_view_of_the_measurements(tmp_path):
     assert table[2]["NLL p (Holm)"] == mixture["p_holm"] == pytest.approx(2 * 0.31731050786291415, abs=1e-12)
     markdown = (tmp_path / "report.md").read_text()
     assert "| real: target images as samples | — | — | 1 | 0.5 ± 0.25 | 100 | 0 | 33.33 |" in markdown
+    assert "Held-out NLL by class" not in markdown  # no labels, no table
     assert "the classifier itself is 0.010 from the true target mixture" in markdown
+
+
+def test_the_report_has_the_nll_by_class_where_the_images_have_labels(tmp_path):
+    """Classes "0" and "1" of four held-out images labelled 0, 1, 0, 1: a row per model with its NLL, a column
+    per class."""
+    made = measurements({"fused-exact": model([1.0, 2.0, 1.5, 3.0], nll_labels=[0, 1, 0, 1], class_count=2),
+                         "distill": model(None)})
+    write_run_report(tmp_path / "report.md", made)
+    sections = {s["name"]: s.get("rows", s.get("text")) for s in json.loads((tmp_path / "report.json").read_text())
+                ["sections"]}
+    assert list(sections)[:3] == ["Verdict", "Models and floors", "Held-out NLL by class"]
+    assert sections["Held-out NLL by class"] == [{"NLL of": "fused-exact", "0": {"mean": 1.25, "se": 0.25},
+                                                  "1": {"mean": 2.5, "se": 0.5}}]
+    assert "| fused-exact | 1.25 ± 0.25 | 2.5 ± 0.5 |" in (tmp_path / "report.md").read_text()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evaluation.intervals import Interval, mean_se
-from evaluation.measurements import SCHEMA, entry, read_measurements, write_measurements
+from evaluation.measurements import SCHEMA, by_class, entry, read_measurements, write_measurements
 from shards.errors import ModelError
 from tests.constructed_measurements import measurements, model
 
@@ -31,6 +31,21 @@ def test_an_entry_holds_the_raw_results_in_the_report_units():
     assert floor["fd"] == {"value": 3.0, "low": None, "high": None, "rounds": None}  # no bootstrap rounds
     assert floor["nll"] is None and floor["loss"] is None  # one image has no standard error
     assert floor["class_proportions"] is None and floor["class_tv"] is None
+
+
+def test_the_nll_by_class_is_each_class_estimate():
+    """Images of classes 0, 2, 0, 2, 1 (of 3 classes): class 0 has 1.0 and 2.0 (mean 1.5, se 0.5), class 2 has
+    3.0 and 5.0 (4.0 ± 1.0), class 1 one image (no standard error: None). No labels, or unlabelled images
+    (-1): no per-class NLL."""
+    nll = torch.tensor([1.0, 3.0, 2.0, 5.0, 7.0], dtype=torch.float64)
+    made = entry("a model", fd=3.0, kid=(0.0, 0.0), copies=COPIES, pixels=4, nll=nll, nll_labels=[0, 2, 0, 2, 1],
+                 class_count=3)
+    assert made["nll_by_class"] == [{"mean": 1.5, "se": 0.5, "n": 2}, None, {"mean": 4.0, "se": 1.0, "n": 2}]
+    assert entry("a model", fd=3.0, kid=(0.0, 0.0), copies=COPIES, pixels=4, nll=nll)["nll_by_class"] is None
+    assert entry("a model", fd=3.0, kid=(0.0, 0.0), copies=COPIES, pixels=4, nll=nll, nll_labels=[0, -1, 0, 1, 1],
+                 class_count=2)["nll_by_class"] is None
+    with pytest.raises(ValueError, match="4 labels for 5 values"):
+        by_class(nll, [0, 1, 0, 1], 2)
 
 
 def test_the_file_round_trips_exactly(tmp_path):
