@@ -183,7 +183,8 @@ def test_nll_step(model):
     with fake_cuda() as cuda:
         bits = nll_bits_per_dim(denoiser.to(cuda), images(), **arguments, device=cuda)
     assert bits.device == CPU
-    torch.testing.assert_close(bits, expected)
+    # float32 networks, whose kernels may round differently on the two paths: up to about 1e-6 bits/dim here
+    torch.testing.assert_close(bits, expected, atol=1e-5, rtol=0)
 
 
 def test_held_out_loss():
