@@ -1,5 +1,5 @@
 """The GPU check: the one prepared script for a GPU node, run in one go. On one H200 it takes about 5 minutes
-(the estimates below add up to 305 s; 355 s on a machine with 2 or more GPUs, where the DDP and ZeRO-2 rows
+(the estimates below add up to 335 s; 385 s on a machine with 2 or more GPUs, where the DDP and ZeRO-2 rows
 also run), and never more than --max-seconds (540 s by default).
 
     python bench/gpu_check.py --out gpu_check.md                  # on a GPU node (make gpu-check)
@@ -54,10 +54,11 @@ from shards.stream import train_loader  # noqa: E402
 from trainer.accelerator import is_deepspeed, make_accelerator  # noqa: E402
 from trainer.checkpoint import Checkpointer  # noqa: E402
 from stages.config import RunConfig  # noqa: E402
-from trainer.edm import Denoiser, denoising_loss, heun_sample  # noqa: E402
+from trainer.edm import Denoiser, denoising_loss, heun_sample, sigma_bounds  # noqa: E402
 from trainer.ema import make_ema, update_ema  # noqa: E402
 from trainer.engine import Engine, Hook, Update, adam  # noqa: E402
 from trainer.fused_denoiser import FusedDenoiser  # noqa: E402
+from trainer.pretrained import from_diffusers  # noqa: E402
 from trainer.lambda_fit import accumulate_gram, edm_objective, fit_barycenter_weights  # noqa: E402
 from trainer.precision import autocast_dtype, full_fp32, with_autocast  # noqa: E402
 from stages.rundir import CHECKPOINTS, METRICS, RunDir, engine_paths, finished_info, is_finished  # noqa: E402
@@ -280,22 +281,27 @@ def gram_case(s: Sizes, work: Path) -> None:
          seconds=seconds["bf16"], speedup=seconds["no"] / seconds["bf16"], max_relative_difference_A=relative)
 
 
+def sample_rate(s: Sizes, denoiser, z: torch.Tensor, precision: str) -> tuple[torch.Tensor, float]:
+    """(Heun samples of the latents z, img/s) at a precision, within the sigmas the denoiser declares valid."""
+    low, high = sigma_bounds(denoiser, 0.002, 80.0)
+    run = with_autocast(partial(heun_sample, denoiser, num_steps=s.heun_steps, sigma_min=low, sigma_max=high),
+                        precision)
+    with_autocast(partial(heun_sample, denoiser, num_steps=2, sigma_min=low, sigma_max=high), precision)(z)  # warm-up
+    images, seconds = timed(lambda: run(z), s.device)
+    return images, len(z) / seconds
+
+
+def difference(a, b) -> float:
+    return float((a - b).abs().max())
+
+
 def sampling_case(s: Sizes, work: Path) -> None:
     """eval.sample_precision on one denoiser, then the fused K = 3 model vmapped against the loop, in float32 and
     under distill.teacher_precision=bf16 (the teacher's sampling is the same call)."""
     z = torch.randn(s.sample_batch, *s.shape, generator=torch.Generator().manual_seed(0)).to(s.device)
-
-    def sample(denoiser, precision: str):
-        run = with_autocast(partial(heun_sample, denoiser, num_steps=s.heun_steps), precision)
-        with_autocast(partial(heun_sample, denoiser, num_steps=2), precision)(z)  # warm-up at the batch's shape
-        images, seconds = timed(lambda: run(z), s.device)
-        return images, s.sample_batch / seconds
-
-    def difference(a, b) -> float:
-        return float((a - b).abs().max())
     how = f"{s.heun_steps}-step Heun, batch {s.sample_batch}"
     single = perturbed_denoisers(s, 1)[0]
-    (full, rate_full), (half, rate_half) = sample(single, "no"), sample(single, "bf16")
+    (full, rate_full), (half, rate_half) = sample_rate(s, single, z, "no"), sample_rate(s, single, z, "bf16")
     # "no" is float32 with PyTorch's default TF32 convolutions: the samplers do not turn TF32 off
     emit(f"Heun sampling, one {s.preset} denoiser, eval.sample_precision=no (float32, TF32 convolutions)",
          f"{rate_full:,.1f} img/s ({how})", images_per_s=rate_full)
@@ -303,21 +309,52 @@ def sampling_case(s: Sizes, work: Path) -> None:
          f"{rate_half:,.1f} img/s ({rate_half / rate_full:.2f}x float32); "
          f"max |difference| {difference(full, half):.1e}",
          images_per_s=rate_half, max_difference=difference(full, half))
-    models, weights = perturbed_denoisers(s, 3), torch.tensor([0.5, 0.3, 0.2])
+    fused_sampling_rows(s, perturbed_denoisers(s, 3), z, "")
+
+
+def fused_sampling_rows(s: Sizes, models: list, z: torch.Tensor, what: str) -> None:
+    """The fused K = 3 model of `models` sampled vmapped and in the loop, in float32 and bf16: a row each."""
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    how = f"{s.heun_steps}-step Heun, batch {len(z)}"
     out, rate = {}, {}
     for batched in (True, False):
         fused = FusedDenoiser(models, weights, batched=batched).to(s.device)
         for precision in ("no", "bf16"):
-            out[batched, precision], rate[batched, precision] = sample(fused, precision)
+            out[batched, precision], rate[batched, precision] = sample_rate(s, fused, z, precision)
     for precision, name in (("no", "float32 (TF32 convolutions)"), ("bf16", "bf16 (distill.teacher_precision=bf16)")):
         vmapped, loop = rate[True, precision], rate[False, precision]
-        emit(f"fused sampling K = 3, vmapped, {name}", f"{vmapped:,.1f} img/s ({how})" + (
+        emit(f"fused sampling K = 3{what}, vmapped, {name}", f"{vmapped:,.1f} img/s ({how})" + (
              f"; {vmapped / rate[True, 'no']:.2f}x float32, max |difference| "
              f"{difference(out[True, 'no'], out[True, 'bf16']):.1e}" if precision == "bf16" else ""),
              images_per_s=vmapped)
-        emit(f"fused sampling K = 3, loop, {name}", f"{loop:,.1f} img/s; vmapped is {vmapped / loop:.2f}x the loop, "
-             f"max |difference| {difference(out[True, precision], out[False, precision]):.1e}",
+        emit(f"fused sampling K = 3{what}, loop, {name}", f"{loop:,.1f} img/s; vmapped is {vmapped / loop:.2f}x the "
+             f"loop, max |difference| {difference(out[True, precision], out[False, precision]):.1e}",
              images_per_s=loop, vmapped_speedup=vmapped / loop)
+
+
+def pretrained_case(s: Sizes, work: Path) -> None:
+    """Three pretrained DDPM UNets (diffusers' UNet2DModel as EDM denoisers, trainer/pretrained.py; the LSUN
+    configuration's K = 3 of one architecture) fused and sampled as sampling_case does: google/ddpm-cifar10-32's
+    architecture and schedule with random weights on a GPU (35.7M parameters each), a tiny UNet with --cpu."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    if s.cpu:
+        shape, unet = (1, 16, 16), dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                        layers_per_block=1, norm_num_groups=4,
+                                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    else:
+        shape, unet = (3, 32, 32), dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+                                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                                          "DownBlock2D"),
+                                        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    schedule = dict(DDPMScheduler(beta_schedule="linear", clip_sample=False).config)
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(from_diffusers(UNet2DModel(**unet), schedule).to(s.device))
+    z = torch.randn(s.sample_batch, *shape, generator=torch.Generator().manual_seed(0)).to(s.device)
+    size = sum(p.numel() for p in models[0].parameters()) / 1e6
+    fused_sampling_rows(s, models, z, f" pretrained DDPM UNets ({size:.3g}M each)")
 
 
 def nll_batch_setting(s: Sizes) -> tuple[int, str]:
@@ -569,6 +606,8 @@ CASES = [
     Case("gram", 12, 60, gram_case),
     # one denoiser: 2 x 9k forward images (256 x 35 evaluations); fused: 4 x 27k: ~12 s, + warm-ups and start
     Case("sampling", 20, 90, sampling_case),
+    # fused: 4 x 27k forward images of a 36M UNet (about 2x ddpmpp-cifar10's cost per image): ~20 s, + start
+    Case("pretrained", 30, 120, pretrained_case),
     # 8 evaluations x 256 images x K = 2 x (forward + VJP, ~3 forwards) = 12k forward-equivalents in float32
     # with TF32 off: ~4 s, + warm-up and start
     Case("nll", 12, 90, nll_case),

@@ -13,7 +13,8 @@ over n held-out images and its standard error):
                   stage's choice, made without the held-out images), or null before the fuse stage
     class_names   the classes, in the order of every class_proportions and mixture below
     settings      how the numbers were measured (the report's notes): held_out (the population of NLL, loss
-                  and NN held-out), nll_images, nll_steps, nll_probes, test_draws_per_image, num_samples,
+                  and NN held-out), nll_images, nll_steps, nll_sigma (the ODE's [sigma_min, sigma_max]: edm's,
+                  within the pretrained auxiliaries' ranges), nll_probes, test_draws_per_image, num_samples,
                   extractor, fd_metric (e.g. fd_clf2k, fid50k), fd_classifier_metric, fd_reference (the
                   population FD and KID compare with), bootstrap, kid_subsets, kid_subset_size,
                   copy_threshold, copies_figures (the pictures' directory, relative to the run), validation_share

@@ -90,7 +90,8 @@ def notes(measurements: dict) -> list[str]:
     s, floor_tv = measurements["settings"], measurements["reference"]["classifier_tv"]
     extractor = s["extractor"]
     lines = [
-        f"NLL bits/dim: probability-flow ODE ({s['nll_steps']} Heun steps, {s['nll_probes']} Rademacher probe(s) per "
+        f"NLL bits/dim: probability-flow ODE{_sigma_span(s.get('nll_sigma'))} ({s['nll_steps']} Heun steps, "
+        f"{s['nll_probes']} Rademacher probe(s) per "
         f"image, uniform dequantisation in bins of width 2/255 centred on the training values) on the first {s['nll_images']} held-out images `{s['held_out']}`, "
         "mean ± standard error over images; the same images and draws for every model, so differences are paired "
         "(the verdict's ± are paired standard errors).",
@@ -142,6 +143,11 @@ def notes(measurements: dict) -> list[str]:
                  f"({s['fit_objective']} objective; the paper's SGD: its loss summed over pixels, N(0, 1) logits, "
                  f"lr {s['sgd_lr']}, momentum {s['sgd_momentum']}, {s['sgd_epochs']} epochs).")
     return lines
+
+
+def _sigma_span(limits) -> str:
+    """" from sigma a to b" (measurements written before the ODE's range was recorded: nothing)."""
+    return "" if limits is None else " from sigma {:.4g} to {:.4g}".format(*limits)
 
 
 def format_mixture(p) -> str:

@@ -39,8 +39,9 @@ class Command:
 COMMANDS = {c.name: c for c in [
     Command("prepare", "stages.prepare:run", "cut the populations out of the source and write them as WebDataset shards",
             examples=("scorefuse prepare --config configs/cifar10.yaml data.source.path=/data/cifar-10-python.tar.gz",)),
-    Command("train-aux", "launch.local:train_aux", "train auxiliary diffusion models, one per auxiliary population",
-            {"aux": "NAME (one data.aux population), all (every one, on this machine's GPUs), or a,b,c"},
+    Command("train-aux", "launch.local:train_aux", "train auxiliary diffusion models, one per auxiliary population "
+            "(a pretrained one is loaded, checked and recorded instead)",
+            {"aux": "NAME (one data.aux entry), all (every one, on this machine's GPUs), or a,b,c"},
             required=("aux",), array_over="aux",
             examples=("scorefuse train-aux aux=all", "accelerate launch --multi_gpu --num_processes 8 -m launch.cli "
                       "train-aux --config configs/cifar10.yaml aux=animals")),

@@ -25,8 +25,10 @@ CLASS_DRAW_STREAM = 2
 
 
 def ordered_populations(spec: DataSpec) -> list:
-    """[(role, PopulationSpec)] in drawing priority: aux in order, then the reference, then the target."""
-    return [("aux", pop) for pop in spec.aux] + [("reference", spec.reference), ("target", spec.target)]
+    """[(role, PopulationSpec)] in drawing priority: aux in order, then the reference, then the target. A
+    pretrained auxiliary is a model, not a population: it draws nothing."""
+    return [("aux", pop) for pop in spec.aux if getattr(pop, "pretrained", None) is None] + \
+        [("reference", spec.reference), ("target", spec.target)]
 
 
 def allocate_counts(count: int, proportions: np.ndarray) -> np.ndarray:

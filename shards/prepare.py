@@ -38,7 +38,7 @@ from shards.atomic import sha256_file, sha256_text, write_atomically
 from shards.manifest import MANIFEST_NAME, MANIFEST_VERSION, load_manifest
 from shards.populations import draw_populations, ordered_populations
 from shards.sources import open_source
-from shards.spec import DataSpec
+from shards.spec import DataSpec, PopulationSpec
 
 # Populations at least this large get a progress bar; smaller ones finish before a bar is worth drawing.
 PROGRESS_MIN_IMAGES = 5000
@@ -62,7 +62,11 @@ def plain(node):
 def data_fingerprint(spec: DataSpec) -> str:
     """Hash of everything that decides the shards' content. Reader settings (workers, max_bad_samples)
     are left out: changing them must not invalidate prepared data."""
-    populations = [dict(plain(pop), role=role) for role, pop in ordered_populations(spec)]
+    # a population's own fields only: the auxiliaries' model keys (pretrained, ...) decide no shard, and leaving
+    # them out keeps the fingerprints of runs prepared before those keys existed
+    own = {f.name for f in dataclasses.fields(PopulationSpec)}
+    populations = [{**{k: v for k, v in plain(pop).items() if k in own}, "role": role}
+                   for role, pop in ordered_populations(spec)]
     for pop in populations:
         pop["mixture"] = {str(k): float(v) for k, v in pop["mixture"].items()}
     return sha256_text(canonical_json({

@@ -30,7 +30,8 @@ class Stream(IntEnum):
     ROUTER_DATA = 13  # the router's training stream of each auxiliary population
     REAL_MIX_DATA = 14  # the stream of target images distillation mixes into its "real" side
     CLASSIFIER_INIT = 15  # the feature classifier's initial weights
-    VALIDATION = 16   # which target images the baselines hold out for early stopping
+    ROUTER_SAMPLES = 16  # latents of a pretrained auxiliary's samples that the router trains on, and their stream
+    VALIDATION = 17   # which target images the baselines hold out for early stopping
 
 
 def seed_of(*words: int) -> int:

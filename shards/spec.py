@@ -41,9 +41,28 @@ class PopulationSpec:
 
 
 @dataclass
+class AuxSpec(PopulationSpec):
+    """An auxiliary: a population to train a model on (mixture, count, seed, split), or a model that exists
+    already (`pretrained`), which has no population and no shards.
+
+    pretrained: a diffusers model (a directory written by save_pretrained, a pipeline's or the model's own, or
+        a hub id "owner/name" with `revision` and `subfolder`), or a scorefuse export (the directory holding
+        ema.safetensors and model.json, or that .safetensors file).
+    timesteps: how a diffusers model's timestep follows from sigma: interpolate (in ln sigma between its
+        table's entries) | round (the nearest entry).
+    """
+    mixture: Dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    pretrained: Optional[str] = None
+    revision: Optional[str] = None
+    subfolder: Optional[str] = None
+    timesteps: str = choice("interpolate", "round")
+
+
+@dataclass
 class DataSpec:
     source: SourceSpec = field(default_factory=SourceSpec)
-    aux: List[PopulationSpec] = field(default_factory=list)
+    aux: List[AuxSpec] = field(default_factory=list)
     target: PopulationSpec = field(default_factory=PopulationSpec)
     reference: PopulationSpec = field(default_factory=PopulationSpec)
     # Shards per population: at least min_shards (>= nodes x GPUs x workers, so no reader starves)

@@ -24,13 +24,14 @@ from evaluation import labels
 from shards.atomic import sha256_file, sha256_text
 from shards.errors import CheckpointError, ConfigError, ModelError
 from stages.config import RunConfig
-from trainer.edm import heun_sample
+from trainer.edm import heun_sample, sigma_bounds
 from trainer.export import DENOISER_FILES, GENERATOR_FILES, ROUTER_FILES, has_denoiser, load_denoiser
 from trainer.fused_denoiser import FusedDenoiser
 from trainer.mixture import MixtureDenoiser
 from trainer.precision import with_autocast
 from shards.pixels import to_uint8
 from trainer.router import Router, load_router
+from stages.pretrained import load_recorded
 from stages.rundir import RunDir, finished_info, is_finished
 from trainer.score_mismatch import load_generator
 from shards.seeds import Stream, per_image_normal
@@ -49,8 +50,9 @@ class Model:
         """latents [B, C, H, W] -> images in [-1, 1]: the generator itself, or the run's Heun sampler, under
         autocast of eval.sample_precision."""
         e = cfg.edm
+        low, high = sigma_bounds(network, e.sigma_min, e.sigma_max)
         sample = network if self.one_step else partial(heun_sample, network, num_steps=e.sampler_steps,
-                                                       sigma_min=e.sigma_min, sigma_max=e.sigma_max, rho=e.rho)
+                                                       sigma_min=low, sigma_max=high, rho=e.rho)
         return with_autocast(sample, cfg.eval.sample_precision)
 
     def nfe(self, network: nn.Module, cfg: RunConfig) -> int:
@@ -68,16 +70,44 @@ class Model:
 # ---- what a finished fuse stage holds ------------------------------------------------------------------------
 
 def load_auxiliaries(cfg: RunConfig) -> dict[str, torch.nn.Module]:
-    """The EMA denoisers of the finished auxiliaries, by name; a clear error naming any that is missing."""
+    """The denoisers of the finished auxiliaries, by name (the EMA weights of a trained one, the recorded model
+    of a pretrained one); a clear error naming any that is missing."""
     run = RunDir.of(cfg)
     denoisers = {}
-    for name, directory in run.aux_dirs(cfg).items():
+    for spec in cfg.data.aux:
+        name, directory = spec.name, run.aux(spec.name)
         try:
-            denoisers[name] = load_denoiser(directory)[0]
-        except CheckpointError:
+            denoisers[name] = _auxiliary(run, spec)
+        except CheckpointError as error:
+            if spec.pretrained is not None and run.pretrained_record(name).is_file():
+                raise  # recorded, but its weights changed: the error says so
             raise ModelError(f"auxiliary {name}: no finished model in {directory}; "
-                             f"run `scorefuse train-aux aux={name}` first") from None
+                             f"run `scorefuse train-aux aux={name}` first") from error
     return denoisers
+
+
+def trained_auxiliaries(cfg: RunConfig) -> list[str]:
+    """The auxiliaries trained here (network.preset), not pretrained: what fine-tuning and warm starts start from."""
+    return [a.name for a in cfg.data.aux if a.pretrained is None]
+
+
+def sigma_limits(cfg: RunConfig) -> tuple[float, float]:
+    """The run's sigma_min and sigma_max (edm.*) within the ranges recorded for its pretrained auxiliaries: where
+    the likelihood's ODE runs for every model, so that the rows of the report compare on the same ODE."""
+    run, low, high = RunDir.of(cfg), cfg.edm.sigma_min, cfg.edm.sigma_max
+    for spec in cfg.data.aux:
+        record = run.pretrained_record(spec.name)
+        if spec.pretrained is not None and record.is_file():
+            valid = json.loads(record.read_text())["sigma_range"]
+            if valid is not None:
+                low, high = max(low, valid[0]), min(high, valid[1])
+    return low, high
+
+
+def _valid_for(sigma_range, why: str = "") -> str:
+    """What a description says of a model valid at part of the sigmas only (a pretrained auxiliary, what fuses
+    one): ", valid for sigma lo to hi"; nothing for one valid at every sigma (sigma_range None)."""
+    return "" if sigma_range is None else ", valid for sigma {:.4g} to {:.4g}{}".format(*sigma_range, why)
 
 
 def load_fit(cfg: RunConfig) -> dict:
@@ -95,9 +125,10 @@ def barycenter_model(fit: dict, auxiliaries: dict, which: str | None = None, bat
                          names=fit["names"], batched=batched)
 
 
-def best_auxiliary(fit: dict) -> str:
-    """The auxiliary with the lowest target loss on its own (the best vertex of the exact fit)."""
-    losses = fit["exact"]["vertex_losses"]
+def best_auxiliary(fit: dict, among: Sequence[str] | None = None) -> str:
+    """The auxiliary with the lowest target loss on its own (the best vertex of the exact fit), of `among`
+    (default: all)."""
+    losses = {k: v for k, v in fit["exact"]["vertex_losses"].items() if among is None or k in among}
     return min(losses, key=losses.get)
 
 
@@ -129,7 +160,14 @@ def finished_models(cfg: RunConfig) -> list[Model]:
     models = []
     for pop in cfg.data.aux:
         stage = run.aux(pop.name)
-        if is_finished(stage):
+        if is_finished(stage) and pop.pretrained is not None:
+            record = json.loads(run.pretrained_record(pop.name).read_text())
+            kind = f"{record['class']} {record['prediction_type']}" if record["kind"] == "diffusers" else \
+                "scorefuse export"
+            described = f"pretrained {pop.pretrained} ({kind}{_valid_for(record['sigma_range'])})"
+            models.append(Model(labels.auxiliary(pop.name), described,
+                                partial(_auxiliary, run, pop), _aux_files(run, pop), facts={"minutes": 0.0}))
+        elif is_finished(stage):
             done = finished_info(stage)
             models.append(Model(labels.auxiliary(pop.name), f"auxiliary trained on {pop.name}",
                                 partial(_denoiser, stage), _files(stage, DENOISER_FILES),
@@ -140,12 +178,14 @@ def finished_models(cfg: RunConfig) -> list[Model]:
 
         def fused(which):
             return barycenter_model(fit, auxiliaries(), which, batched=cfg.fuse.batched).eval()
-        aux_files = tuple(f for name in fit["names"] for f in _files(run.aux(name), DENOISER_FILES))
+        specs = {a.name: a for a in cfg.data.aux}
+        aux_files = tuple(f for name in fit["names"] for f in _aux_files(run, specs[name]))
+        valid = _valid_for(fit.get("sigma_range"), " (the auxiliaries' common range)")
+        objective = fit.get("objective", "edm")
         for which, description in (
-                ("exact", f"ScoreFusion barycenter, lambda by exact fit ({fit.get('objective', 'edm')} objective)"),
-                ("sgd", f"ScoreFusion barycenter, lambda by the paper's SGD fit ({fit.get('objective', 'edm')} "
-                        "objective)"),
-                ("uniform", "control: the barycenter with lambda = 1/K, an ensemble fitted to nothing")):
+                ("exact", f"ScoreFusion barycenter, lambda by exact fit ({objective} objective{valid})"),
+                ("sgd", f"ScoreFusion barycenter, lambda by the paper's SGD fit ({objective} objective{valid})"),
+                ("uniform", f"control: the barycenter with lambda = 1/K, an ensemble fitted to nothing{valid}")):
             if which not in fit:  # a fit written before the uniform control existed
                 continue
             facts = {"minutes": fit[which]["seconds"] / 60, "weights": fit[which]["lambda"],
@@ -156,9 +196,13 @@ def finished_models(cfg: RunConfig) -> list[Model]:
 
             def mixed():
                 return mixture_model(cfg, mixture, auxiliaries(), load_router(run.router)).eval()
-            facts = {"minutes": mixture["seconds"] / 60, "weights": mixture[mixture["weights"]]["pi"]}
+            drawn = mixture.get("router_samples", {})  # the pretrained auxiliaries' samples the router trained on
+            facts = {"minutes": (mixture["seconds"] + sum(d["seconds"] for d in drawn.values())) / 60,
+                     "weights": mixture[mixture["weights"]]["pi"]}
+            on_samples = "; the router trained on " + ", ".join(f"{d['images']} samples of {n}" for n, d in
+                                                                 drawn.items()) if drawn else ""
             models.append(Model(labels.FUSED_MIXTURE, f"mixture fusion, pi by EM on the {mixture['weights']} "
-                                "(router posteriors or the auxiliaries' likelihoods)", mixed,
+                                f"(router posteriors or the auxiliaries' likelihoods){on_samples}", mixed,
                                 aux_files + _files(run.router, ROUTER_FILES), facts=facts))
     for name, description in ((labels.TARGET_SCRATCH, "trained on the n target images alone"),
                               (labels.TARGET_FINETUNE, "the best auxiliary fine-tuned on the n target images"),
@@ -207,6 +251,18 @@ def draw(sample_fn, cfg: RunConfig, indices: Sequence[int], shape, device) -> to
 
 def _denoiser(stage: Path) -> nn.Module:
     return load_denoiser(stage)[0]
+
+
+def _auxiliary(run: RunDir, spec) -> nn.Module:
+    """An auxiliary's denoiser: trained here, or pretrained (loaded again from its recorded source)."""
+    return load_recorded(spec, run.pretrained_record(spec.name)) if spec.pretrained is not None \
+        else load_denoiser(run.aux(spec.name))[0]
+
+
+def _aux_files(run: RunDir, spec) -> tuple[Path, ...]:
+    """What identifies an auxiliary: its weights, or the record of a pretrained one (which holds their sha256)."""
+    return (run.pretrained_record(spec.name),) if spec.pretrained is not None \
+        else _files(run.aux(spec.name), DENOISER_FILES)
 
 
 def _files(stage: Path, names: tuple[str, ...]) -> tuple[Path, ...]:

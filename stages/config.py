@@ -190,6 +190,7 @@ def _check(run: RunConfig) -> None:
     if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
         raise ConfigError(f"fuse.sigma_bins must be positive and increasing, got {edges}")
     _check_distill(run)
+    _check_pretrained(run)
 
 
 def _check_data(run: RunConfig) -> None:
@@ -199,8 +200,21 @@ def _check_data(run: RunConfig) -> None:
     names = [p.name for p in populations]
     if len(set(names)) != len(names):
         raise ConfigError(f"data: population names must be unique, got {names}")
-    for role, pop in [*((f"data.aux.{i}", p) for i, p in enumerate(run.data.aux)),
-                      ("data.target", run.data.target), ("data.reference", run.data.reference)]:
+    drawn = []
+    for i, aux in enumerate(run.data.aux):
+        role = f"data.aux.{i}"
+        if aux.pretrained is not None:
+            if aux.mixture or aux.count:
+                raise ConfigError(f"{role} ({aux.name}) is the pretrained model {aux.pretrained}, not a population: "
+                                  "remove its mixture and count")
+            continue
+        for key in ("revision", "subfolder"):
+            if getattr(aux, key) is not None:
+                raise ConfigError(f"{role}.{key} names a version of a pretrained model, and {role} has no pretrained")
+        if aux.count < 1 and not aux.mixture:
+            raise ConfigError(f"{role} ({aux.name}): give a population (mixture and count) or a model (pretrained)")
+        drawn.append((role, aux))
+    for role, pop in [*drawn, ("data.target", run.data.target), ("data.reference", run.data.reference)]:
         if pop.count < 1:
             raise ConfigError(f"{role}.count={pop.count}: a population needs at least one image")
         if not pop.mixture or any(not v >= 0 for v in pop.mixture.values()):
@@ -208,9 +222,34 @@ def _check_data(run: RunConfig) -> None:
         total = sum(pop.mixture.values())
         if abs(total - 1) > 1e-6:
             raise ConfigError(f"{role}.mixture: proportions sum to {total:.6g}, not 1 ({dict(pop.mixture)})")
+    drawn_names = [p.name for p in populations if getattr(p, "pretrained", None) is None]
     for key in ("eval.fd_reference", "distill.real_population"):
-        if _value(run, key) is not None and _value(run, key) not in names:
-            raise ConfigError(f"{key}: no population {_value(run, key)!r} (have: {', '.join(names)})")
+        if _value(run, key) is not None and _value(run, key) not in drawn_names:
+            raise ConfigError(f"{key}: no population {_value(run, key)!r} (have: {', '.join(drawn_names)})")
+
+
+def _check_pretrained(run: RunConfig) -> None:
+    """What needs the auxiliaries' populations or one architecture: refused, by key, where data.aux holds
+    pretrained models."""
+    pretrained = [a.name for a in run.data.aux if a.pretrained is not None]
+    if not pretrained:
+        return
+    trained = len(run.data.aux) - len(pretrained)
+    one = len(pretrained) == 1
+    which = f"the pretrained auxiliar{'y' if one else 'ies'} {', '.join(pretrained)}"
+    if "checkpoint-merge" in run.fuse.baselines:
+        raise ConfigError(f"fuse.baselines: checkpoint-merge averages the weights of auxiliaries of one "
+                          f"architecture trained here, and {which} {'is' if one else 'are'} not; remove it")
+    if "target-finetune" in run.fuse.baselines and not trained:
+        raise ConfigError("fuse.baselines: target-finetune starts from an auxiliary trained here, and every "
+                          "auxiliary is pretrained; remove it")
+    d = run.distill
+    starts_warm = (d.init == "warm" or d.score_init == "aux") and not d.real_population
+    if starts_warm and (d.warm_from == "merge" or not trained):
+        what = "a weight average of the auxiliaries" if d.warm_from == "merge" else "an auxiliary trained here"
+        raise ConfigError(f"distill.warm_from={d.warm_from}: the generator and score network start from {what} "
+                          f"(network.preset), and {which} {'is' if one else 'are'} not; set distill.init=scratch and "
+                          f"distill.score_init=scratch" + (" or distill.warm_from=best" if trained else ""))
 
 
 def _check_distill(run: RunConfig) -> None:

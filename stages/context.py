@@ -18,7 +18,7 @@ from evaluation.grid import save_grid
 from shards.manifest import image_shape, load_manifest, population_entry
 from shards.stream import read_population, train_loader
 from stages.config import RunConfig, extractor_for, record_config
-from trainer.edm import heun_sample
+from trainer.edm import heun_sample, sigma_bounds
 from trainer.accelerator import make_accelerator
 from trainer.engine import Hook
 from trainer.precision import with_autocast
@@ -130,8 +130,9 @@ class StageContext:
     def sampler(self, denoiser, steps: int | None = None):
         """The run's Heun sampler around a denoiser: latents [B, C, H, W] -> images in [-1, 1]."""
         e = self.cfg.edm
-        return partial(heun_sample, denoiser, num_steps=steps or e.sampler_steps, sigma_min=e.sigma_min,
-                       sigma_max=e.sigma_max, rho=e.rho)
+        low, high = sigma_bounds(denoiser, e.sigma_min, e.sigma_max)  # within what a pretrained model is valid at
+        return partial(heun_sample, denoiser, num_steps=steps or e.sampler_steps, sigma_min=low, sigma_max=high,
+                       rho=e.rho)
 
     def features(self, extractor: str | None = None) -> FeatureSpace:
         """The feature space of the run's Fréchet distances, or of `extractor` (each built once)."""

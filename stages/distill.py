@@ -35,7 +35,7 @@ from stages.context import StageContext
 from stages.rundir import engine_paths
 from trainer.router import load_router
 from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, load_mixture,
-                              mixture_model, single_lambda)
+                              mixture_model, single_lambda, trained_auxiliaries)
 
 TEACHER_POPULATION = "teacher"
 TEACHER_CHUNK = 250      # teacher samples per chunk = per shard
@@ -76,7 +76,7 @@ def teacher_parts(ctx: StageContext):
     d, warm = cfg.distill, None
     if d.init == "warm" or d.score_init == "aux":
         if d.warm_from == "best":
-            best = best_auxiliary(fit)
+            best = best_auxiliary(fit, trained_auxiliaries(cfg))
             warm, info["warm"] = auxiliaries[best].state_dict(), auxiliary(best)
         else:
             lam = single_lambda(fit)

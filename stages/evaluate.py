@@ -49,12 +49,13 @@ from evaluation.score_matching import held_out_loss
 from evaluation.spec import EvalSpec
 from shards.manifest import population_entry
 from shards.stream import read_population
-from stages.catalogue import Model, best_auxiliary, finished_models, load_fit
+from stages.catalogue import Model, best_auxiliary, finished_models, load_fit, sigma_limits
 from stages.config import RunConfig
 from shards.pixels import to_unit
 from shards.seeds import Stream, generator
 from stages.context import StageContext
 from stages.rundir import is_finished
+from trainer.edm import sigma_bounds
 
 ROLES = ["aux", "target", "reference"]
 
@@ -102,7 +103,8 @@ def measure(ctx: StageContext, cache: ResultCache, model: Model, reference: torc
     cfg, e, ev = ctx.cfg, ctx.cfg.edm, ctx.cfg.eval
     network = model.load().to(ctx.device)
     weights = model.fingerprint()
-    sampler = {"steps": e.sampler_steps, "sigma_min": e.sigma_min, "sigma_max": e.sigma_max, "rho": e.rho}
+    low, high = sigma_bounds(network, e.sigma_min, e.sigma_max)  # what a pretrained model is valid at
+    sampler = {"steps": e.sampler_steps, "sigma_min": low, "sigma_max": high, "rho": e.rho}
     key = {"model": weights, "n": ev.num_samples, "seed": cfg.train.seed, "features": ctx.features().fingerprint,
            **({} if model.one_step else sampler),
            **({"precision": ev.sample_precision} if ev.sample_precision != "no" else {})}
@@ -121,12 +123,13 @@ def measure(ctx: StageContext, cache: ResultCache, model: Model, reference: torc
     nll_indices = torch.arange(min(ev.nll_images, len(reference)))
     mine = nll_indices[rank::world]
     if len(nll_indices):
+        sigma_min, sigma_max = sigma_limits(cfg)  # one ODE for every model: within every pretrained one's range
         nll_key = {"model": weights, "images": reference_hash, "count": len(nll_indices), "steps": ev.nll_steps,
-                   "probes": ev.nll_probes, "seed": cfg.train.seed, "sigma_min": e.sigma_min, "sigma_max": e.sigma_max,
+                   "probes": ev.nll_probes, "seed": cfg.train.seed, "sigma_min": sigma_min, "sigma_max": sigma_max,
                    "bins": "centred"}  # the dequantisation bins are part of what a cached value means
         measured.nll = cache.get("nll", nll_key, lambda: {"bits_per_dim": gather_by_index(ctx.ranks, nll_bits_per_dim(
             network, reference[mine], mine.tolist(), cfg.train.seed, steps=ev.nll_steps, probes=ev.nll_probes,
-            sigma_min=e.sigma_min, sigma_max=e.sigma_max, rho=e.rho, batch_size=ev.nll_batch, device=ctx.device),
+            sigma_min=sigma_min, sigma_max=sigma_max, rho=e.rho, batch_size=ev.nll_batch, device=ctx.device),
             mine, len(nll_indices), ctx.device)}, ctx.acc.is_main_process, ctx.acc.wait_for_everyone)["bits_per_dim"]
     all_indices = torch.arange(len(reference))
     mine = all_indices[rank::world]
@@ -279,6 +282,7 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
     floor_tv = (total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
                 if reference_props is not None else None)
     settings = {"held_out": cfg.data.reference.name, "nll_images": ev.nll_images, "nll_steps": ev.nll_steps,
+                "nll_sigma": list(sigma_limits(cfg)),
                 "nll_probes": ev.nll_probes, "test_draws_per_image": cfg.eval.test_draws_per_image,
                 "num_samples": ev.num_samples, "extractor": ctx.features().extractor,
                 "fd_metric": ctx.features().metric(ev.num_samples),

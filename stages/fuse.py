@@ -21,6 +21,7 @@ Baselines (fuse.baselines): target-scratch (the auxiliary recipe on the n target
 from their training (fuse.validation_share, stages/early_stopping.py), and checkpoint-merge (weights averaged
 with lambda: a different model from the fused one).
 """
+import itertools
 import json
 import math
 import time
@@ -28,12 +29,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from evaluation.plots import lambda_chart
 from shards.atomic import write_atomically
 from shards.errors import ModelError
 from shards.stream import read_population
-from stages.catalogue import barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model, single_lambda
+from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, mixture_model,
+                              sigma_limits, single_lambda, trained_auxiliaries)
 from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
 from trainer.export import build_denoiser, export_denoiser
@@ -42,11 +46,11 @@ from evaluation.labels import CHECKPOINT_MERGE, TARGET_FINETUNE, TARGET_SCRATCH
 from evaluation.likelihood import nll_bits_per_dim
 from trainer.lambda_fit import Objective, SoftmaxWeights, accumulate_gram, fit_barycenter_weights, objective_of
 from trainer.mixture import em_mixture_weights
-from trainer.precision import autocast_dtype, forward_precision
+from trainer.precision import autocast_dtype, forward_precision, with_autocast
 from trainer.router import Router, load_router, log_density_ratios, router_loss, save_router
-from shards.pixels import to_unit
-from stages.rundir import MIXTURE_GRID, engine_paths, mark_finished
-from shards.seeds import Stream, generator, seed_of
+from shards.pixels import to_uint8, to_unit
+from stages.rundir import MIXTURE_GRID, engine_paths, finished_info, mark_finished
+from shards.seeds import Stream, generator, per_image_normal, seed_of
 from trainer.spec import BASELINES
 from stages.context import StageContext
 from stages.early_stopping import TRAINING_PART, BestWeights, split_target
@@ -71,7 +75,10 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
 
     t0 = time.perf_counter()
     batches = ((x.to(ctx.device), g) for x, g in target_batches(images, fuse.batch, cfg.train.seed, rank, world))
-    objective = objective_of(fuse.objective, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data)
+    # draws outside the auxiliaries' common sigma range (pretrained models are valid on their tables only) are
+    # moved to its nearest end, so that every auxiliary is fitted where it is valid
+    objective = objective_of(fuse.objective, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data).within(
+        getattr(fused, "sigma_range", None))
     stats = accumulate_gram(fused, batches, fuse.draws_per_image, objective, sigma_edges=edges, autocast_dtype=autocast,
                             reduce=(lambda t: acc.reduce(t, "sum")) if world > 1 else None)
     exact = fit_barycenter_weights(stats, fused.names)
@@ -108,7 +115,7 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, images: torch.Tensor) ->
     uniform = {"lambda": uniform_lam.tolist(), "loss": uniform_loss, "seconds": 0.0,
                "gap_percent": 100 * (uniform_loss - exact_loss) / abs(exact_loss)}
     return {"method": fuse.method, "objective": fuse.objective, "names": fused.names, "sigma_edges": edges,
-            "target": cfg.data.target.name,
+            "sigma_range": getattr(fused, "sigma_range", None), "target": cfg.data.target.name,
             "target_images": len(images),
             "exact": {"lambda": exact["lambda"].tolist(), "seconds": exact_seconds, **exact["report"]}, "sgd": sgd,
             "uniform": uniform}
@@ -144,11 +151,18 @@ def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, 
 
 # ---- mixture fusion -------------------------------------------------------------------------------------
 
-def train_router(ctx: StageContext, names: list[str]) -> Router:
-    """The router, trained on the K auxiliary populations in equal shares (or loaded when finished)."""
+def train_router(ctx: StageContext, auxiliaries: dict) -> tuple[Router, dict]:
+    """The router, trained on the K auxiliary populations in equal shares (or loaded when finished): a pretrained
+    auxiliary's share is its own samples (fuse.router_samples, drawn once). (the router, what drawing those
+    samples cost: {name: {"images", "seconds"}})."""
     cfg, acc, f = ctx.cfg, ctx.acc, ctx.cfg.fuse
-    stage, k = ctx.run.router, len(names)
+    stage, names = ctx.run.router, list(auxiliaries)
+    k = len(names)
+    pretrained = {a.name for a in cfg.data.aux if a.pretrained is not None}
+    samples, cost = {}, {}
     if ctx.begin(stage):
+        for name in (n for n in names if n in pretrained):
+            samples[name], cost[name] = auxiliary_samples(ctx, name, auxiliaries[name])
         world = acc.num_processes
         if f.router_batch % (world * cfg.train.accum * k):
             raise ModelError(f"fuse.router_batch={f.router_batch} must be a multiple of processes ({world}) x "
@@ -162,7 +176,9 @@ def train_router(ctx: StageContext, names: list[str]) -> Router:
         labels = torch.arange(k).repeat_interleave(per).to(ctx.device)
 
         def batches(start_batch: int):
-            streams = [ctx.training_images(name, per, seed_of(cfg.train.seed, Stream.ROUTER_DATA, i), start_batch)
+            streams = [sample_stream(samples[name], per, seed_of(cfg.train.seed, Stream.ROUTER_SAMPLES, i),
+                                     acc.process_index, start_batch, ctx.device) if name in samples else
+                       ctx.training_images(name, per, seed_of(cfg.train.seed, Stream.ROUTER_DATA, i), start_batch)
                        for i, name in enumerate(names)]
             while True:
                 # joined on the device: each pinned piece is copied on its own, asynchronously (a concatenation
@@ -176,8 +192,41 @@ def train_router(ctx: StageContext, names: list[str]) -> Router:
                             m["router"], batch[0], batch[1], e.p_mean, e.p_std))],
                         batches=batches, log=ctx.log, trackers=ctx.trackers(stage))
         engine.run()
-        ctx.finish(stage, engine.summary(), lambda: save_router(stage, engine.unwrap("router"), meta))
-    return load_router(stage)
+        ctx.finish(stage, {**engine.summary(), "samples": cost},
+                   lambda: save_router(stage, engine.unwrap("router"), meta))
+    return load_router(stage), finished_info(stage).get("samples", {})
+
+
+def auxiliary_samples(ctx: StageContext, name: str, denoiser) -> tuple[torch.Tensor, dict]:
+    """fuse.router_samples samples of a pretrained auxiliary, uint8 [N, C, H, W] on the CPU, drawn once by the
+    main process (the run's sampler, image i from its own latents) and kept in the router's directory, so that a
+    resumed router trains on the same ones; and what drawing them cost."""
+    cfg, path, n = ctx.cfg, ctx.run.router_samples(name), ctx.cfg.fuse.router_samples
+    if ctx.acc.is_main_process and not path.is_file():
+        started = time.perf_counter()
+        sample = with_autocast(ctx.sampler(denoiser.to(ctx.device)), cfg.eval.sample_precision)
+        chunks = []
+        with torch.no_grad():
+            for indices in torch.arange(n).split(cfg.eval.sample_batch):
+                latents = per_image_normal(cfg.train.seed, Stream.ROUTER_SAMPLES, indices.tolist(), ctx.shape)
+                chunks.append(to_uint8(sample(latents.to(ctx.device))).cpu())
+        denoiser.cpu()
+        seconds = time.perf_counter() - started
+        write_atomically(path, save({"images": torch.cat(chunks)}, metadata={"seconds": repr(seconds)}))
+        ctx.log(f"router: {n} samples of aux/{name} in {seconds:.1f} s "
+                f"({n * (2 * cfg.edm.sampler_steps - 1)} network evaluations), in place of its population")
+    ctx.acc.wait_for_everyone()
+    with safe_open(path, "pt") as stored:
+        return stored.get_tensor("images"), {"images": n, "seconds": float(stored.metadata()["seconds"])}
+
+
+def sample_stream(images: torch.Tensor, per: int, seed: int, rank: int, start_batch: int, device):
+    """Endless batches of `per` of `images` (uint8), drawn with replacement, as float32 in [-1, 1] on `device`:
+    batch i of a rank from a generator seeded by (seed, rank, i), a pure function of the position, so that a
+    resumed router sees the stream an uninterrupted one would."""
+    for index in itertools.count(start_batch):
+        pick = torch.randint(len(images), (per,), generator=generator(seed, rank, index))
+        yield to_unit(images[pick]).to(device)
 
 
 def fit_mixture(ctx: StageContext, images: torch.Tensor, auxiliaries: dict, router: Router) -> dict:
@@ -194,9 +243,10 @@ def fit_mixture(ctx: StageContext, images: torch.Tensor, auxiliaries: dict, rout
               "router": {"pi": pi.tolist()}}
     if f.nll_check:
         dims = images[0].numel() * math.log(2)
+        sigma_min, sigma_max = sigma_limits(cfg)  # one ODE for every auxiliary, where each is valid
         log_p = torch.stack([-dims * nll_bits_per_dim(
             denoiser.to(ctx.device), images, range(len(images)), cfg.train.seed, steps=ev.nll_steps,
-            probes=ev.nll_probes, sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max, rho=cfg.edm.rho,
+            probes=ev.nll_probes, sigma_min=sigma_min, sigma_max=sigma_max, rho=cfg.edm.rho,
             batch_size=ev.nll_batch, device=ctx.device) for denoiser in auxiliaries.values()], dim=1)
         pi_nll, best = em_mixture_weights(log_p)
         reached = float(torch.logsumexp(log_p + pi.clamp(min=1e-300).log(), dim=1).mean())
@@ -228,8 +278,9 @@ def target_scratch(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path)
 
 
 def target_finetune(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
-    """The auxiliary with the lowest target loss (a vertex of the fit), fine-tuned on the n target images."""
-    best = best_auxiliary(fit)
+    """The auxiliary trained here with the lowest target loss (a vertex of the fit), fine-tuned on the n target
+    images."""
+    best = best_auxiliary(fit, trained_auxiliaries(ctx.cfg))
     ctx.log(f"target-finetune: starting from aux/{best} (target loss {fit['exact']['vertex_losses'][best]:.5f})")
     f = ctx.cfg.fuse
     train = replace(ctx.cfg.train, total_kimg=f.finetune_kimg, lr=f.finetune_lr, lr_rampup_kimg=0)
@@ -279,9 +330,9 @@ def run(cfg: RunConfig) -> dict:
             fused = barycenter_model(fit, auxiliaries, batched=cfg.fuse.batched).to(ctx.device)
             ctx.save_grid(ctx.sampler(fused), run_dir.fuse)
         if cfg.fuse.mixture:
-            router = train_router(ctx, list(auxiliaries))
+            router, samples = train_router(ctx, auxiliaries)
             if ctx.acc.is_main_process:
-                mixture = fit_mixture(ctx, images, auxiliaries, router)
+                mixture = {**fit_mixture(ctx, images, auxiliaries, router), "router_samples": samples}
                 write_atomically(run_dir.mixture_file, (json.dumps(mixture, indent=1) + "\n").encode())
                 ctx.log(f"fuse (mixture): pi {_fmt(mixture['router']['pi'])} (router EM)"
                         + (f", {_fmt(mixture['nll']['pi'])} (likelihood EM)"

@@ -24,10 +24,12 @@ def run(cfg: RunConfig, shared=None) -> dict:
     manifest = prepare(cfg.data, run_dir.data, log=say, shared=shared)
     record_config(cfg, run_dir)
     if not run_dir.classifier.is_file():
-        parts = [read_population(run_dir.data, p.name, cfg.data.max_bad_samples) for p in cfg.data.aux]
-        labels = torch.cat([p[1] for p in parts])
+        parts = [read_population(run_dir.data, p.name, cfg.data.max_bad_samples) for p in cfg.data.aux
+                 if p.pretrained is None]  # a pretrained auxiliary brings no labelled images
+        labels = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0)
         if len(labels.unique()) < 2:  # a source of one class: no class proportions to read
-            say("feature classifier: the auxiliary populations hold one class; no classifier, no class proportions")
+            say("feature classifier: the auxiliary populations hold fewer than two classes; no classifier, "
+                "no class proportions")
         else:
             info = train_classifier(torch.cat([p[0] for p in parts]), labels, manifest["class_names"],
                                     run_dir.classifier, seed=cfg.train.seed)

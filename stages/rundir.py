@@ -3,10 +3,12 @@
     runs/<name>/config.yaml            the resolved config, written by the first stage
     runs/<name>/data/                  shards + manifest.json, the feature classifier
     runs/<name>/aux/<k>/               one auxiliary model: checkpoints/, ema.safetensors + model.json,
-                                       samples.png, metrics.jsonl, done.json
+                                       samples.png, metrics.jsonl, done.json; or, for a pretrained one,
+                                       pretrained.json (what was loaded) and done.json
     runs/<name>/fuse/                  lambda.json, lambda.png, samples.png, sgd/ (the paper's SGD fit), mixture.json,
                                        mixture-samples.png, done.json
-    runs/<name>/router/                the mixture's router: checkpoints/, router.safetensors + router.json, done.json
+    runs/<name>/router/                the mixture's router: checkpoints/, router.safetensors + router.json, done.json,
+                                       samples-<k>.safetensors (a pretrained auxiliary's samples it trains on)
     runs/<name>/baselines/<b>/         target-scratch, target-finetune (trained), checkpoint-merge (weights averaged)
     runs/<name>/distill/               teacher/ (shards), checkpoints/, generator.safetensors + generator.json,
                                        samples.png, metrics.jsonl, done.json
@@ -113,6 +115,10 @@ class RunDir:
     def aux_dirs(self, cfg) -> dict[str, Path]:
         return {p.name: self.aux(p.name) for p in cfg.data.aux}
 
+    def pretrained_record(self, aux: str) -> Path:
+        """What train-aux loaded for a pretrained auxiliary: its source, the sha256 of its weights, its schedule."""
+        return self.aux(aux) / "pretrained.json"
+
     def train_log(self, aux: str) -> Path:
         """One auxiliary's log when several train at once on one machine."""
         return self.aux(aux) / "train.log"
@@ -142,6 +148,10 @@ class RunDir:
     def router(self) -> Path:
         """The mixture's router, trained on the auxiliary populations (so a sweep's runs share the parent's)."""
         return (self.parent or self).root / "router"
+
+    def router_samples(self, aux: str) -> Path:
+        """A pretrained auxiliary's samples that the router trains on in place of its population (uint8)."""
+        return self.router / f"samples-{aux}.safetensors"
 
     @property
     def baselines(self) -> Path:

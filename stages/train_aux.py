@@ -4,19 +4,23 @@ The same body trains the fuse stage's target-only baselines (stages/fuse.py), wh
 with the lowest loss on held-out target images instead of the last (stages/early_stopping.py). It is the
 engine plus three stage-specific parts: the network, the EDM loss, and the population's stream. When it
 finishes, the EMA weights are exported (trainer/export.py) and the engine marks the stage finished, so a re-run
-skips it.
+skips it. A pretrained auxiliary (data.aux.*.pretrained) is not trained: it is loaded, checked and recorded
+(stages/pretrained.py), and its stage is finished at once.
 """
+import time
 from pathlib import Path
 
 from shards.errors import ConfigError
 from shards.manifest import load_manifest, population_entry
+from shards.spec import AuxSpec
 from stages.config import RunConfig
 from trainer.edm import Denoiser, denoising_loss
 from trainer.engine import Engine, Update, adam
 from trainer.export import export_denoiser
 from trainer.spec import TrainSpec
 from stages.context import StageContext
-from stages.rundir import engine_paths
+from stages.pretrained import load_pretrained, save_record
+from stages.rundir import engine_paths, mark_finished
 from trainer.unet import build_unet
 from stages.early_stopping import BestWeights
 
@@ -75,14 +79,32 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
     return engine
 
 
+def record(ctx: StageContext, spec: AuxSpec, stage_dir: Path) -> None:
+    """A pretrained auxiliary is not trained: loaded once, which checks it against the run's images (on every
+    rank, so that a refusal stops them alike), recorded by the main process, and marked finished."""
+    started = time.perf_counter()
+    _, info = load_pretrained(spec, ctx.shape)
+    if ctx.acc.is_main_process:
+        save_record(info, ctx.run.pretrained_record(spec.name))
+        mark_finished(stage_dir, {"pretrained": spec.pretrained, "seconds": time.perf_counter() - started})
+        lo_hi = "any sigma" if info["sigma_range"] is None else "sigma {:.4g} to {:.4g}".format(*info["sigma_range"])
+        ctx.log(f"aux {spec.name}: pretrained {spec.pretrained} ({info['kind']}, {info['parameters']:,} parameters, "
+                f"{lo_hi}, weights sha256 {info['weights_sha256'][:12]}) recorded in {stage_dir}")
+    ctx.acc.wait_for_everyone()
+
+
 def run(cfg: RunConfig, aux: str) -> None:
-    """Train one auxiliary model (any number of processes, under `accelerate launch` or not)."""
-    names = [p.name for p in cfg.data.aux]
-    if aux not in names:
-        raise ConfigError(f"aux={aux}: no such auxiliary population (have: {', '.join(names)})")
+    """Train one auxiliary model (any number of processes, under `accelerate launch` or not), or record a
+    pretrained one."""
+    specs = {p.name: p for p in cfg.data.aux}
+    if aux not in specs:
+        raise ConfigError(f"aux={aux}: no such auxiliary (have: {', '.join(specs)})")
     ctx = StageContext.open(cfg)
     stage_dir = ctx.run.aux(aux)
     if not ctx.begin(stage_dir):
+        return
+    if specs[aux].pretrained is not None:
+        record(ctx, specs[aux], stage_dir)
         return
     train_denoiser(ctx, stage_dir, aux, cfg.train, reference=aux)
     ctx.log(f"aux {aux}: model in {stage_dir}")

@@ -160,7 +160,8 @@ def test_every_number_and_word_of_the_schema_declares_what_it_accepts():
     by_hand = {"data.aux.count", "data.target.count", "data.reference.count", "edm.sigma_max", "network.preset",
                "fuse.router_preset", "train.resume", "eval.fd_reference", "distill.real_population",
                "distill.g_preset", "distill.d_preset", "data.source.path", "eval.inception_weights"}
-    free = {"name", "root", "data.aux.name", "data.target.name", "data.reference.name", "edm.p_mean"}
+    free = {"name", "root", "data.aux.name", "data.target.name", "data.reference.name", "edm.p_mean",
+            "data.aux.pretrained", "data.aux.revision", "data.aux.subfolder"}  # a model's path or hub id, its version
     undeclared = [key for key, f, types in scalar_fields(RunConfig) if types & {int, float, str}
                   and RANGE not in f.metadata and CHOICES not in f.metadata and key not in by_hand | free]
     assert not undeclared, undeclared

@@ -48,3 +48,8 @@ def test_the_engine_loads_no_config_stage_evaluation_or_data_preparation(loaded)
     engine = loaded["trainer.engine"]
     assert not [m for m in engine if m.split(".")[0] in ("stages", "evaluation", "launch")]
     assert not {"shards.prepare", "shards.stream", "webdataset"} & engine
+
+
+def test_diffusers_loads_only_where_a_pretrained_model_is_loaded(loaded):
+    # trainer.pretrained and stages.pretrained import it inside the functions that load a model
+    assert not [floor for floor, modules in loaded.items() if "diffusers" in modules]

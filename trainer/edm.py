@@ -53,6 +53,27 @@ class Denoiser(nn.Module):
         return c_skip * x + c_out * raw.to(torch.float32)
 
 
+def common_sigma_range(denoisers) -> tuple[float, float] | None:
+    """The sigmas at which every one of `denoisers` is valid: the intersection of the ranges they declare
+    (`sigma_range`, as a pretrained discrete-time model does; one without is valid at every sigma), None when
+    none declares one. ValueError when the ranges do not overlap."""
+    ranges = [tuple(d.sigma_range) for d in denoisers if getattr(d, "sigma_range", None) is not None]
+    if not ranges:
+        return None
+    low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    if not low < high:
+        raise ValueError(f"the denoisers' sigma ranges {ranges} have no sigma in common")
+    return low, high
+
+
+def sigma_bounds(denoiser, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """(sigma_min, sigma_max) of a sampler or likelihood ODE of `denoiser`, within the range it declares."""
+    valid = getattr(denoiser, "sigma_range", None)
+    if valid is None:
+        return sigma_min, sigma_max
+    return max(sigma_min, valid[0]), min(sigma_max, valid[1])
+
+
 def sample_sigma(batch: int, generator: torch.Generator | None, p_mean: float = -1.2, p_std: float = 1.2,
                  device: torch.device | None = None) -> torch.Tensor:
     """Training noise levels on `device`, shape [batch]: ln(sigma) ~ N(p_mean, p_std^2) (EDM's log-normal,

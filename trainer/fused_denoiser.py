@@ -23,6 +23,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shards.errors import ModelError
+from trainer.edm import common_sigma_range
 
 SUM_TOLERANCE = 1e-5  # a softmax in float32 sums to one within ~1e-7
 
@@ -99,7 +100,9 @@ class FusedDenoiser(nn.Module):
 
     An auxiliary that exposes `image_shape` (C, H, W) is checked against the others at
     construction, and the fused model exposes it too; trainer.edm.Denoiser does not (a UNet runs at any resolution), so image-size
-    mismatches between such auxiliaries must be caught from their model.json. Channel mismatches
+    mismatches between such auxiliaries must be caught from their model.json. The sigmas the fused model is
+    valid at (`sigma_range`) are the intersection of those its auxiliaries declare (a pretrained discrete-time
+    model declares its table's; trainer/pretrained.py), when any does. Channel mismatches
     and failing auxiliaries are reported by name at the first call.
     """
 
@@ -119,6 +122,12 @@ class FusedDenoiser(nn.Module):
         weights = check_weights(weights, len(denoisers))
         self.register_buffer("weights", weights)
         self.register_buffer("sigma_edges", _check_edges(sigma_edges, weights.shape[0]))
+        try:
+            valid = common_sigma_range(denoisers)
+        except ValueError as error:
+            raise ModelError(f"{', '.join(self.names)}: {error}") from None
+        if valid is not None:
+            self.sigma_range = valid  # pretrained members are valid on their tables only: fused, on the intersection
         sigma_data = {getattr(d, "sigma_data", None) for d in denoisers}
         # for trainer.edm.denoising_loss; None when the auxiliaries disagree (then pass it explicitly)
         self.sigma_data = sigma_data.pop() if len(sigma_data) == 1 else None
@@ -220,6 +229,11 @@ class FusedDenoiser(nn.Module):
             tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                        for k, v in {**params, **buffers}.items()}
             template = copy.deepcopy(self.denoisers[0]).to("meta")
+            for module in template.modules():
+                if isinstance(module, nn.GroupNorm):
+                    # vmap's group_norm cannot ask an input laid out otherwise whether it is contiguous, and
+                    # diffusers' attention hands the next block a transposed view
+                    module.register_forward_pre_hook(_contiguous_input)
             if dtype is not None:
                 # Ops that autocast keeps in float32 (CUDA's: group_norm, upsampling) hand the next layer a
                 # float32 input, which a vmapped convolution, bypassing autocast, refuses with weights in
@@ -237,6 +251,10 @@ class FusedDenoiser(nn.Module):
         # and would run once per model.
         with sdpa_kernel(SDPBackend.MATH):
             return vmap(one_model, in_dims=(0, None, None))(tensors, x, sigma).to(torch.float32)
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
 
 
 def _input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:

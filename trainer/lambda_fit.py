@@ -9,7 +9,7 @@ in stages/fuse.py) is kept as a baseline.
 """
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -33,6 +33,14 @@ class Objective:
     sample: Callable[[int, torch.Generator | None, torch.device], torch.Tensor]  # (batch, generator, device) -> sigma
     weight: Callable[[torch.Tensor], torch.Tensor]
     per_pixel_mean: bool
+
+    def within(self, sigma_range: tuple[float, float] | None) -> "Objective":
+        """The same objective with its sigma draws moved into `sigma_range` (to its nearest end), the sigmas a
+        fused model is valid at; itself for None (every sigma)."""
+        if sigma_range is None:
+            return self
+        low, high = sigma_range
+        return replace(self, sample=lambda batch, g, device: self.sample(batch, g, device).clamp(low, high))
 
     def pixel_norm(self, pixels: int) -> int:
         """What the summed squared error of an image is divided by."""

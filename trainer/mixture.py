@@ -74,8 +74,9 @@ class MixtureDenoiser(nn.Module):
         self.skip = skip
         self.names = self.networks.names
         self.sigma_data = self.networks.sigma_data
-        if hasattr(self.networks, "image_shape"):
-            self.image_shape = self.networks.image_shape
+        for shared in ("image_shape", "sigma_range"):
+            if hasattr(self.networks, shared):
+                setattr(self, shared, getattr(self.networks, shared))
 
     @property
     def num_models(self) -> int:

@@ -92,6 +92,9 @@ class FuseSpec:
     router_lr: float = positive(1e-3)
     router_sigma: float = positive(0.05)  # the small noise level at which its posteriors give the density ratios
     router_draws: int = positive(8)  # noise draws per target image averaged for them
+    # samples of each pretrained auxiliary (which has no population) drawn once for the router to train on in its
+    # place, with the run's sampler: router_samples x (2 x edm.sampler_steps - 1) network evaluations each
+    router_samples: int = positive(1000)
     mixture_weights: str = choice("router", "nll")  # the EM fit the fused-mixture model uses
     nll_check: bool = True           # also fit pi by EM on each auxiliary's PF-ODE likelihood of the n images
     # a network whose weight is below it for a whole batch is not run (0: exact)
