@@ -94,10 +94,12 @@ def trained_auxiliaries(cfg: RunConfig) -> list[str]:
 def sigma_limits(cfg: RunConfig) -> tuple[float, float]:
     """The run's sigma_min and sigma_max (edm.*) within the ranges recorded for its pretrained auxiliaries: where
     the likelihood's ODE runs for every model, so that the rows of the report compare on the same ODE."""
-    run, low, high = RunDir.of(cfg), cfg.edm.sigma_min, cfg.edm.sigma_max
+    low, high = cfg.edm.sigma_min, cfg.edm.sigma_max
     for spec in cfg.data.aux:
-        record = run.pretrained_record(spec.name)
-        if spec.pretrained is not None and record.is_file():
+        if spec.pretrained is None:
+            continue
+        record = RunDir.of(cfg).pretrained_record(spec.name)
+        if record.is_file():
             valid = json.loads(record.read_text())["sigma_range"]
             if valid is not None:
                 low, high = max(low, valid[0]), min(high, valid[1])

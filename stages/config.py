@@ -17,6 +17,7 @@ from shards.errors import ConfigError
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.prepare import data_fingerprint
 from shards.ranges import check_values, positive, zero_or_more
+from shards.seeds import Stream, seed_of
 from shards.spec import DataSpec
 from trainer.spec import BASELINES, DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
 
@@ -36,8 +37,8 @@ class SweepSpec:
     <run>/sweep/n<n>/ with a target of n images (nested where rounding the mixture allows: sweep.md says),
     the same auxiliaries, reference and feature classifier."""
     sizes: List[int] = field(default_factory=list)
-    # Target draws per size: replicate r draws its n target images with data.target.seed + r (the auxiliaries,
-    # the reference and the training seeds are shared), r = 0 in sweep/n<n>/, r > 0 in sweep/n<n>-r<r>/.
+    # Target draws per size: replicate r > 0 draws its n target images with a seed of its own (sweep_member); the
+    # auxiliaries, the reference and the training seeds are shared. r = 0 in sweep/n<n>/, r > 0 in sweep/n<n>-r<r>/.
     replicates: int = positive(1)
     # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it ...
     n: Optional[int] = positive(None)
@@ -95,8 +96,10 @@ def load_config(path: str | Path, overrides: List[str] = ()) -> RunConfig:
 
 def sweep_member(run: RunConfig, n: int, replicate: int = 0) -> RunConfig:
     """The config of the sweep's run at target size n, replicate `replicate`: the same run with a target of n
-    images drawn with data.target.seed + replicate."""
-    target = replace(run.data.target, count=n, seed=run.data.target.seed + replicate)
+    images drawn with the main run's data.target.seed (replicate 0) or a seed of its own stream (replicate r > 0):
+    not seed + r, which is the main draw of the run whose data.target.seed is r larger."""
+    seed = run.data.target.seed if replicate == 0 else seed_of(run.data.target.seed, Stream.REPLICATE, replicate)
+    target = replace(run.data.target, count=n, seed=seed)
     return replace(run, data=replace(run.data, target=target), sweep=replace(run.sweep, n=n, replicate=replicate))
 
 

@@ -1,7 +1,7 @@
 """sweep: ScoreFusion's experiment, the target size n against every method (the paper's figure: NLL vs n).
 
 Each n in sweep.sizes is a run of its own, runs/<name>/sweep/n<n>/ (and with sweep.replicates = R, R of them:
-n<n>/ and n<n>-r<r>/ for r = 1 .. R - 1, each with another draw of the n target images, data.target.seed + r):
+n<n>/ and n<n>-r<r>/ for r = 1 .. R - 1, each with another draw of the n target images, its seed from data.target.seed and r):
 its data directory holds a target of n
 images cut like the main run's (nested, a smaller target inside a larger one, wherever rounding the class
 mixture to whole images allows; sweep.md says whether they are) and shares the main

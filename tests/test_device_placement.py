@@ -159,7 +159,7 @@ def test_fit_mixture():
     def run(device):
         settings = dict(fuse=dict(router_sigma=0.05, router_draws=2, mixture_weights="router", nll_check=True),
                         eval=dict(nll_steps=1, nll_probes=1, nll_batch=2), train=dict(seed=0),
-                        edm=dict(sigma_min=0.002, sigma_max=80.0, rho=7.0))
+                        edm=dict(sigma_min=0.002, sigma_max=80.0, rho=7.0), data=dict(aux=[]))
         ctx = SimpleNamespace(cfg=SimpleNamespace(**{k: SimpleNamespace(**v) for k, v in settings.items()}),
                               device=device)
         return fit_mixture(ctx, images(), {"a": tiny(0), "b": tiny(1)}, router())

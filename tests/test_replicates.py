@@ -8,6 +8,7 @@ import pytest
 from evaluation.measurements import write_measurements
 from evaluation.replicates import pooled, pooled_comparison
 from shards.errors import ConfigError
+from shards.seeds import Stream, seed_of
 from stages import sweep as sweep_stage
 from stages.config import load_config, sweep_member
 from stages.rundir import RunDir
@@ -36,7 +37,8 @@ def test_pooled_by_hand():
 def test_a_replicate_is_another_draw_of_the_target_in_a_directory_of_its_own(tmp_path):
     cfg = load_config(DIGITS, [f"root={tmp_path}", "sweep.replicates=3"])
     member = sweep_member(cfg, 16, 2)
-    assert member.data.target.seed == cfg.data.target.seed + 2 and member.data.target.count == 16
+    assert member.data.target.seed == seed_of(cfg.data.target.seed, Stream.REPLICATE, 2) and member.data.target.count == 16
+    assert sweep_member(cfg, 16, 0).data.target.seed == cfg.data.target.seed  # replicate 0 is the run's own draw
     assert member.data.reference == cfg.data.reference and member.data.aux == cfg.data.aux
     assert RunDir.of(member).root == RunDir.of(cfg).sweep / "n16-r2"
     assert RunDir.of(sweep_member(cfg, 16)).root == RunDir.of(cfg).sweep / "n16"
