@@ -1,46 +1,74 @@
-"""One model against another, from their measurement entries (evaluation/measurements.py): the paired NLL
-difference, and whether it and the Fréchet distance say better, worse or indistinguishable; and the pairs the
-measurements file holds: each fused model against each baseline, then mixture fusion against the barycenter.
+"""One model against another, from their measurement entries (evaluation/measurements.py), and a family of such
+comparisons decided together: the measurements file's (each fused model against each baseline and each
+control, then mixture fusion against the barycenter), the verdict's and the sweep's.
 
-The rules: the NLL differs when the paired difference is more than 2 of its standard errors from 0 (the same
-images and draws for every model, so the images' shared noise cancels); the Fréchet distance differs when
-the 95% intervals do not overlap (evaluation.intervals.separated).
+The tests are paired. The NLL: the per-image difference, every model measured on the same images with the same
+draws (evaluation.intervals.paired_difference). The Fréchet distance: the difference of the two distances in
+each bootstrap round, both from the same reference resample and the same sample indices
+(evaluation.intervals.paired_rounds_interval); the reference's noise, most of each model's own interval,
+cancels. Each gives a two-sided p-value, and a family's p-values are adjusted by Holm's step-down
+(evaluation/significance.py): a difference is "better" or "worse" when its adjusted p is at most ALPHA,
+otherwise "indistinguishable" (which says these sample sizes cannot tell the two apart, not that they are equal).
 """
-from evaluation.intervals import paired_difference, separated
-from evaluation.labels import BASELINES, FUSED, FUSED_MIXTURE
-from evaluation.measurements import fd_interval
+from evaluation.intervals import paired_difference, paired_rounds_interval
+from evaluation.labels import BASELINES, FUSED, FUSED_MIXTURE, FUSED_UNIFORM
+from evaluation.significance import holm_adjusted, normal_p
 
 BETTER, WORSE, INDISTINGUISHABLE = "better", "worse", "indistinguishable"
+ALPHA = 0.05  # the family-wise error rate of every family of comparisons
+METRICS = ("nll", "fd")
 
 
-def compare(a: dict, b: dict) -> dict:
-    """Entry a against entry b: {"nll_difference": {"mean", "se"} of a - b, "nll": a's relation to b on the
-    NLL, "fd": on the Fréchet distance}, each None where a or b lacks the measurement."""
-    result = {"nll_difference": None, "nll": None, "fd": None}
+def difference(a: dict, b: dict) -> dict:
+    """Entry a against entry b, undecided: {"nll_difference": {"mean", "se", "p"} of a - b, "fd_difference":
+    {"value", "low", "high", "se", "p"} of a's Fréchet distance - b's}, each None where a or b lacks the
+    measurement (no NLL; no bootstrap rounds)."""
+    result = {"nll_difference": None, "fd_difference": None}
     if a["nll"] is not None and b["nll"] is not None:
-        difference, se = paired_difference(a["nll"]["per_image"], b["nll"]["per_image"])
-        result["nll_difference"] = {"mean": difference, "se": se}
-        result["nll"] = _relation(difference < -2 * se, difference > 2 * se)
-    fa, fb = fd_interval(a), fd_interval(b)
-    if fa is not None and fb is not None:
-        apart = separated(fa, fb)
-        result["fd"] = _relation(apart and fa.value < fb.value, apart and fa.value > fb.value)
+        mean, se = paired_difference(a["nll"]["per_image"], b["nll"]["per_image"])
+        result["nll_difference"] = {"mean": mean, "se": se, "p": normal_p(mean, se)}
+    fa, fb = a["fd"], b["fd"]
+    if fa["rounds"] is not None and fb["rounds"] is not None:
+        interval, se = paired_rounds_interval(fa["value"], fa["rounds"], fb["value"], fb["rounds"])
+        result["fd_difference"] = {"value": interval.value, "low": interval.low, "high": interval.high, "se": se,
+                                   "p": normal_p(interval.value, se)}
     return result
 
 
-def comparisons(models: dict[str, dict], barycenter: str) -> list[dict]:
-    """The measurements' comparisons of the entries `models` (by label, in report order): every fused model
-    against every baseline, then fused-mixture against `barycenter` (fuse.method's fused model)."""
-    pairs = [(fused, baseline) for fused in models if fused in FUSED for baseline in BASELINES if baseline in models]
+def decide(family: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """The comparisons of `family` (each with "nll_difference" and "fd_difference" as difference() gives them)
+    decided together: every p of every comparison is one test of the family, Holm-adjusted over all of them
+    ("p_holm"), and each comparison gets "nll" and "fd", its relation on that metric (None without the test).
+    Returns new dicts, in the family's order."""
+    decided = [{**c, **{f"{m}_difference": None if c[f"{m}_difference"] is None else dict(c[f"{m}_difference"])
+                        for m in METRICS}} for c in family]
+    tests = [c[f"{m}_difference"] for c in decided for m in METRICS if c[f"{m}_difference"] is not None]
+    for test, adjusted in zip(tests, holm_adjusted([t["p"] for t in tests])):
+        test["p_holm"] = adjusted
+    for c in decided:
+        for m in METRICS:
+            test = c[f"{m}_difference"]
+            c[m] = None if test is None else INDISTINGUISHABLE if test["p_holm"] > alpha else \
+                BETTER if test.get("mean", test.get("value")) < 0 else WORSE
+    return decided
+
+
+def tests_in(family: list[dict]) -> dict[str, int]:
+    """How many tests of each metric a decided family holds."""
+    return {m: sum(c[f"{m}_difference"] is not None for c in family) for m in METRICS}
+
+
+def comparisons(models: dict[str, dict], barycenter: str, best_auxiliary: str | None) -> list[dict]:
+    """The measurements' comparisons of the entries `models` (by label, in report order), one family: every
+    fused model against every baseline, then against the controls (`best_auxiliary` and fused-uniform), then
+    fused-mixture against `barycenter` (fuse.method's fused model)."""
+    against = [b for b in (*BASELINES, best_auxiliary, FUSED_UNIFORM) if b in models]
+    pairs = [(fused, other) for fused in models if fused in FUSED for other in against]
     if FUSED_MIXTURE in models and barycenter in models:
         pairs.append((FUSED_MIXTURE, barycenter))
-    return [{"model": a, "against": b, **compare(models[a], models[b])} for a, b in pairs]
+    return decide([{"model": a, "against": b, **difference(models[a], models[b])} for a, b in pairs])
 
 
 def find(comparisons: list[dict], model: str, against: str) -> dict | None:
-    """The comparison of `model` against `against`, if the measurements hold it."""
+    """The comparison of `model` against `against`, if the list holds it."""
     return next((c for c in comparisons if c["model"] == model and c["against"] == against), None)
-
-
-def _relation(better: bool, worse: bool) -> str:
-    return BETTER if better else WORSE if worse else INDISTINGUISHABLE

@@ -1,5 +1,6 @@
-"""How sure is each number of the report: intervals for the Fréchet distance, KID over subsets, standard errors
-of per-image means, and the one rule the verdicts use ("indistinguishable" when two intervals overlap).
+"""How sure is each number of the report: intervals for the Fréchet distance and for the difference of two
+models' Fréchet distances (paired bootstrap rounds), KID over subsets, standard errors of per-image means and of
+paired per-image differences.
 
 A data-scarce target has a reference set of a few hundred images, so the reference's own noise is a large part
 of any difference between two models; the intervals here resample it too. All randomness comes from
@@ -35,7 +36,8 @@ def frechet_interval(sample_features: torch.Tensor, reference_features: torch.Te
 
     Each round resamples BOTH sets with replacement, so a small reference set's noise is in the interval.
     Round r draws from shards.seeds.generator(seed, Stream.BOOTSTRAP, r), the reference indices first: two
-    models evaluated with the same seed and reference see the same reference resamples, whatever their N.
+    models evaluated with the same seed and reference see the same reference resamples, whatever their N, and
+    with the same N the same sample indices too, so their rounds pair up (paired_rounds_interval).
 
     The Fréchet distance of finite sets is biased upwards (by about the value two sets from one distribution
     give), and a resample, which repeats points, is biased about as much again. So with D comparable to the
@@ -139,9 +141,16 @@ def paired_difference(a: Sequence[float] | torch.Tensor, b: Sequence[float] | to
     return mean_se(a - b)
 
 
-def separated(a: Interval, b: Interval) -> bool:
-    """True when the intervals do not overlap, the report's "different"; otherwise "indistinguishable".
-
-    Conservative: two 95% intervals that just touch differ at about the 99.5% level, and overlap does not show
-    that two models are equal, only that these sample sizes cannot tell them apart."""
-    return a.high < b.low or b.high < a.low
+def paired_rounds_interval(value_a: float, draws_a: Sequence[float], value_b: float, draws_b: Sequence[float],
+                           level: float = 0.95, method: str = "centered") -> tuple[Interval, float]:
+    """(the interval of a - b, its standard error) for two statistics bootstrapped in pairs: round r of each
+    from the same resample (for the Fréchet distance: the same reference rows, and the same sample indices,
+    whose samples share their latents). What the two rounds share cancels in their difference: the reference
+    set's noise, which dominates each model's own interval on a small target, and much of the samples'. The
+    interval is bootstrap_interval's of value_a - value_b over the rounds' differences; the standard error is
+    their standard deviation (evaluation/significance.py takes its p-value from it)."""
+    if len(draws_a) != len(draws_b):
+        raise ValueError(f"paired rounds need as many rounds on each side, got {len(draws_a)} and {len(draws_b)}")
+    differences = np.asarray(draws_a, dtype=np.float64) - np.asarray(draws_b, dtype=np.float64)
+    se = float(differences.std(ddof=1)) if len(differences) > 1 else 0.0
+    return bootstrap_interval(value_a - value_b, differences.tolist(), level, method), se

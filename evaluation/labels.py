@@ -4,6 +4,8 @@
     aux/<name>                         an auxiliary (auxiliary(name))
     fused-exact, fused-sgd             ScoreFusion's barycenter, lambda by the exact and the paper's SGD fit
     fused-mixture                      mixture fusion (trainer/mixture.py)
+    fused-uniform                      a control: the barycenter with lambda = 1/K, plain ensembling of the
+                                       auxiliaries' denoisers (with the best single auxiliary, the other control)
     target-scratch, target-finetune,   the baselines fusion is compared with
     checkpoint-merge
     distill                            the one-step generator
@@ -23,7 +25,7 @@ TARGET_AS_SAMPLES = "real: target images as samples"
 
 def fused(fit: str) -> str:
     """The fused model of a fit: exact | sgd (fuse.method, the barycenter's lambda) | mixture (as
-    distill.teacher_fit names them)."""
+    distill.teacher_fit names them) | uniform (lambda = 1/K, fitted to nothing)."""
     return f"fused-{fit}"
 
 
@@ -33,3 +35,4 @@ def auxiliary(name: str) -> str:
 
 
 FUSED_EXACT, FUSED_SGD, FUSED_MIXTURE = FUSED = tuple(fused(fit) for fit in ("exact", "sgd", "mixture"))
+FUSED_UNIFORM = fused("uniform")

@@ -1,5 +1,6 @@
 """Negative log-likelihood in bits/dim by the probability-flow ODE (Song et al. 2021; the derivation, the error
-budget and the dequantisation bound: docs/METHODS.md §1c). The ODE dx/dsigma = (x - D(x; sigma)) / sigma is
+budget and the dequantisation bound: docs/METHODS.md §1c). Pixel k's dequantisation bin is centred on the value
+the model was trained on, k/127.5 - 1, and is 2/255 wide, so the bins tile [-1 - 1/255, 1 + 1/255). The ODE dx/dsigma = (x - D(x; sigma)) / sigma is
 integrated with Heun's method from sigma_min to sigma_max, the divergence accumulated by Hutchinson-Skilling with
 Rademacher probes fixed per image, a fused model's trace taken one network at a time (memory of one network's
 graph), in float32 with TF32 off; DEFAULT_STEPS = 64 keeps the discretisation within about 0.01 bits/dim.
@@ -31,20 +32,26 @@ def _per_image_draws(seed: int, indices: Sequence[int], shape: Sequence[int],
     return torch.stack(noise), torch.stack(signs)
 
 
+# Pixel k's bin has width 2/255 in the networks' units: -log2 P(k) <= E_u[-log p(y)] + D ln(255/2), over ln 2.
+LOG_BINS_PER_UNIT = math.log(255 / 2)
+
+
 def dequantize(images: torch.Tensor, seed: int, indices: Sequence[int]) -> torch.Tensor:
-    """uint8 images [N, C, H, W] -> float64 y = 2 (k + u) / 256 - 1 in [-1, 1), u from image i's own
-    generator (the same u that nll_bits_per_dim uses for image i with this seed)."""
+    """uint8 images [N, C, H, W] -> float64 y = in_bin(k, u), u ~ U[0, 1) from image i's own generator (the
+    same u that nll_bits_per_dim uses for image i with this seed)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"dequantize takes uint8 images, got {images.dtype}")
     if len(indices) != len(images):
         raise ValueError(f"{len(indices)} indices for {len(images)} images")
     noise, _ = _per_image_draws(seed, indices, images.shape[1:], probes=0)
-    return _scale(images, noise)
+    return in_bin(images, noise)
 
 
-def _scale(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """2 (k + u) / 256 - 1 in float64, on the images' device."""
-    return (images.to(torch.float64) + noise.to(images.device)) / 128 - 1
+def in_bin(images: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The point at `position` (in [0, 1), broadcast against the images) of each pixel k's bin, float64 on the
+    images' device: (k + position - 1/2) / 127.5 - 1. Position 1/2 is the training value k / 127.5 - 1
+    (shards.pixels.to_unit), so pixels 0 and 255 sit in the middle of their bins, not on an edge."""
+    return (images.to(torch.float64) + position.to(images.device, torch.float64) - 0.5) / 127.5 - 1
 
 
 def _drift_and_divergence(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor,
@@ -111,7 +118,7 @@ def log_likelihood(denoiser: DenoiserFn, y: torch.Tensor, probes: torch.Tensor |
         eval mode on y's device (a trainer.edm.Denoiser, a FusedDenoiser, a MixtureDenoiser: these two are
         differentiated one network at a time, see _drift_and_divergence). It must treat the images of a
         batch independently: one vector-Jacobian product serves the whole batch.
-    y: [B, C, H, W] in [-1, 1] (e.g. from dequantize).
+    y: [B, C, H, W] about [-1, 1] (e.g. from dequantize).
     probes: Rademacher probes [B, P, C, H, W] (e.g. P = 1), or None for the exact trace, one
         vector-Jacobian product per dimension: only for small images (tests).
     steps: Heun intervals from sigma_min up to sigma_max on EDM's rho-schedule (sigma_steps reversed,
@@ -171,8 +178,8 @@ def nll_bits_per_dim(denoiser: DenoiserFn, images: torch.Tensor, indices: Sequen
         for start in range(0, len(images), batch_size):
             chunk, chunk_indices = images[start:start + batch_size], indices[start:start + batch_size]
             noise, signs = _per_image_draws(seed, chunk_indices, chunk.shape[1:], probes)
-            y = _scale(chunk, noise).to(device)
+            y = in_bin(chunk, noise).to(device)
             log_p = log_likelihood(denoiser, y, signs.to(device) if probes else None,
                                    sigma_min, sigma_max, steps, rho)
-            values.append(((dim * math.log(128) - log_p) / (dim * math.log(2))).cpu())
+            values.append(((dim * LOG_BINS_PER_UNIT - log_p) / (dim * math.log(2))).cpu())
     return torch.cat(values)

@@ -2,28 +2,34 @@
 (evaluation/verdict.py), report.md and report.json (evaluation/run_report.py) and the sweep's summary
 (stages/sweep.py) are views of it: none of them computes from another one's tables.
 
-Schema 1, a JSON object (null wherever a number does not apply; an "estimate" is {"mean", "se", "n"}: the mean
+Schema 2, a JSON object (null wherever a number does not apply; an "estimate" is {"mean", "se", "n"}: the mean
 over n held-out images and its standard error):
 
-    schema        1
-    run           {"name", "sweep_n": the target size n of a sweep's run, else null}
+    schema        2
+    run           {"name", "sweep_n": the target size n of a sweep's run, else null, "replicate": which draw of
+                  the n target images (0 outside a sweep)}
     barycenter    the label of fuse.method's fused model: the verdict's "fusion"
+    best_auxiliary  the label of the auxiliary with the lowest denoising loss on the n target images (the fuse
+                  stage's choice, made without the held-out images), or null before the fuse stage
     class_names   the classes, in the order of every class_proportions and mixture below
     settings      how the numbers were measured (the report's notes): held_out (the population of NLL, loss
                   and NN held-out), nll_images, nll_steps, nll_sigma (the ODE's [sigma_min, sigma_max]: edm's,
                   within the pretrained auxiliaries' ranges), nll_probes, test_draws_per_image, num_samples,
                   extractor, fd_metric (e.g. fd_clf2k, fid50k), fd_classifier_metric, fd_reference (the
                   population FD and KID compare with), bootstrap, kid_subsets, kid_subset_size,
-                  copy_threshold, copies_figures (the pictures' directory, relative to the run), fit_objective,
+                  copy_threshold, copies_figures (the pictures' directory, relative to the run), validation_share
+                  (the share of the target images the baselines hold out for early stopping), fit_objective,
                   sgd_lr, sgd_momentum, sgd_epochs
     reference     {"class_proportions": the classifier's on the held-out images, "classifier_tv": their total
                   variation to the true target mixture, the floor of every class_tv}
     populations   [{"name", "role", "images", "shards", "mixture": proportion per class}], aux, target, reference
     models        {label: entry}, every finished model in report order (labels: evaluation/labels.py)
     floors        {label: entry}, real data in the place of samples (labels.HALVES, labels.TARGET_AS_SAMPLES)
-    comparisons   [{"model", "against", "nll_difference": {"mean", "se"} of model - against, paired, "nll",
-                  "fd": "better" | "worse" | "indistinguishable"}]: each fused model against each baseline, then
-                  fused-mixture against the barycenter (evaluation/comparison.py)
+    comparisons   [{"model", "against", "nll_difference": {"mean", "se", "p", "p_holm"} of model - against, paired
+                  per image, "nll": "better" | "worse" | "indistinguishable", "fd_difference": {"value", "low",
+                  "high", "se", "p", "p_holm"} of the Fréchet distances, paired per bootstrap round, "fd"}]: each
+                  fused model against each baseline and each control (the best auxiliary, fused-uniform), then
+                  fused-mixture against the barycenter; one family, Holm-adjusted (evaluation/comparison.py)
 
 An entry:
 
@@ -31,9 +37,12 @@ An entry:
     nll                  estimate of the NLL in bits/dim, and "per_image": image i's value, for paired differences
                          (every model is measured on the same images with the same draws); null for a model
                          without a denoiser, or with fewer than 2 images (no standard error)
+    nll_by_class         the NLL's estimate over the held-out images of each class (in class_names' order; null
+                         for a class with fewer than 2 of them), where the held-out images have labels; else null
     loss                 estimate of the held-out denoising loss
-    fd                   {"value", "low", "high"}: the Fréchet distance and its 95% bootstrap interval (low and
-                         high null when eval.bootstrap gives no rounds)
+    fd                   {"value", "low", "high", "rounds"}: the Fréchet distance, its 95% bootstrap interval and
+                         the bootstrap rounds' values in round order, for paired differences (low, high and rounds
+                         null when eval.bootstrap gives no rounds)
     fd_classifier        beside FID, the Fréchet distance in the feature classifier's space
     fd_own_population    an auxiliary's Fréchet distance to its own training population
     kid                  {"mean", "std"} over subsets
@@ -45,11 +54,14 @@ An entry:
     nfe, samples_per_second, fit_minutes
     weights              lambda (a row per sigma bin) of a barycenter or of checkpoint-merge, pi of the mixture
     fit_gap_percent      how far the lambda fit's loss lies above the exact optimum
+    early_stopping       of an early-stopped baseline, the EMA weights it kept: {"kimg", "step", "loss" (the held-out
+                         loss on the target images it did not train on), "held_out_images", "training_images"}
 
 A file of another schema is refused with a message, never read as if it were this one.
 """
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -58,7 +70,7 @@ from evaluation.intervals import Interval, mean_se
 from shards.atomic import write_atomically
 from shards.errors import ModelError
 
-SCHEMA = 1
+SCHEMA = 2
 
 
 def write_measurements(path: Path, measurements: dict) -> None:
@@ -88,20 +100,25 @@ def estimate(values: torch.Tensor, per_image: bool = False) -> dict:
 
 
 def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], copies: dict, pixels: int,
-          nll: torch.Tensor | None = None, loss: torch.Tensor | None = None, classes=None, reference_classes=None,
+          fd_rounds: Sequence[float] | None = None, nll: torch.Tensor | None = None, loss: torch.Tensor | None = None, classes=None, reference_classes=None,
           fd_classifier: float | None = None, fd_own_population: float | None = None, nfe: int | None = None,
           samples_per_second: float | None = None, fit_minutes: float | None = None, weights=None,
-          fit_gap_percent: float | None = None) -> dict:
+          fit_gap_percent: float | None = None, early_stopping: dict | None = None,
+          nll_labels: Sequence[int] | None = None, class_count: int | None = None) -> dict:
     """One model's or floor's entry from the raw results: fd an Interval (or the bare value without bootstrap
-    rounds), kid (mean, std), copies evaluation.memorisation's dict for images of `pixels` values each,
+    rounds) and fd_rounds the rounds' values it was computed from, nll_labels the class of each NLL image (of
+    class_count classes; None or negative labels: no per-class NLL), kid (mean, std), copies evaluation.memorisation's dict for images of `pixels` values each,
     nll and loss per held-out image, classes and reference_classes class proportions."""
     interval = fd if isinstance(fd, Interval) else Interval(fd, None, None)
     rms = pixels ** 0.5  # memorisation's distances are L2 over all pixels: per pixel they read on the 0..255 scale
     return {
         "description": description,
         "nll": estimate(nll, per_image=True) if nll is not None and len(nll) > 1 else None,
+        "nll_by_class": by_class(nll, nll_labels, class_count) if nll is not None and len(nll) > 1 and
+        nll_labels is not None and min(nll_labels) >= 0 else None,
         "loss": estimate(loss) if loss is not None else None,
-        "fd": {"value": float(interval.value), "low": _float(interval.low), "high": _float(interval.high)},
+        "fd": {"value": float(interval.value), "low": _float(interval.low), "high": _float(interval.high),
+               "rounds": None if fd_rounds is None else [float(r) for r in fd_rounds]},
         "fd_classifier": _float(fd_classifier),
         "fd_own_population": _float(fd_own_population),
         "kid": {"mean": float(kid[0]), "std": float(kid[1])},
@@ -115,7 +132,17 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
         "fit_minutes": _float(fit_minutes),
         "weights": weights,
         "fit_gap_percent": _float(fit_gap_percent),
+        "early_stopping": early_stopping,
     }
+
+
+def by_class(values, labels: Sequence[int], class_count: int) -> list[dict | None]:
+    """estimate() of the values of each class 0 .. class_count - 1 (None for a class with fewer than 2)."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    labels = torch.as_tensor(labels).flatten()
+    if len(labels) != len(values):
+        raise ValueError(f"{len(labels)} labels for {len(values)} values")
+    return [estimate(values[labels == k]) if int((labels == k).sum()) > 1 else None for k in range(class_count)]
 
 
 def fd_interval(entry: dict) -> Interval | None:

@@ -1,30 +1,37 @@
 """The run report, report.md and report.json, as a view of the measurements (evaluation/measurements.py): the
-verdict (evaluation/verdict.py), a row per model and floor, fusion against the baselines, the populations,
+verdict (evaluation/verdict.py), a row per model and floor, the comparisons (fusion against the baselines and
+the controls, one Holm family), the populations,
 and notes that say how each number was measured. Every number is the measurements'; this module rounds and
 lays out, and evaluation/report.py writes."""
 from pathlib import Path
 
 import numpy as np
 
-from evaluation.labels import BASELINES, CHECKPOINT_MERGE, FUSED_MIXTURE, HALVES, TARGET_AS_SAMPLES
+from evaluation.comparison import ALPHA
+from evaluation.labels import CHECKPOINT_MERGE, FUSED_MIXTURE, FUSED_UNIFORM, HALVES, TARGET_AS_SAMPLES
 from evaluation.report import write_report
 from evaluation.verdict import verdict
 
 # The columns the sweep's tables share with the report's rows (stages/sweep.py), and the Fréchet distance's,
 # named by its metric and what it compares with: fd_column.
 NLL, LOSS, KID, COPIES = "NLL bits/dim", "held-out loss", "KID", "copies %"
+COMPARISONS = "Fusion against the baselines and the controls"
+BY_CLASS = "Held-out NLL by class"
 
 
 def write_run_report(path: Path, measurements: dict) -> None:
     run = measurements["run"]
     title = f"scorefuse report: {run['name']}" + (f", sweep run at target size n = {run['sweep_n']}"
-                                                   if run["sweep_n"] else "")
+                                                   if run["sweep_n"] else "") \
+        + (f", replicate {run['replicate']}" if run["replicate"] else "")
     rows = [model_row(label, entry, measurements)
             for label, entry in [*measurements["models"].items(), *measurements["floors"].items()]]
     populations = [{"population": p["name"], "role": p["role"], "images": p["images"], "shards": p["shards"],
                     "class mixture": format_mixture(p["mixture"])} for p in measurements["populations"]]
+    by_class = class_rows(measurements)
     write_report(path, title, [("Verdict", verdict(measurements)), ("Models and floors", rows),
-                               ("Fusion against the baselines", comparison_rows(measurements)),
+                               *([(BY_CLASS, by_class)] if by_class else []),
+                               (COMPARISONS, comparison_rows(measurements)),
                                ("Populations", populations)], notes(measurements))
 
 
@@ -39,7 +46,8 @@ def model_row(label: str, entry: dict, measurements: dict) -> dict:
     {"value", "low", "high"} (its value alone without bootstrap rounds), the rest rounded to what it means."""
     settings, fd = measurements["settings"], entry["fd"]
     row = {"model": label, NLL: _mean_se(entry["nll"]), LOSS: _mean_se(entry["loss"]),
-           fd_column(measurements): dict(fd) if fd["low"] is not None else fd["value"], KID: dict(entry["kid"]),
+           fd_column(measurements): {k: fd[k] for k in ("value", "low", "high")} if fd["low"] is not None else fd["value"],
+           KID: dict(entry["kid"]),
            COPIES: round(100 * entry["copy_share"], 1), "NN train": round(entry["nn_train"], 2),
            "NN held-out": round(entry["nn_held_out"], 2)}
     if entry["class_proportions"] is not None:
@@ -49,6 +57,8 @@ def model_row(label: str, entry: dict, measurements: dict) -> dict:
         row[f"{settings['fd_classifier_metric']} vs {settings['fd_reference']}"] = round(entry["fd_classifier"], 3)
     if entry["fd_own_population"] is not None:
         row[f"{fd_column(measurements)} own population"] = round(entry["fd_own_population"], 3)
+    if entry["early_stopping"] is not None:
+        row["kept kimg"] = round(entry["early_stopping"]["kimg"], 2)
     weights, rate, minutes = entry["weights"], entry["samples_per_second"], entry["fit_minutes"]
     row.update({"NFE": entry["nfe"], "samples/s": None if rate is None else round(rate, 1),
                 "fit minutes": None if minutes is None else round(minutes, 2),
@@ -57,10 +67,23 @@ def model_row(label: str, entry: dict, measurements: dict) -> dict:
     return row
 
 
+def class_rows(measurements: dict) -> list[dict]:
+    """The table of held-out NLL by class: a row per model that has it, a column per class, mean ± SE."""
+    return [{"NLL of": label, **{name: _mean_se(e) for name, e in zip(measurements["class_names"], entry["nll_by_class"])}}
+            for label, entry in measurements["models"].items() if entry["nll_by_class"] is not None]
+
+
 def comparison_rows(measurements: dict) -> list[dict]:
-    """The table "Fusion against the baselines": the measurements' comparisons with a baseline."""
-    return [{"fused": c["model"], "baseline": c["against"], "NLL difference": c["nll_difference"], "NLL": c["nll"],
-             "FD": c["fd"]} for c in measurements["comparisons"] if c["against"] in BASELINES]
+    """The comparisons table: the measurements' comparisons, each difference with its Holm-adjusted p."""
+    rows = []
+    for c in measurements["comparisons"]:
+        nll, fd = c["nll_difference"], c["fd_difference"]
+        rows.append({"fused": c["model"], "against": c["against"],
+                     "NLL difference": None if nll is None else {"mean": nll["mean"], "se": nll["se"]},
+                     "NLL p (Holm)": None if nll is None else nll["p_holm"], "NLL": c["nll"],
+                     "FD difference": None if fd is None else {k: fd[k] for k in ("value", "low", "high")},
+                     "FD p (Holm)": None if fd is None else fd["p_holm"], "FD": c["fd"]})
+    return rows
 
 
 def notes(measurements: dict) -> list[str]:
@@ -69,11 +92,21 @@ def notes(measurements: dict) -> list[str]:
     lines = [
         f"NLL bits/dim: probability-flow ODE{_sigma_span(s.get('nll_sigma'))} ({s['nll_steps']} Heun steps, "
         f"{s['nll_probes']} Rademacher probe(s) per "
-        f"image, uniform dequantisation) on the first {s['nll_images']} held-out images `{s['held_out']}`, "
+        f"image, uniform dequantisation in bins of width 2/255 centred on the training values) on the first {s['nll_images']} held-out images `{s['held_out']}`, "
         "mean ± standard error over images; the same images and draws for every model, so differences are paired "
         "(the verdict's ± are paired standard errors).",
+        "Comparisons are paired tests: the NLL per held-out image (normal p-value of the mean difference), the "
+        "Fréchet distance per bootstrap round (both models' distances in a round use the same reference resample "
+        "and the same sample indices, whose samples share their latents: the difference's interval and its "
+        "standard error, whose normal p-value is shown). 'better' / 'worse' where Holm's adjusted p is at most "
+        f"{ALPHA:g}, within each family: the verdict's tests, and the comparisons table's; else 'indistinguishable'.",
+        f"controls: {FUSED_UNIFORM} is the barycenter with lambda = 1/K, an ensemble fitted to nothing (fusion "
+        "should beat it to show that lambda matters, not only averaging); the best single auxiliary is "
+        f"{measurements['best_auxiliary'] or 'not known (no fuse stage)'}, the one with the lowest denoising loss "
+        "on the n target images (chosen without the held-out images).",
         f"held-out loss: EDM-weighted denoising loss on the held-out images, {s['test_draws_per_image']} "
-        "(sigma, noise) draws per image, the same draws for every model; mean ± standard error.",
+        "(sigma, noise) draws per image, the same draws for every model; mean ± standard error. It is the loss "
+        "lambda minimises on the target images, so the fitted barycenter is favoured on it by construction.",
         f"{fd_column(measurements)}: Fréchet distance of {s['num_samples']} samples to the population "
         f"`{s['fd_reference']}` in {extractor} feature "
         f"space{'' if extractor == 'inception' else ' (not FID)'}, [95% bootstrap interval, {s['bootstrap']} rounds "
@@ -87,6 +120,11 @@ def notes(measurements: dict) -> list[str]:
         f"floors: '{HALVES}' compares two halves of the held-out images (what real data scores at that size); "
         f"'{TARGET_AS_SAMPLES}' uses the n target images as samples (what copying them scores).",
     ]
+    if any(entry["nll_by_class"] is not None for entry in measurements["models"].values()):
+        lines.append(f"{BY_CLASS}: the NLL over the held-out images of each class (by their labels), mean ± standard "
+                     f"error. A class label is worth at most log2({len(measurements['class_names'])}) bits per image, "
+                     "so a difference between models that is the same in every class is about pixels, not about "
+                     "the population mixture.")
     if floor_tv is not None:
         lines.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
                      f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "
@@ -94,6 +132,13 @@ def notes(measurements: dict) -> list[str]:
     lines.append(f"NFE: network evaluations per sample (at most, for {FUSED_MIXTURE}: networks may be skipped); "
                  "samples/s: sampling and feature extraction, when first measured; weights: lambda of a barycenter "
                  f"(per sigma bin) or of {CHECKPOINT_MERGE}, pi of the mixture.")
+    lines.append(f"kept kimg: target-scratch and target-finetune train on {1 - s['validation_share']:.0%} of the "
+                 f"target images and keep the EMA weights with the lowest denoising loss on the other "
+                 f"{s['validation_share']:.0%} (measured at the start, periodically and at the end): the kimg of those "
+                 "weights (0: the starting weights, for a fine-tune the auxiliary itself)."
+                 if s["validation_share"] else
+                 "target-scratch and target-finetune train on all the target images for a fixed length and keep the "
+                 "last EMA weights (fuse.validation_share=0): they may be over-trained.")
     lines.append(f"fit gap %: how far the lambda fit's loss is above the exact optimum on the same Gram statistics "
                  f"({s['fit_objective']} objective; the paper's SGD: its loss summed over pixels, N(0, 1) logits, "
                  f"lr {s['sgd_lr']}, momentum {s['sgd_momentum']}, {s['sgd_epochs']} epochs).")

@@ -1,12 +1,21 @@
 """The verdict that opens the report: a few sentences computed from the measurements (evaluation/measurements.py)
-alone. Who is lowest on held-out NLL and whether the runner-up is within 2 paired standard errors; who is
-lowest on the Fréchet distance and whose 95% interval overlaps it; how fusion (the barycenter) compares with
-target-scratch and target-finetune, and mixture fusion with the barycenter (evaluation/comparison.py); who
-copies its training images."""
-from evaluation.comparison import BETTER, WORSE, compare, find
-from evaluation.intervals import Interval, separated
-from evaluation.labels import FUSED_MIXTURE, TARGET_FINETUNE, TARGET_SCRATCH
+alone. Who is lowest on held-out NLL, and whether it beats the runner-up; who is lowest on the Fréchet distance,
+and which models it beats; how fusion (the barycenter) compares with target-scratch, target-finetune and the two
+controls (the best single auxiliary, and the uniform ensemble fused-uniform), and mixture fusion with the
+barycenter; who copies its training images; and how many tests that took.
+
+Every test is paired (evaluation/comparison.py) and the verdict's tests are one family: their p-values are
+Holm-adjusted together, so the chance that any "better" or "worse" in the verdict is false is at most ALPHA.
+Choosing the lowest model and then testing it on the same images would favour it: the lowest NLL is chosen on
+the even-numbered held-out images and tested against the runner-up on the odd-numbered ones. The lowest Fréchet
+distance has no such split (a distance is one number of all samples and reference images), and the verdict says
+so.
+"""
+from evaluation.comparison import ALPHA, BETTER, WORSE, decide, difference, tests_in
+from evaluation.intervals import Interval, paired_difference
+from evaluation.labels import FUSED_MIXTURE, FUSED_UNIFORM, TARGET_FINETUNE, TARGET_SCRATCH
 from evaluation.measurements import fd_interval
+from evaluation.significance import normal_p
 
 COPYING = 0.1  # a model copies when at least this share of its samples pass the ratio test
 
@@ -14,56 +23,94 @@ COPYING = 0.1  # a model copies when at least this share of its samples pass the
 def verdict(measurements: dict) -> list[str]:
     """The verdict's sentences, over the models (not the floors) of `measurements`."""
     models = measurements["models"]
-    return [*_nll(models), *_frechet(models), *_fusion(measurements),
-            *_copying(models, measurements["settings"]["copy_threshold"])]
+    nll, frechet, fusion = _nll_winner(models), _frechet_winner(models), _fusion_pairs(measurements)
+    family = decide([*nll, *frechet, *fusion])  # one family: Holm over all of its tests
+    nll, frechet, fusion = family[:len(nll)], family[len(nll):len(nll) + len(frechet)], family[len(nll) + len(frechet):]
+    return [*_nll(models, nll), *_frechet(models, frechet), *_fusion(models, fusion),
+            *_copying(models, measurements["settings"]["copy_threshold"]), *_multiplicity(family)]
 
 
-def _nll(models: dict) -> list[str]:
-    ranked = sorted((label for label, m in models.items() if m["nll"] is not None),
-                    key=lambda label: models[label]["nll"]["mean"])
-    if not ranked:
+def _nll_winner(models: dict) -> list[dict]:
+    """The lowest and the runner-up on the even-numbered held-out images, their paired difference on the
+    odd-numbered ones (undecided); with fewer than 4 images (no standard error on a half), the ranking alone."""
+    with_nll = {label: m["nll"]["per_image"] for label, m in models.items() if m["nll"] is not None}
+    if not with_nll:
         return []
-    best, nll = ranked[0], models[ranked[0]]["nll"]
+    halves = min(len(values) for values in with_nll.values()) >= 4
+    ranked = sorted(with_nll, key=lambda label: _mean(with_nll[label][0::2] if halves else with_nll[label]))
+    comparison = {"model": ranked[0], "against": None, "nll_difference": None, "fd_difference": None}
+    if halves and len(ranked) > 1:
+        mean, se = paired_difference(with_nll[ranked[0]][1::2], with_nll[ranked[1]][1::2])
+        comparison.update(against=ranked[1], nll_difference={"mean": mean, "se": se, "p": normal_p(mean, se)})
+    return [comparison]
+
+
+def _frechet_winner(models: dict) -> list[dict]:
+    """The lowest Fréchet distance against every other model with bootstrap rounds (undecided)."""
+    with_rounds = [label for label, m in models.items() if m["fd"]["rounds"] is not None]
+    if not with_rounds:
+        return []
+    best, *others = sorted(with_rounds, key=lambda label: models[label]["fd"]["value"])
+    return [{"model": best, "against": other, "nll_difference": None,
+             "fd_difference": difference(models[best], models[other])["fd_difference"]} for other in others] or \
+        [{"model": best, "against": None, "nll_difference": None, "fd_difference": None}]
+
+
+def _fusion_pairs(measurements: dict) -> list[dict]:
+    models, barycenter, auxiliary = measurements["models"], measurements["barycenter"], measurements["best_auxiliary"]
+    pairs = [(f"Fusion ({barycenter}) against {baseline}", barycenter, baseline)
+             for baseline in (TARGET_SCRATCH, TARGET_FINETUNE)]
+    pairs += [(f"Fusion ({barycenter}) against the best single auxiliary ({auxiliary}, the lowest loss on the "
+               "target images)", barycenter, auxiliary),
+              (f"Fusion ({barycenter}) against the uniform ensemble ({FUSED_UNIFORM}, lambda = 1/K)", barycenter,
+               FUSED_UNIFORM),
+              (f"Mixture fusion against the barycenter ({barycenter})", FUSED_MIXTURE, barycenter)]
+    return [{"title": title, "model": a, "against": b, **difference(models[a], models[b])}
+            for title, a, b in pairs if a in models and b in models]
+
+
+def _nll(models: dict, family: list[dict]) -> list[str]:
+    if not family:
+        return []
+    c = family[0]
+    best, nll = c["model"], models[c["model"]]["nll"]
     line = f"Held-out NLL: {best} is lowest at {nll['mean']:.3f} ± {nll['se']:.3f} bits/dim"
-    if len(ranked) > 1:
-        other = ranked[1]
-        c = compare(models[best], models[other])
-        d = c["nll_difference"]
-        relation = {BETTER: f"{best} lower than {other}", WORSE: f"{best} higher than {other}"}.get(c["nll"], c["nll"])
-        line += f"; NLL {best} - {other} = {d['mean']:+.3f} ± {d['se']:.3f} bits/dim paired ({relation})"
+    if c["nll_difference"] is not None:
+        d, other = c["nll_difference"], c["against"]
+        relation = {BETTER: f"{best} lower", WORSE: f"{best} higher"}.get(c["nll"], c["nll"])
+        line += (f"; chosen on the even-numbered held-out images, on the odd-numbered ones NLL {best} - {other} "
+                 f"(the runner-up) = {d['mean']:+.3f} ± {d['se']:.3f} bits/dim paired ({relation}, {_p(d)})")
     return [line + "."]
 
 
-def _frechet(models: dict) -> list[str]:
-    intervals = {label: fd_interval(m) for label, m in models.items() if fd_interval(m) is not None}
-    if not intervals:
+def _frechet(models: dict, family: list[dict]) -> list[str]:
+    if not family:
         return []
-    best, *others = sorted(intervals, key=lambda label: intervals[label].value)
-    ties = [label for label in others if not separated(intervals[best], intervals[label])]
-    return [f"Fréchet distance: {best} is lowest at {_interval(intervals[best])}"
-            + (f", indistinguishable (overlapping 95% intervals) from {', '.join(ties)}." if ties
-               else ", and its interval overlaps no other model's.")]
+    best = family[0]["model"]
+    line = f"Fréchet distance: {best} is lowest at {_interval(fd_interval(models[best]))}"
+    by = {relation: [c["against"] for c in family if c["fd"] == relation] for relation in (BETTER, "indistinguishable")}
+    parts = [f"lower than {', '.join(by[BETTER])}" if by[BETTER] else "",
+             f"indistinguishable from {', '.join(by['indistinguishable'])}" if by["indistinguishable"] else ""]
+    if any(parts):
+        line += (", and paired over bootstrap rounds " + " and ".join(p for p in parts if p)
+                 + " (chosen on the samples it is tested on, so its lead is optimistic)")
+    return [line + "."]
 
 
-def _fusion(measurements: dict) -> list[str]:
-    models, barycenter = measurements["models"], measurements["barycenter"]
-    pairs = [(f"Fusion ({barycenter}) against {baseline}", barycenter, baseline)
-             for baseline in (TARGET_SCRATCH, TARGET_FINETUNE)]
-    pairs.append((f"Mixture fusion against the barycenter ({barycenter})", FUSED_MIXTURE, barycenter))
+def _fusion(models: dict, family: list[dict]) -> list[str]:
     lines = []
-    for title, a, b in pairs:
-        c = find(measurements["comparisons"], a, b)
-        if c is None:
-            continue
+    for c in family:
         parts = []
         if c["nll_difference"] is not None:
             d = c["nll_difference"]
-            parts.append(f"NLL difference {d['mean']:+.3f} ± {d['se']:.3f} bits/dim, paired ({c['nll']})")
-        if c["fd"] is not None:
-            parts.append(f"Fréchet distance {_interval(fd_interval(models[a]))} vs "
-                         f"{_interval(fd_interval(models[b]))} ({c['fd']})")
+            parts.append(f"NLL difference {d['mean']:+.3f} ± {d['se']:.3f} bits/dim, paired ({c['nll']}, {_p(d)})")
+        if c["fd_difference"] is not None:
+            d = c["fd_difference"]
+            parts.append(f"Fréchet distance {_interval(fd_interval(models[c['model']]))} vs "
+                         f"{_interval(fd_interval(models[c['against']]))}, difference {d['value']:+.3g} "
+                         f"[{d['low']:.3g}, {d['high']:.3g}] paired ({c['fd']}, {_p(d)})")
         if parts:
-            lines.append(f"{title}: " + "; ".join(parts) + ".")
+            lines.append(f"{c['title']}: " + "; ".join(parts) + ".")
     return lines
 
 
@@ -79,6 +126,25 @@ def _copying(models: dict, threshold: float) -> list[str]:
     worst = max(models, key=lambda label: models[label]["copy_share"])
     return [f"No model copies its training images: at most {100 * models[worst]['copy_share']:.0f}% "
             f"of samples ({worst}) pass the ratio test."]
+
+
+def _multiplicity(family: list[dict]) -> list[str]:
+    count = tests_in(family)
+    total = sum(count.values())
+    if not total:
+        return []
+    return [f"How sure: the verdict makes {total} paired test{'s' if total > 1 else ''} ({count['nll']} on NLL, "
+            f"{count['fd']} on the Fréchet distance); each p above is Holm-adjusted over all of them, so the chance "
+            f"that any 'better', 'worse', 'lower' or 'higher' here is wrong is at most {ALPHA:.0%}."]
+
+
+def _p(test: dict) -> str:
+    p = test["p_holm"]
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _interval(i: Interval) -> str:

@@ -31,6 +31,8 @@ class Stream(IntEnum):
     REAL_MIX_DATA = 14  # the stream of target images distillation mixes into its "real" side
     CLASSIFIER_INIT = 15  # the feature classifier's initial weights
     ROUTER_SAMPLES = 16  # latents of a pretrained auxiliary's samples that the router trains on, and their stream
+    VALIDATION = 17   # which target images the baselines hold out for early stopping
+    REPLICATE = 18    # the seed of the sweep's replicate r > 0 of the target draw, from data.target.seed
 
 
 def seed_of(*words: int) -> int:

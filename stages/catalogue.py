@@ -94,10 +94,12 @@ def trained_auxiliaries(cfg: RunConfig) -> list[str]:
 def sigma_limits(cfg: RunConfig) -> tuple[float, float]:
     """The run's sigma_min and sigma_max (edm.*) within the ranges recorded for its pretrained auxiliaries: where
     the likelihood's ODE runs for every model, so that the rows of the report compare on the same ODE."""
-    run, low, high = RunDir.of(cfg), cfg.edm.sigma_min, cfg.edm.sigma_max
+    low, high = cfg.edm.sigma_min, cfg.edm.sigma_max
     for spec in cfg.data.aux:
-        record = run.pretrained_record(spec.name)
-        if spec.pretrained is not None and record.is_file():
+        if spec.pretrained is None:
+            continue
+        record = RunDir.of(cfg).pretrained_record(spec.name)
+        if record.is_file():
             valid = json.loads(record.read_text())["sigma_range"]
             if valid is not None:
                 low, high = max(low, valid[0]), min(high, valid[1])
@@ -119,7 +121,7 @@ def load_fit(cfg: RunConfig) -> dict:
 
 
 def barycenter_model(fit: dict, auxiliaries: dict, which: str | None = None, batched: bool | None = None) -> FusedDenoiser:
-    """The fused model of a fit: `which` = exact | sgd, or None for fuse.method's."""
+    """The fused model of a fit: `which` = exact | sgd | uniform, or None for fuse.method's."""
     lam = torch.tensor(fit[which or fit["method"]]["lambda"], dtype=torch.float64)
     return FusedDenoiser([auxiliaries[n] for n in fit["names"]], lam, sigma_edges=fit["sigma_edges"],
                          names=fit["names"], batched=batched)
@@ -181,12 +183,16 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         specs = {a.name: a for a in cfg.data.aux}
         aux_files = tuple(f for name in fit["names"] for f in _aux_files(run, specs[name]))
         valid = _valid_for(fit.get("sigma_range"), " (the auxiliaries' common range)")
-        for which, how in (("exact", "exact"), ("sgd", "the paper's SGD")):
+        objective = fit.get("objective", "edm")
+        for which, description in (
+                ("exact", f"ScoreFusion barycenter, lambda by exact fit ({objective} objective{valid})"),
+                ("sgd", f"ScoreFusion barycenter, lambda by the paper's SGD fit ({objective} objective{valid})"),
+                ("uniform", f"control: the barycenter with lambda = 1/K, an ensemble fitted to nothing{valid}")):
+            if which not in fit:  # a fit written before the uniform control existed
+                continue
             facts = {"minutes": fit[which]["seconds"] / 60, "weights": fit[which]["lambda"],
                      "fit gap %": fit[which].get("gap_percent", 0.0)}
-            models.append(Model(labels.fused(which), f"ScoreFusion barycenter, lambda by {how} fit "
-                                f"({fit.get('objective', 'edm')} objective{valid})", partial(fused, which), aux_files,
-                                facts=facts))
+            models.append(Model(labels.fused(which), description, partial(fused, which), aux_files, facts=facts))
         if run.mixture_file.is_file():
             mixture = load_mixture(cfg)
 
@@ -206,8 +212,9 @@ def finished_models(cfg: RunConfig) -> list[Model]:
         stage = run.baseline(name)
         if is_finished(stage) and has_denoiser(stage):
             done = finished_info(stage)
-            facts = {"kimg": done["kimg"], "minutes": done["seconds"] / 60} if "kimg" in done else \
-                {"minutes": 0.0, "weights": done["lambda"]}
+            facts = {"kimg": done["kimg"], "minutes": done["seconds"] / 60,
+                     **({"early_stopping": done["early_stopping"]} if "early_stopping" in done else {})} \
+                if "kimg" in done else {"minutes": 0.0, "weights": done["lambda"]}
             models.append(Model(name, description, partial(_denoiser, stage), _files(stage, DENOISER_FILES), facts=facts))
     if is_finished(run.distill):
         done = finished_info(run.distill)

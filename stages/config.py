@@ -17,6 +17,7 @@ from shards.errors import ConfigError
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.prepare import data_fingerprint
 from shards.ranges import check_values, positive, zero_or_more
+from shards.seeds import Stream, seed_of
 from shards.spec import DataSpec
 from trainer.spec import BASELINES, DistillSpec, EDMSpec, FuseSpec, NetworkSpec, TrainSpec
 
@@ -36,8 +37,13 @@ class SweepSpec:
     <run>/sweep/n<n>/ with a target of n images (nested: a smaller n's target inside a larger one's),
     the same auxiliaries, reference and feature classifier."""
     sizes: List[int] = field(default_factory=list)
-    # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it
+    # Target draws per size: replicate r > 0 draws its n target images with a seed of its own (sweep_member); the
+    # auxiliaries, the reference and the training seeds are shared. r = 0 in sweep/n<n>/, r > 0 in sweep/n<n>-r<r>/.
+    replicates: int = positive(1)
+    # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it ...
     n: Optional[int] = positive(None)
+    # ... and its replicate (data.target.seed grows by it)
+    replicate: int = zero_or_more(0)
 
 
 @dataclass
@@ -85,13 +91,16 @@ def load_config(path: str | Path, overrides: List[str] = ()) -> RunConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
     _check(run)
-    return sweep_member(run, run.sweep.n) if run.sweep.n else run
+    return sweep_member(run, run.sweep.n, run.sweep.replicate) if run.sweep.n else run
 
 
-def sweep_member(run: RunConfig, n: int) -> RunConfig:
-    """The config of the sweep's run at target size n: the same run with a target of n images."""
-    data = replace(run.data, target=replace(run.data.target, count=n))
-    return replace(run, data=data, sweep=replace(run.sweep, n=n))
+def sweep_member(run: RunConfig, n: int, replicate: int = 0) -> RunConfig:
+    """The config of the sweep's run at target size n, replicate `replicate`: the same run with a target of n
+    images drawn with the main run's data.target.seed (replicate 0) or a seed of its own stream (replicate r > 0):
+    not seed + r, which is the main draw of the run whose data.target.seed is r larger."""
+    seed = run.data.target.seed if replicate == 0 else seed_of(run.data.target.seed, Stream.REPLICATE, replicate)
+    target = replace(run.data.target, count=n, seed=seed)
+    return replace(run, data=replace(run.data, target=target), sweep=replace(run.sweep, n=n, replicate=replicate))
 
 
 def _node(cfg, key: str):
@@ -173,6 +182,9 @@ def _check(run: RunConfig) -> None:
         raise ConfigError(f"train.resume: {t.resume} is not latest, none or a checkpoint directory")
     if any(n < 1 for n in run.sweep.sizes) or len(set(run.sweep.sizes)) != len(run.sweep.sizes):
         raise ConfigError(f"sweep.sizes must be distinct positive target sizes, got {list(run.sweep.sizes)}")
+    if run.sweep.replicate >= run.sweep.replicates:
+        raise ConfigError(f"sweep.replicate={run.sweep.replicate}: the sweep has sweep.replicates="
+                          f"{run.sweep.replicates} (0 to {run.sweep.replicates - 1})")
     fuse = run.fuse
     unknown = sorted(set(fuse.baselines) - set(BASELINES))
     if unknown:

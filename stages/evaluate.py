@@ -40,7 +40,7 @@ from evaluation.classifier import class_proportions
 from evaluation.features import Ranks, frechet, metric_name
 from evaluation.comparison import comparisons
 from evaluation.intervals import bootstrap_interval, bootstrap_round, frechet_on, kernel_distance
-from evaluation.labels import HALVES, TARGET_AS_SAMPLES, fused
+from evaluation.labels import HALVES, TARGET_AS_SAMPLES, auxiliary, fused
 from evaluation.likelihood import nll_bits_per_dim
 from evaluation.memorisation import copies_figure, memorisation
 from evaluation.measurements import entry, read_measurements, total_variation, write_measurements
@@ -49,11 +49,12 @@ from evaluation.score_matching import held_out_loss
 from evaluation.spec import EvalSpec
 from shards.manifest import population_entry
 from shards.stream import read_population
-from stages.catalogue import Model, finished_models, sigma_limits
+from stages.catalogue import Model, best_auxiliary, finished_models, load_fit, sigma_limits
 from stages.config import RunConfig
 from shards.pixels import to_unit
 from shards.seeds import Stream, generator
 from stages.context import StageContext
+from stages.rundir import is_finished
 from trainer.edm import sigma_bounds
 
 ROLES = ["aux", "target", "reference"]
@@ -124,7 +125,8 @@ def measure(ctx: StageContext, cache: ResultCache, model: Model, reference: torc
     if len(nll_indices):
         sigma_min, sigma_max = sigma_limits(cfg)  # one ODE for every model: within every pretrained one's range
         nll_key = {"model": weights, "images": reference_hash, "count": len(nll_indices), "steps": ev.nll_steps,
-                   "probes": ev.nll_probes, "seed": cfg.train.seed, "sigma_min": sigma_min, "sigma_max": sigma_max}
+                   "probes": ev.nll_probes, "seed": cfg.train.seed, "sigma_min": sigma_min, "sigma_max": sigma_max,
+                   "bins": "centred"}  # the dequantisation bins are part of what a cached value means
         measured.nll = cache.get("nll", nll_key, lambda: {"bits_per_dim": gather_by_index(ctx.ranks, nll_bits_per_dim(
             network, reference[mine], mine.tolist(), cfg.train.seed, steps=ev.nll_steps, probes=ev.nll_probes,
             sigma_min=sigma_min, sigma_max=sigma_max, rho=e.rho, batch_size=ev.nll_batch, device=ctx.device),
@@ -157,7 +159,7 @@ def run(cfg: RunConfig) -> dict:
     ctx = StageContext.open(cfg)
     cache = ResultCache(ctx.run.eval_cache)
     reference_name, target_name = cfg.data.reference.name, cfg.data.target.name
-    reference = read_population(ctx.run.data, reference_name, cfg.data.max_bad_samples)[0]
+    reference, reference_labels = read_population(ctx.run.data, reference_name, cfg.data.max_bad_samples)
     target = read_population(ctx.run.data, target_name, cfg.data.max_bad_samples)[0]
     reference_features = ctx.reference(ctx.fd_reference)
     fd_images = reference if ctx.fd_reference == reference_name else \
@@ -184,7 +186,7 @@ def run(cfg: RunConfig) -> dict:
             f"(launch.timeout_minutes={cfg.launch.timeout_minutes})")
     if ctx.acc.is_main_process:  # the measurements first; the report is a view of them
         write_measurements(ctx.run.measurements,
-                           measurements(ctx, measured, floor_rows, stats, reference_props, reference))
+                           measurements(ctx, measured, floor_rows, stats, reference_props, reference, reference_labels))
         write_run_report(ctx.run.report, read_measurements(ctx.run.measurements))
         for m in measured:  # floors have no picture: their "copies" are real images
             copies_figure(m.images, target, stats[m.label]["copies"], ctx.run.copies_figure(m.label))
@@ -197,8 +199,9 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
                       target: torch.Tensor, own: dict, ev: EvalSpec, seed: int, ranks: Ranks, device, *,
                       classify: Callable | None = None, domain: tuple | None = None) -> tuple[dict, object, float]:
     """The heavy numbers of the report, on every rank: (per row label {"fd": Interval or None (no bootstrap),
-    "fd value", "kid": (mean, std), "copies": memorisation's dict, "classes", "domain", "own": or None}, the
-    class proportions of the reference images or None, the seconds of the slowest task).
+    "fd value", "fd rounds": the bootstrap rounds' values in round order or None, "kid": (mean, std), "copies":
+    memorisation's dict, "classes", "domain", "own": or None}, the class proportions of the reference images or
+    None, the seconds of the slowest task).
 
     rows are compared with reference_features (or their own .reference) and with `target`, the training images
     (memorisation, against as many held-out images: `reference`'s first, or the row's .held_out). own: features
@@ -247,6 +250,7 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
         value = results[m.label, "fd value"]
         draws = [results[m.label, "round", r] for r in range(ev.bootstrap)]
         stats[m.label] = {"fd": bootstrap_interval(value, draws) if draws else None, "fd value": value,
+                          "fd rounds": draws or None,
                           **{what: results.get((m.label, what)) for what in ("kid", "copies", "classes", "domain",
                                                                              "own")}}
     return stats, results.get(("reference", "classes")), max((seconds for _, seconds in done.values()), default=0.0)
@@ -264,15 +268,17 @@ def _frechet_in(extract: Callable, images: torch.Tensor, reference_features: tor
 # ---- the measurements ------------------------------------------------------------------------------------------
 
 def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stats: dict, reference_props,
-                 reference: torch.Tensor) -> dict:
+                 reference: torch.Tensor, reference_labels: torch.Tensor) -> dict:
     """The measurements file's content (evaluation/measurements.py) from report_statistics' numbers, on the main
-    process."""
+    process. The NLL's images are the first of the reference, so their labels are the first of reference_labels."""
     cfg, ev = ctx.cfg, ctx.cfg.eval
     classes = ctx.manifest["class_names"]
 
     def entries(rows: list[Measured]) -> dict:
-        return {m.label: _entry(m, stats[m.label], reference_props, reference[0].numel()) for m in rows}
+        return {m.label: _entry(m, stats[m.label], reference_props, reference[0].numel(), reference_labels,
+                                len(classes)) for m in rows}
     models, barycenter = entries(measured), fused(cfg.fuse.method)
+    best = auxiliary(best_auxiliary(load_fit(cfg))) if is_finished(ctx.run.fuse) else None
     floor_tv = (total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
                 if reference_props is not None else None)
     settings = {"held_out": cfg.data.reference.name, "nll_images": ev.nll_images, "nll_steps": ev.nll_steps,
@@ -284,27 +290,31 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
                 "bootstrap": ev.bootstrap, "kid_subsets": ev.kid_subsets, "kid_subset_size": ev.kid_subset_size,
                 "copy_threshold": ev.copy_threshold,
                 "copies_figures": str(ctx.run.copies_figure("MODEL").parent.relative_to(ctx.run.root)),
-                "fit_objective": cfg.fuse.objective, "sgd_lr": cfg.fuse.sgd_lr, "sgd_momentum": cfg.fuse.sgd_momentum,
-                "sgd_epochs": cfg.fuse.sgd_epochs}
+                "validation_share": cfg.fuse.validation_share, "fit_objective": cfg.fuse.objective,
+                "sgd_lr": cfg.fuse.sgd_lr, "sgd_momentum": cfg.fuse.sgd_momentum, "sgd_epochs": cfg.fuse.sgd_epochs}
     populations = [{"name": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
                     "mixture": _mixture_vector(e["mixture"], classes).tolist()}
                    for p, e in sorted(ctx.manifest["populations"].items(), key=lambda pe: ROLES.index(pe[1]["role"]))]
-    return {"run": {"name": cfg.name, "sweep_n": cfg.sweep.n}, "barycenter": barycenter, "class_names": classes,
+    return {"run": {"name": cfg.name, "sweep_n": cfg.sweep.n, "replicate": cfg.sweep.replicate},
+            "barycenter": barycenter, "best_auxiliary": best,
+            "class_names": classes,
             "settings": settings,
             "reference": {"class_proportions": None if reference_props is None else
                           np.asarray(reference_props, dtype=float).tolist(), "classifier_tv": floor_tv},
             "populations": populations, "models": models, "floors": entries(floor_rows),
-            "comparisons": comparisons(models, barycenter)}
+            "comparisons": comparisons(models, barycenter, best)}
 
 
-def _entry(m: Measured, s: dict, reference_props, pixels: int) -> dict:
+def _entry(m: Measured, s: dict, reference_props, pixels: int, labels: torch.Tensor, class_count: int) -> dict:
     """One entry of the measurements: what measure() and report_statistics found of m."""
-    return entry(m.description, fd=s["fd"] or s["fd value"], kid=s["kid"], copies=s["copies"], pixels=pixels,
+    return entry(m.description, fd=s["fd"] or s["fd value"], fd_rounds=s["fd rounds"], kid=s["kid"],
+                 copies=s["copies"], pixels=pixels,
                  nll=m.nll, loss=m.loss, classes=s["classes"], reference_classes=reference_props,
                  fd_classifier=s["domain"], fd_own_population=s["own"], nfe=m.nfe,
                  samples_per_second=len(m.images) / m.seconds if m.seconds else None,
                  fit_minutes=m.facts.get("minutes"), weights=m.facts.get("weights"),
-                 fit_gap_percent=m.facts.get("fit gap %"))
+                 fit_gap_percent=m.facts.get("fit gap %"), early_stopping=m.facts.get("early_stopping"),
+                 nll_labels=None if m.nll is None else labels[:len(m.nll)].tolist(), class_count=class_count)
 
 
 def _mixture_vector(mixture: dict, class_names: list[str]) -> np.ndarray:

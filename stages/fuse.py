@@ -8,7 +8,8 @@ Two fits, on the same target images and the same loss (docs/METHODS.md §1):
 - sgd (the paper's): lambda = softmax(logits) trained by SGD with momentum through the training engine, so it
   checkpoints and resumes like every other stage.
 Both are written to fuse/lambda.json; fuse.method says which one is *the* fused model. Each fit is judged on
-the same Gram statistics, so their losses compare exactly.
+the same Gram statistics, so their losses compare exactly; so is the uniform lambda = 1/K, the control
+"fused-uniform" (plain ensembling, fitted to nothing).
 
 Mixture fusion (fuse.mixture, trainer/mixture.py): a router trained on the auxiliary populations (through the
 engine, resumable, data-parallel; shared by a sweep's runs), then the mixture weights pi by EM on the n target
@@ -16,8 +17,9 @@ images: on the router's density ratios, and as a check on each auxiliary's own P
 each with the mixture likelihood it reaches (fuse/mixture.json); the fused model "fused-mixture".
 
 Baselines (fuse.baselines): target-scratch (the auxiliary recipe on the n target images), target-finetune
-(the auxiliary with the lowest target loss, fine-tuned on them), checkpoint-merge (weights averaged with
-lambda: a different model from the fused one).
+(the auxiliary with the lowest target loss, fine-tuned on them), both early-stopped on target images held out
+from their training (fuse.validation_share, stages/early_stopping.py), and checkpoint-merge (weights averaged
+with lambda: a different model from the fused one).
 """
 import itertools
 import json
@@ -52,6 +54,7 @@ from stages.rundir import MIXTURE_GRID, engine_paths, finished_info, mark_finish
 from shards.seeds import Stream, generator, per_image_normal, seed_of
 from trainer.spec import BASELINES
 from stages.context import StageContext
+from stages.early_stopping import TRAINING_PART, BestWeights, split_target
 from stages.train_aux import model_meta, train_denoiser
 
 # ---- the fits -----------------------------------------------------------------------------------------------
@@ -107,10 +110,17 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, n: int) -> dict:
            "epochs": fuse.sgd_epochs, "gap_percent": 100 * (sgd_loss - exact_loss) / abs(exact_loss)}
     ctx.log(f"fuse (sgd): lambda {_fmt(sgd_lam)}, loss {sgd_loss:.5f} ({sgd['gap_percent']:+.3f}% from the exact "
             f"optimum) in {engine.seconds:.1f} s")
+    # The uniform control, lambda = 1/K: plain ensembling, which lowers the error by convexity whatever the target
+    # is; fusion has to beat it for lambda to matter. Its loss on the same Gram statistics costs nothing.
+    uniform_lam = torch.full_like(exact["lambda"], 1 / fused.num_models)
+    uniform_loss = float(stats.loss(uniform_lam))
+    uniform = {"lambda": uniform_lam.tolist(), "loss": uniform_loss, "seconds": 0.0,
+               "gap_percent": 100 * (uniform_loss - exact_loss) / abs(exact_loss)}
     return {"method": fuse.method, "objective": fuse.objective, "names": fused.names, "sigma_edges": edges,
             "sigma_range": getattr(fused, "sigma_range", None), "target": cfg.data.target.name,
             "target_images": n,
-            "exact": {"lambda": exact["lambda"].tolist(), "seconds": exact_seconds, **exact["report"]}, "sgd": sgd}
+            "exact": {"lambda": exact["lambda"].tolist(), "seconds": exact_seconds, **exact["report"]}, "sgd": sgd,
+            "uniform": uniform}
 
 
 def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, lr: float = 0.1,
@@ -259,10 +269,23 @@ def fit_mixture(ctx: StageContext, batches, auxiliaries: dict, router: Router) -
 
 # ---- the baselines ----------------------------------------------------------------------------------------
 
+def train_on_target(ctx: StageContext, stage: Path, train, init: dict | None = None) -> None:
+    """A baseline trained on the n target images; with fuse.validation_share > 0 on part of them, keeping the
+    EMA weights with the lowest loss on the rest (stages/early_stopping.py)."""
+    split = split_target(ctx)
+    if split is None:
+        train_denoiser(ctx, stage, ctx.cfg.data.target.name, train, reference=ctx.fd_reference, init=init)
+        return
+    ctx.log(f"{stage.name}: training on {split.training} of the target images, early-stopped on the other "
+            f"{len(split.indices)}")
+    train_denoiser(ctx, stage, TRAINING_PART, train, reference=ctx.fd_reference, init=init,
+                   data_dir=split.data_dir, keep=BestWeights(ctx, stage, split, model_meta(ctx, TRAINING_PART)),
+                   keep_every_kimg=ctx.cfg.fuse.validation_every_kimg)
+
+
 def target_scratch(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
     """The auxiliary recipe trained on the n target images alone."""
-    train = replace(ctx.cfg.train, total_kimg=ctx.cfg.fuse.scratch_kimg)
-    train_denoiser(ctx, stage, ctx.cfg.data.target.name, train, reference=ctx.fd_reference)
+    train_on_target(ctx, stage, replace(ctx.cfg.train, total_kimg=ctx.cfg.fuse.scratch_kimg))
 
 
 def target_finetune(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
@@ -272,8 +295,7 @@ def target_finetune(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path
     ctx.log(f"target-finetune: starting from aux/{best} (target loss {fit['exact']['vertex_losses'][best]:.5f})")
     f = ctx.cfg.fuse
     train = replace(ctx.cfg.train, total_kimg=f.finetune_kimg, lr=f.finetune_lr, lr_rampup_kimg=0)
-    train_denoiser(ctx, stage, ctx.cfg.data.target.name, train, reference=ctx.fd_reference,
-                   init=auxiliaries[best].state_dict())
+    train_on_target(ctx, stage, train, init=auxiliaries[best].state_dict())
 
 
 def checkpoint_merge(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:

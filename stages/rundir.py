@@ -19,7 +19,9 @@
     runs/<name>/measurements.json      what evaluate measured (evaluation/measurements.py)
     runs/<name>/report.md, report.json its view (evaluation/run_report.py)
     runs/<name>/sweep/n<n>/            the sweep over the target size: one run per n (its data, fuse, baselines,
-                                       report), sharing the parent's auxiliaries, classifier and cache
+                                       report), sharing the parent's auxiliaries, classifier and cache; its
+                                       replicate r > 0 (another draw of the n target images) in n<n>-r<r>/
+    runs/<name>/baselines/split/       the target images the early-stopped baselines train on
     runs/<name>/sweep/sweep.md, sweep.json, <metric>.png
 
 A stage directory is finished when it holds done.json (one rule for every stage; the engine writes it last,
@@ -40,6 +42,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # a stage's TensorBoard events (train.log_with)
 GRID = "samples.png"
 MIXTURE_GRID = "mixture-samples.png"  # the fuse stage's second grid: the mixture-fused model's samples
+BEST = "best.json"  # in a baseline's best/: the kimg, step and held-out loss of the weights beside it
 
 
 def _file_name(label: str) -> str:
@@ -84,14 +87,14 @@ class RunDir:
     @classmethod
     def of(cls, cfg) -> "RunDir":
         base = cls(Path(cfg.root) / cfg.name)
-        return cls(base.sweep_member(cfg.sweep.n), base) if cfg.sweep.n else base
+        return cls(base.sweep_member(cfg.sweep.n, cfg.sweep.replicate), base) if cfg.sweep.n else base
 
     @property
     def sweep(self) -> Path:
         return self.root / "sweep"
 
-    def sweep_member(self, n: int) -> Path:
-        return self.sweep / f"n{n}"
+    def sweep_member(self, n: int, replicate: int = 0) -> Path:
+        return self.sweep / (f"n{n}" if replicate == 0 else f"n{n}-r{replicate}")
 
     @property
     def config_file(self) -> Path:
@@ -156,6 +159,17 @@ class RunDir:
 
     def baseline(self, name: str) -> Path:
         return self.baselines / name
+
+    @property
+    def validation_split(self) -> Path:
+        """The training part of the target images, as shards: what the baselines train on when some of the
+        target images are held out for early stopping (stages/early_stopping.py)."""
+        return self.baselines / "split"
+
+    @staticmethod
+    def best_weights(stage_dir: Path) -> Path:
+        """A baseline's lowest held-out loss so far: its EMA weights, model.json and best.json."""
+        return Path(stage_dir) / "best"
 
     @property
     def distill(self) -> Path:

@@ -1,16 +1,17 @@
 """train-aux: one EDM denoiser trained on one auxiliary population's shards.
 
-The same body trains the fuse stage's target-only baselines (stages/fuse.py). It is the engine plus
-three stage-specific parts: the network, the EDM loss, and the population's stream. When it finishes, the
-EMA weights are exported (trainer/export.py) and the engine marks the stage finished, so a re-run skips it.
-A pretrained auxiliary (data.aux.*.pretrained) is not trained: it is loaded, checked and recorded
+The same body trains the fuse stage's target-only baselines (stages/fuse.py), which may keep the EMA weights
+with the lowest loss on held-out target images instead of the last (stages/early_stopping.py). It is the
+engine plus three stage-specific parts: the network, the EDM loss, and the population's stream. When it
+finishes, the EMA weights are exported (trainer/export.py) and the engine marks the stage finished, so a re-run
+skips it. A pretrained auxiliary (data.aux.*.pretrained) is not trained: it is loaded, checked and recorded
 (stages/pretrained.py), and its stage is finished at once.
 """
 import time
 from pathlib import Path
 
 from shards.errors import ConfigError
-from shards.manifest import population_entry
+from shards.manifest import load_manifest, population_entry
 from shards.spec import AuxSpec
 from stages.config import RunConfig
 from trainer.edm import Denoiser, denoising_loss
@@ -21,6 +22,7 @@ from stages.context import StageContext
 from stages.pretrained import load_pretrained, save_record
 from stages.rundir import engine_paths, mark_finished
 from trainer.unet import build_unet
+from stages.early_stopping import BestWeights
 
 
 def model_meta(ctx: StageContext, population: str) -> dict:
@@ -31,12 +33,16 @@ def model_meta(ctx: StageContext, population: str) -> dict:
 
 
 def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: TrainSpec,
-                   reference: str, init: dict | None = None) -> Engine:
-    """Train (or resume) one denoiser on `population`, its periodic Fréchet distance measured against
-    `reference`; `init` is a state dict to start from instead of random weights (fine-tuning). A resumed
-    run takes its weights from the checkpoint either way."""
+                   reference: str, init: dict | None = None, data_dir: Path | None = None,
+                   keep: BestWeights | None = None, keep_every_kimg: float = 0.0) -> Engine:
+    """Train (or resume) one denoiser on `population` (of the run's data, or of `data_dir`), its periodic
+    Fréchet distance measured against `reference`; `init` is a state dict to start from instead of random
+    weights (fine-tuning). A resumed run takes its weights from the checkpoint either way. With `keep`, the
+    EMA weights are offered to it at the start, every `keep_every_kimg` and at the end, and the ones it kept
+    are exported."""
     cfg, acc = ctx.cfg, ctx.acc
-    population_entry(ctx.manifest, population)  # a clear error for an unknown population, before any work
+    # a clear error for an unknown population, before any work
+    population_entry(ctx.manifest if data_dir is None else load_manifest(data_dir), population)
     meta = model_meta(ctx, population)
 
     def build() -> Denoiser:
@@ -51,7 +57,7 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
     micro_batch = train.batch // (acc.num_processes * train.accum)
 
     def batches(start_batch: int):
-        return ctx.training_images(population, micro_batch, train.seed, start_batch)
+        return ctx.training_images(population, micro_batch, train.seed, start_batch, data_dir=data_dir)
 
     def loss(modules, x0, step):
         # Noise from the global RNG: it is seeded per rank and saved in every checkpoint.
@@ -61,9 +67,15 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
     engine = Engine(acc, train, engine_paths(stage_dir), modules={"net": denoiser}, optimizers={"adam": optimizer},
                     updates=[Update("adam", "net", loss)], batches=batches, ema=("net",), log=ctx.log,
                     trackers=ctx.trackers(stage_dir),
-                    hooks=ctx.training_hooks(stage_dir, reference, train, lambda e: ctx.sampler(e.ema["net"])))
+                    hooks=ctx.training_hooks(stage_dir, reference, train, lambda e: ctx.sampler(e.ema["net"]))
+                    + ((keep.hook(keep_every_kimg),) if keep is not None else ()))
+    if keep is None:
+        engine.run()
+        ctx.finish(stage_dir, engine.summary(), lambda: export_denoiser(stage_dir, engine.ema["net"], meta))
+        return engine
+    keep.start(engine.ema["net"])  # before any step (and any resume): the starting weights
     engine.run()
-    ctx.finish(stage_dir, engine.summary(), lambda: export_denoiser(stage_dir, engine.ema["net"], meta))
+    ctx.finish(stage_dir, {**engine.summary(), **keep.summary()}, lambda: keep.export(stage_dir))
     return engine
 
 

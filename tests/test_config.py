@@ -103,6 +103,7 @@ BAD_VALUES = {
     "data.reference.split=val": "data.reference.split: 'val' is not train | test",
     "eval.nll_steps=0": "eval.nll_steps=0: must be at least 1",
     "eval.test_draws_per_image=0": "eval.test_draws_per_image=0: must be positive",
+    "fuse.validation_share=1": "fuse.validation_share=1.0: must be in [0, 1)",
 }
 
 

@@ -159,11 +159,8 @@ def test_fit_mixture():
     def run(device):
         settings = dict(fuse=dict(router_sigma=0.05, router_draws=2, mixture_weights="router", nll_check=True),
                         eval=dict(nll_steps=1, nll_probes=1, nll_batch=2), train=dict(seed=0),
-                        edm=dict(sigma_min=0.002, sigma_max=80.0, rho=7.0))
-        # no pretrained auxiliary: the likelihood's sigma range is edm's (stages.catalogue.sigma_limits)
-        settings.update(data=dict(aux=[]), sweep=dict(n=None))
-        ctx = SimpleNamespace(cfg=SimpleNamespace(name="run", root="runs",
-                                                  **{k: SimpleNamespace(**v) for k, v in settings.items()}),
+                        edm=dict(sigma_min=0.002, sigma_max=80.0, rho=7.0), data=dict(aux=[]))
+        ctx = SimpleNamespace(cfg=SimpleNamespace(**{k: SimpleNamespace(**v) for k, v in settings.items()}),
                               device=device)
         return fit_mixture(ctx, [(0, images())], {"a": tiny(0), "b": tiny(1)}, router())
     expected = run(CPU)
@@ -186,7 +183,8 @@ def test_nll_step(model):
     with fake_cuda() as cuda:
         bits = nll_bits_per_dim(denoiser.to(cuda), images(), **arguments, device=cuda)
     assert bits.device == CPU
-    torch.testing.assert_close(bits, expected)
+    # float32 networks, whose kernels may round differently on the two paths: up to about 1e-6 bits/dim here
+    torch.testing.assert_close(bits, expected, atol=1e-5, rtol=0)
 
 
 def test_held_out_loss():

@@ -67,7 +67,7 @@ def test_report_markdown_and_json(tmp_path):
 
 def test_the_run_report_is_a_view_of_the_measurements(tmp_path):
     """report.md and report.json from made-up measurements alone: the verdict, each entry's row in the report's
-    units and roundings, and the baselines' comparisons (not the mixture's against the barycenter)."""
+    units and roundings (the Fréchet cell without its rounds), and the comparisons with their Holm-adjusted p."""
     made = measurements({
         "fused-exact": model([1.0, 1.5], loss=[0.25, 0.75], weights=[[0.25, 0.75], [0.5, 0.5]], fit_gap_percent=0.0,
                              classes=[0.3, 0.7], reference_classes=[0.5, 0.5], nfe=21, samples_per_second=12.345,
@@ -80,7 +80,8 @@ def test_the_run_report_is_a_view_of_the_measurements(tmp_path):
     document = json.loads((tmp_path / "report.json").read_text())
     assert document["title"] == "scorefuse report: digits, sweep run at target size n = 16"
     sections = {s["name"]: s.get("rows", s.get("text")) for s in document["sections"]}
-    assert list(sections) == ["Verdict", "Models and floors", "Fusion against the baselines", "Populations"]
+    assert list(sections) == ["Verdict", "Models and floors", "Fusion against the baselines and the controls",
+                              "Populations"]
     assert sections["Verdict"] == verdict(made)
     rows = {row["model"]: row for row in sections["Models and floors"]}
     assert rows["fused-exact"] == {
@@ -92,8 +93,33 @@ def test_the_run_report_is_a_view_of_the_measurements(tmp_path):
     assert rows["target-scratch"]["fd_clf64 vs reference own population"] == 3.142
     floor = rows["real: target images as samples"]
     assert floor["fd_clf64 vs reference"] == 1.0 and floor["copies %"] == 100.0 and floor["NLL bits/dim"] is None
-    assert [(c["fused"], c["baseline"], c["NLL"], c["FD"]) for c in sections["Fusion against the baselines"]] == [
-        ("fused-exact", "target-scratch", "better", "better"), ("fused-mixture", "target-scratch", "better", "better")]
+    table = sections["Fusion against the baselines and the controls"]
+    assert [(c["fused"], c["against"], c["NLL"], c["FD"]) for c in table] == [
+        ("fused-exact", "target-scratch", "better", "better"), ("fused-mixture", "target-scratch", "better", "better"),
+        ("fused-mixture", "fused-exact", "indistinguishable", "indistinguishable")]
+    # 6 tests; the FD differences have no noise (the rounds share everything): p = 0, or 1 for equal distances
+    assert table[0]["FD difference"] == {"value": -10.0, "low": -10.0, "high": -10.0}
+    assert table[0]["FD p (Holm)"] == 0.0
+    # fused-mixture - fused-exact = (0.25, 0) per image: +0.125 ± 0.125, p = erfc(1 / sqrt 2) = 0.317, the 5th
+    # smallest of 6 p-values: Holm doubles it
+    mixture = made["comparisons"][2]["nll_difference"]
+    assert table[2]["NLL difference"] == pytest.approx({"mean": 0.125, "se": 0.125}, abs=1e-15)
+    assert table[2]["NLL p (Holm)"] == mixture["p_holm"] == pytest.approx(2 * 0.31731050786291415, abs=1e-12)
     markdown = (tmp_path / "report.md").read_text()
     assert "| real: target images as samples | — | — | 1 | 0.5 ± 0.25 | 100 | 0 | 33.33 |" in markdown
+    assert "Held-out NLL by class" not in markdown  # no labels, no table
     assert "the classifier itself is 0.010 from the true target mixture" in markdown
+
+
+def test_the_report_has_the_nll_by_class_where_the_images_have_labels(tmp_path):
+    """Classes "0" and "1" of four held-out images labelled 0, 1, 0, 1: a row per model with its NLL, a column
+    per class."""
+    made = measurements({"fused-exact": model([1.0, 2.0, 1.5, 3.0], nll_labels=[0, 1, 0, 1], class_count=2),
+                         "distill": model(None)})
+    write_run_report(tmp_path / "report.md", made)
+    sections = {s["name"]: s.get("rows", s.get("text")) for s in json.loads((tmp_path / "report.json").read_text())
+                ["sections"]}
+    assert list(sections)[:3] == ["Verdict", "Models and floors", "Held-out NLL by class"]
+    assert sections["Held-out NLL by class"] == [{"NLL of": "fused-exact", "0": {"mean": 1.25, "se": 0.25},
+                                                  "1": {"mean": 2.5, "se": 0.5}}]
+    assert "| fused-exact | 1.25 ± 0.25 | 2.5 ± 0.5 |" in (tmp_path / "report.md").read_text()

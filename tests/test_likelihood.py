@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.likelihood import DEFAULT_STEPS, dequantize, log_likelihood, nll_bits_per_dim
+from evaluation.likelihood import DEFAULT_STEPS, dequantize, in_bin, log_likelihood, nll_bits_per_dim
+from shards.pixels import to_uint8, to_unit
 from trainer.edm import Denoiser
 from trainer.fused_denoiser import FusedDenoiser
 from trainer.gaussian import GaussianDenoiser, rotated_gaussian
@@ -34,8 +35,8 @@ def gaussian_samples(model: GaussianDenoiser, count: int, seed: int = 1) -> torc
 
 
 def gaussian_images(model: GaussianDenoiser, count: int, seed: int = 1) -> torch.Tensor:
-    """uint8 images whose dequantised values are (about) draws of N(mu, Sigma)."""
-    return ((gaussian_samples(model, count, seed) + 1) * 128).floor().clamp(0, 255).to(torch.uint8)
+    """uint8 images whose dequantised values are (about) draws of N(mu, Sigma): quantised as training data is."""
+    return to_uint8(gaussian_samples(model, count, seed))
 
 
 def closed_form(model: GaussianDenoiser, y) -> torch.Tensor:
@@ -74,7 +75,7 @@ def test_rademacher_probes_are_unbiased():
     indices = range(len(images))
     estimate = nll_bits_per_dim(model, images, indices, seed=3, steps=128, probes=1, batch_size=512)
     y = dequantize(images, seed=3, indices=indices)
-    exact = (DIM * math.log(128) - closed_form(model, y)) / (DIM * math.log(2))
+    exact = (DIM * math.log(255 / 2) - closed_form(model, y)) / (DIM * math.log(2))
     difference = estimate - exact  # paired: the same image and dequantisation noise, only the probes differ
     standard_error = difference.std() / math.sqrt(len(difference))
     # 128 steps bias the mean by ~0.003 bits/dim, a fraction of the standard error; a non-diagonal Sigma
@@ -89,11 +90,44 @@ def test_bits_per_dim_of_uint8_images_is_the_closed_form():
     indices = list(range(100, 116))
     got = nll_bits_per_dim(model, images, indices, seed=7, steps=256, probes=0)
     y = dequantize(images, seed=7, indices=indices)
-    assert ((y >= -1) & (y < 1)).all() and ((y + 1) * 128).floor().to(torch.uint8).equal(images)
-    expected = (DIM * math.log(128) - closed_form(model, y)) / (DIM * math.log(2))
+    # each pixel within half a bin (1/255) of its training value: the nearest grid value is the pixel's
+    assert (y - (images.double() / 127.5 - 1)).abs().max() < 1 / 255 and to_uint8(y).equal(images)
+    expected = (DIM * math.log(255 / 2) - closed_form(model, y)) / (DIM * math.log(2))
     torch.testing.assert_close(got, expected, atol=0.005, rtol=0)
     # the seed moves the dequantisation noise
     assert not dequantize(images, seed=8, indices=indices).equal(y)
+
+
+def test_the_bin_of_every_pixel_value_is_centred_on_its_training_value():
+    """Pixel k's bin runs from (k - 1/2) / 127.5 - 1 to (k + 1/2) / 127.5 - 1: the training value k / 127.5 - 1 at
+    its centre (0 and 255 included, not on an edge), width 2/255, and the bins of k and k + 1 meet."""
+    k = torch.arange(256, dtype=torch.uint8)
+    low, centre, high = (in_bin(k, torch.tensor(position)) for position in (0.0, 0.5, 1.0))
+    torch.testing.assert_close(centre, k.double() / 127.5 - 1, atol=1e-15, rtol=0)
+    torch.testing.assert_close(centre.float(), to_unit(k), atol=1e-7, rtol=0)  # what training feeds the networks
+    torch.testing.assert_close(high - low, torch.full((256,), 2 / 255, dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(centre - low, high - centre, atol=1e-15, rtol=0)
+    assert high[:-1].equal(low[1:])
+    torch.testing.assert_close(torch.stack([low[0], high[-1]]), torch.tensor([-1 - 1 / 255, 1 + 1 / 255],
+                                                                              dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+def test_a_model_as_sharp_as_the_data_costs_a_quarter_bit_per_pixel():
+    """A Gaussian of standard deviation s about each pixel's training value (0 and 255 among them) with s^2 +
+    sigma_min^2 = h^2 / 3, h = 1/255 the bin's half-width: in expectation over the dequantisation noise, the
+    bound is 1/2 + ln(sqrt(2 pi / 3) / 2) nats = 0.2546 bits per dimension (docs/METHODS.md §1c), exactly
+    where the bins are centred; with the training value on a bin's edge it would be 1.5 nats more. The
+    closed form of each dequantised image, averaged over 2000 draws of u (standard error about 0.004)."""
+    h = 1 / 255
+    images = torch.tensor([0, 255, 0, 17, 128, 255, 3, 250, 0], dtype=torch.uint8).reshape(1, *SHAPE)
+    std = math.sqrt(h ** 2 / 3 - SIGMA_MIN ** 2)
+    model = GaussianDenoiser(to_unit(images[0]).double(), std=std, dtype=torch.float64)
+    draws = 2000
+    y = dequantize(images.expand(draws, -1, -1, -1), seed=0, indices=range(draws))
+    bound = (DIM * math.log(255 / 2) - closed_form(model, y)) / (DIM * math.log(2))
+    expected = (0.5 + math.log(math.sqrt(2 * math.pi / 3) / 2)) / math.log(2)
+    assert expected == pytest.approx(0.2546, abs=1e-4)
+    assert abs(float(bound.mean()) - expected) < 0.015, (float(bound.mean()), float(bound.std() / draws ** 0.5))
 
 
 def test_an_image_gets_the_same_value_in_any_batch():
@@ -258,3 +292,25 @@ def test_the_network_runs_without_tf32():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def test_the_mixture_nll_is_the_gaussian_mixture_density():
+    """With the exact posterior as the router (tests/test_mixture.py's GaussianRouter), the mixture denoiser of
+    N(mu_i, S^2 I), i = 1..3, with weights pi is the exact denoiser of sum_i pi_i N(mu_i, S^2 I): its PF-ODE
+    likelihood (the exact trace, the router's term sum_k (v . D_k)(grad w_k . v) included) is the smoothed
+    mixture's density log sum_i pi_i N(y; mu_i, (S^2 + sigma_min^2) I), up to the prior's and the steps' errors
+    (docs/METHODS.md §1c): within 0.005 bits/dim here, while leaving the router's term out is off by 0.02-0.25."""
+    from tests.test_mixture import PI, S, SHAPE as MIXTURE_SHAPE, GaussianRouter, means
+    mus = means()
+    model = MixtureDenoiser([GaussianDenoiser(mu, S) for mu in mus], GaussianRouter(mus), PI)
+    g = torch.Generator().manual_seed(2)
+    components = torch.tensor([0, 0, 1, 2, 0, 1])
+    y = torch.stack(mus).double()[components] + S * torch.randn(len(components), *MIXTURE_SHAPE, generator=g,
+                                                                dtype=torch.float64)
+    with torch.no_grad():
+        log_p = log_likelihood(model, y, None, SIGMA_MIN, SIGMA_MAX, steps=128)
+    dim, variance = y[0].numel(), S ** 2 + SIGMA_MIN ** 2
+    squared = (y.flatten(1)[:, None] - torch.stack(mus).double().flatten(1)[None]).square().sum(-1)
+    density = torch.logsumexp(PI.log() - squared / (2 * variance) - 0.5 * dim * math.log(2 * math.pi * variance),
+                              dim=1)
+    torch.testing.assert_close(log_p / (dim * math.log(2)), density / (dim * math.log(2)), atol=0.01, rtol=0)

@@ -27,7 +27,7 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
     report = json.loads((finished / "report.json").read_text())
     rows = {row["model"]: row for section in report["sections"] for row in section.get("rows", []) if "model" in row}
     assert set(rows) == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused-exact", "fused-sgd", "fused-mixture",
-                         "target-scratch",
+                         "fused-uniform", "target-scratch",
                          "target-finetune", "checkpoint-merge", "distill", "real: held-out half vs half",
                          "real: target images as samples"}
     assert all(rows[m]["NLL bits/dim"] for m in rows if m != "distill" and not m.startswith("real"))
@@ -46,6 +46,7 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
     assert fit["method"] == "exact" and abs(sum(fit["exact"]["lambda"][0]) - 1) < 1e-9
     assert fit["exact"]["loss"] <= min(fit["exact"]["vertex_losses"].values()) + 1e-12
     assert fit["exact"]["loss"] <= fit["sgd"]["loss"] + 1e-12
+    assert fit["exact"]["loss"] <= fit["uniform"]["loss"] + 1e-12 and fit["uniform"]["lambda"] == [[1 / 3] * 3]
     assert (finished / "fuse" / "lambda.png").is_file() and (finished / "fuse" / "samples.png").is_file()
     for name in ("aux-low", "aux-high", "aux-even"):
         assert (finished / "aux" / name / "samples.png").is_file()
@@ -56,7 +57,7 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
     run = tmp_path / "digits"
     shutil.copytree(finished, run)
     cached = {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")}
-    assert len([p for p in cached if p.name.startswith("samples-")]) == 10  # one per model
+    assert len([p for p in cached if p.name.startswith("samples-")]) == 11  # one per model
     again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *overrides[1:])
     assert "shards up to date" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")} == cached

@@ -78,6 +78,11 @@ class FuseSpec:
     scratch_kimg: float = positive(60.0)  # target-scratch: the auxiliary recipe on the n target images
     finetune_kimg: float = positive(10.0)  # target-finetune: the best auxiliary, fine-tuned on the n target images
     finetune_lr: float = positive(2e-4)
+    # Early stopping of target-scratch and target-finetune: this share of the n target images is held out from
+    # their training, and the EMA weights with the lowest loss on it (measured every validation_every_kimg, at
+    # the start and at the end) are the ones kept (stages/early_stopping.py); 0: train on all n, keep the last.
+    validation_share: float = within("[0, 1)", 0.25)
+    validation_every_kimg: float = positive(1.0)
     # Mixture fusion (trainer/mixture.py): a router trained on the auxiliary populations, mixture weights pi by
     # EM on the n target images, and the fused model "fused-mixture".
     mixture: bool = True

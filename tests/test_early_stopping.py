@@ -1,0 +1,91 @@
+"""Early stopping of the target-only baselines (stages/early_stopping.py) on a fake run (tests/test_distill.py's:
+16 random 16x16 target images, three untrained tiny auxiliaries): a seeded split written once, the weights with
+the lowest held-out loss kept across a restart, and a fine-tune that keeps the lowest of every loss it measured,
+its start included, so it cannot end worse than the auxiliary it started from."""
+import json
+
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from evaluation.score_matching import held_out_loss
+from shards.stream import read_population
+from stages import fuse
+from stages.catalogue import load_auxiliaries, load_fit
+from stages.config import load_config
+from stages.context import StageContext
+from stages.early_stopping import TRAINING_PART, BestWeights, split_target
+from stages.rundir import RunDir, finished_info
+from stages.train_aux import model_meta
+from tests.conftest import DIGITS
+from tests.test_distill import fake_run
+from trainer.export import load_denoiser
+
+SHORT = ["train.batch=8", "data.workers=0", "fuse.finetune_kimg=0.048", "fuse.validation_every_kimg=0.016",
+         "eval.test_draws_per_image=2", "train.log_every_kimg=0.016", "train.checkpoint_every_kimg=0.024",
+         "train.eval_every_kimg=0", "train.snapshot_every_kimg=0"]
+
+
+def context(root, *overrides) -> StageContext:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return StageContext.open(load_config(DIGITS, [f"root={root}", *SHORT, *overrides]))
+
+
+def test_the_split_holds_out_a_seeded_quarter_and_writes_the_rest_once(tmp_path):
+    fake_run(tmp_path)
+    ctx = context(tmp_path)
+    split = split_target(ctx)
+    images, _ = read_population(ctx.run.data, "target")
+    training, _ = read_population(split.data_dir, TRAINING_PART)
+    assert len(split.indices) == 4 and split.training == len(training) == 12  # round(0.25 x 16)
+    assert split.images.equal(images[split.indices])
+    assert training.equal(images[[i for i in range(16) if i not in split.indices]])
+    shard = split.data_dir / "shard-000000.tar"
+    written = shard.stat().st_mtime_ns
+    assert split_target(ctx).indices == split.indices and shard.stat().st_mtime_ns == written  # once
+    assert split_target(context(tmp_path, "train.seed=1")).indices != split.indices
+    assert split_target(context(tmp_path, "fuse.validation_share=0")) is None
+
+
+def test_the_lowest_loss_is_kept_ties_keep_the_earlier_and_a_restart_goes_on_from_it(tmp_path):
+    fake_run(tmp_path)
+    ctx = context(tmp_path)
+    stage = ctx.run.baseline("target-finetune")
+    auxiliaries = list(load_auxiliaries(ctx.cfg).values())
+    keep = BestWeights(ctx, stage, split_target(ctx), model_meta(ctx, TRAINING_PART))
+    scripted = iter([0.5, 0.3, 0.3, 0.4])
+    keep.loss = lambda denoiser: next(scripted)
+    for step, denoiser in enumerate([auxiliaries[0], auxiliaries[1], auxiliaries[2], auxiliaries[0]]):
+        keep.offer(denoiser, kimg=step / 10, step=step)
+    assert keep.best == {"kimg": 0.1, "step": 1, "loss": 0.3}
+    again = BestWeights(ctx, stage, keep.split, keep.meta)
+    assert again.best == keep.best
+    again.export(stage)
+    kept, _ = load_denoiser(stage)
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), auxiliaries[1].state_dict().values()))
+
+
+def test_a_fine_tune_keeps_the_lowest_loss_it_measured_never_worse_than_its_start(tmp_path):
+    """6 steps of 8 images, measured at steps 2, 4 and 6, and before the first: the kept loss is the least of
+    the four, the auxiliary's own loss on the held-out images (computed here) among them."""
+    fake_run(tmp_path)
+    ctx = context(tmp_path)
+    cfg, e = ctx.cfg, ctx.cfg.edm
+    fit = load_fit(cfg)
+    auxiliaries = load_auxiliaries(cfg)
+    stage = ctx.run.baseline("target-finetune")
+    fuse.target_finetune(ctx, fit, auxiliaries, stage)
+    split = split_target(ctx)
+    start = float(held_out_loss(auxiliaries["aux-high"], split.images, split.indices, 2, e.p_mean, e.p_std,
+                                e.sigma_data, seed=cfg.train.seed).mean())  # aux-high: the lowest vertex loss
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    measured = {row["step"]: row["validation_loss"] for row in rows if "validation_loss" in row}
+    assert sorted(measured) == [2, 4, 6]
+    kept = finished_info(stage)["early_stopping"]
+    assert kept["loss"] == min(start, *measured.values()) <= start
+    assert kept["step"] in (0, *measured) and (kept["held_out_images"], kept["training_images"]) == (4, 12)
+    model, _ = load_denoiser(stage)
+    best, _ = load_denoiser(RunDir.best_weights(stage))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), best.state_dict().values()))
+    assert float(held_out_loss(model, split.images, split.indices, 2, e.p_mean, e.p_std, e.sigma_data,
+                               seed=cfg.train.seed).mean()) == kept["loss"]
