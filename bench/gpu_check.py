@@ -461,19 +461,22 @@ def loader_case(s: Sizes, work: Path) -> None:
     synthetic_shards(s, work / "data")
     c, size, _ = s.shape
     for pinned in (True, False):
-        loader = train_loader(work / "data", "synthetic", batch_size=s.loader_batch, seed=0, rank=0, world_size=1,
-                              num_workers=s.workers, pin_memory=pinned)
-        batches = iter(loader)
-        next(batches)  # the workers have started
-
-        def read():
-            for _ in range(s.loader_batches):
-                next(batches)[0].to(s.device, non_blocking=True)
-        _, seconds = timed(read, s.device)
-        del batches, loader  # ends the persistent workers
-        rate = s.loader_batches * s.loader_batch / seconds
+        rate = loader_rate(s, work, pinned)
         emit(f"shard loader, {s.workers} workers (data.workers), batch {s.loader_batch}, {size}x{size}x{c} PNG, "
              f"pin_memory={str(pinned).lower()}", f"{rate:,.0f} img/s", images_per_s=round(rate, 1))
+
+
+def loader_rate(s: Sizes, work: Path, pinned: bool) -> float:
+    """Images/s of one loader after its workers have started; its persistent workers end with this call."""
+    batches = iter(train_loader(work / "data", "synthetic", batch_size=s.loader_batch, seed=0, rank=0,
+                                world_size=1, num_workers=s.workers, pin_memory=pinned))
+    next(batches)  # the workers have started
+
+    def read():
+        for _ in range(s.loader_batches):
+            next(batches)[0].to(s.device, non_blocking=True)
+    _, seconds = timed(read, s.device)
+    return s.loader_batches * s.loader_batch / seconds
 
 
 def scorefuse(*args) -> float:

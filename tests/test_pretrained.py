@@ -21,7 +21,7 @@ from shards.prepare import data_fingerprint
 from shards.spec import AuxSpec
 from stages.config import load_config
 from stages.pretrained import load_pretrained, load_recorded, save_record, weights_sha256
-from tests.conftest import DIGITS, FAST, ROOT, scorefuse, scorefuse_here
+from tests.conftest import DIGITS, ROOT, scorefuse, scorefuse_here
 from trainer.fused_denoiser import FusedDenoiser, architecture_difference
 from trainer.gaussian import GaussianDenoiser
 from trainer.lambda_fit import objective_of
