@@ -48,7 +48,7 @@ def test_a_replicate_is_another_draw_of_the_target_in_a_directory_of_its_own(tmp
         load_config(DIGITS, ["sweep.replicates=3", "sweep.n=16", "sweep.replicate=3"])
 
 
-def test_the_summary_pools_the_replicates(tmp_path, monkeypatch):
+def test_the_summary_pools_the_replicates(tmp_path):
     """Two replicates at n = 8: fused-exact is 1.0 below target-scratch on every image in one and 0.6 in the
     other: pooled -0.8 ± 0.2 (better); each replicate's best auxiliary is another one, pooled as "the best
     auxiliary" (ties in both). The NLL table's cell is the replicates' mean ± standard deviation."""
@@ -58,7 +58,6 @@ def test_the_summary_pools_the_replicates(tmp_path, monkeypatch):
                              "target-scratch": model(plus(FUSED, [gap] * 4), fd=(20.0, 18.0, 22.0))},
                             sweep_n=8, best_auxiliary=best, replicate=replicate)
         write_measurements(RunDir.of(sweep_member(cfg, 8, replicate)).measurements, made)
-    monkeypatch.setattr(sweep_stage, "_nesting", lambda cfg, sizes: "nested")  # no data here
     sweep_stage.summarise(cfg)
     sweep = RunDir.of(cfg).sweep
     md = (sweep / "sweep.md").read_text()
