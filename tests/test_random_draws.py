@@ -22,6 +22,12 @@ DRAWS = {"randn", "rand", "randint", "randperm", "normal", "bernoulli", "multino
 PACKAGES = ("shards", "trainer", "evaluation", "stages", "launch")
 
 
+def offenders(check) -> dict[str, list[int]]:
+    """The package's files in which `check(source)` finds lines, with those lines."""
+    return {str(path.relative_to(ROOT)): lines for package in PACKAGES for path in (ROOT / package).rglob("*.py")
+            if (lines := check(path.read_text()))}
+
+
 def seeds_by_arithmetic(source: str) -> list[int]:
     """Line numbers of arithmetic with a seed (a name or attribute `seed` or `*_seed`) as an operand."""
     def is_seed(node) -> bool:
@@ -32,9 +38,7 @@ def seeds_by_arithmetic(source: str) -> list[int]:
 
 
 def test_no_seed_is_made_by_arithmetic():
-    offenders = {str(path.relative_to(ROOT)): lines for package in PACKAGES for path in (ROOT / package).rglob("*.py")
-                 if (lines := seeds_by_arithmetic(path.read_text()))}
-    assert not offenders, offenders
+    assert not offenders(seeds_by_arithmetic)
 
 
 def test_the_arithmetic_check_catches_the_patterns_it_replaced():
@@ -65,9 +69,7 @@ def draws_with_a_foreign_device(source: str) -> list[int]:
 
 
 def test_every_seeded_draw_in_the_package_uses_its_generators_device():
-    offenders = {str(path.relative_to(ROOT)): lines for package in PACKAGES for path in (ROOT / package).rglob("*.py")
-                 if (lines := draws_with_a_foreign_device(path.read_text()))}
-    assert not offenders, offenders
+    assert not offenders(draws_with_a_foreign_device)
 
 
 def test_the_check_catches_the_pattern_that_fails_on_a_gpu():
