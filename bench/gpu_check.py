@@ -417,9 +417,8 @@ def distill_case(s: Sizes, work: Path) -> None:
     lr_scale_d = (spec.lr_d or spec.lr) / spec.lr * c
     updates = [Update("adam_d", "D", lambda m, x, step: d_step_loss(m["D"], m["G"], x), lr_scale=lr_scale_d,
                       name="score"),
-               Update("adam_d", "D", lambda m, x, step: r1_step_loss(m["D"], x, spec.r1_gamma, spec.batch,
-                                                                      gain=spec.r1_every), lr_scale=lr_scale_d,
-                      every=spec.r1_every, name="r1", double_backward=True),
+               Update("adam_d", "D", lambda m, x, step: r1_step_loss(m["D"], x, spec.r1_gamma, spec.batch),
+                      lr_scale=lr_scale_d, every=spec.r1_every, name="r1", double_backward=True),
                Update("adam_g", "G", lambda m, _, step: g_step_loss(m["D"], m["G"], spec.batch, s.shape, acc.device),
                       takes_batch=False, name="generator")]
     reset_peak(acc.device)

@@ -179,7 +179,7 @@ def train(ctx: StageContext, teacher, warm_state: dict | None, teacher_info: dic
                       lr_scale=lr_scale_d, name="score")]
     if r1:
         updates.append(Update("adam_d", "D", lambda m, real, step: r1_step_loss(
-            m["D"], real, spec.r1_gamma, spec.batch, gain=spec.r1_every, grad_scale=grad_scale()),
+            m["D"], real, spec.r1_gamma, spec.batch, grad_scale=grad_scale()),
             lr_scale=lr_scale_d, every=spec.r1_every, name="r1", double_backward=True))
     updates.append(Update("adam_g", "G", lambda m, _, step: g_step_loss(m["D"], m["G"], micro, shape, ctx.device),
                           takes_batch=False, name="generator"))

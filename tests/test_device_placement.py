@@ -202,7 +202,7 @@ def test_score_mismatching_losses():
         G, D = G.to(cuda).requires_grad_(True), D.to(cuda).requires_grad_(True)
         real = unit_images().to(cuda)
         check_shapes(G, D, SHAPE, device=cuda)
-        losses = [d_step_loss(D, G, real), r1_step_loss(D, real, gamma=0.1, global_batch=BATCH, gain=4.0),
+        losses = [d_step_loss(D, G, real), r1_step_loss(D, real, gamma=0.1, global_batch=BATCH),
                   g_step_loss(D, G, BATCH, SHAPE, cuda)]
         sum(losses).backward()
         assert all(loss.device == cuda for loss in losses)

@@ -73,7 +73,7 @@ def test_each_update_trains_only_its_network(tmp_path):
         return d_step_loss(m["D"], m["G"], real)
 
     def loss_r1(m, real, step):
-        return r1_step_loss(m["D"], real, gamma=0.01, global_batch=4, gain=2)
+        return r1_step_loss(m["D"], real, gamma=0.01, global_batch=4)
 
     def loss_g(m, _, step):
         frozen_seen["D in G step"].append(any(p.requires_grad for p in m["D"].parameters()))
@@ -136,17 +136,17 @@ class LinearScore(nn.Module):
 
 def test_r1_has_the_official_weight_relative_to_the_data_terms():
     """Official (docs/METHODS.md §2): L_real summed over batch and pixels; R1 = (gamma/2) x mean over the batch of
-    the per-image pixel sum of g^2, times the lazy interval. Ours divides every term by B*P; the ratio must
-    be the official one."""
-    B, gamma, every, a = 8, 0.01, 16, 0.7
+    the per-image pixel sum of g^2, not multiplied by the lazy interval (its Dreg branch leaves out StyleGAN2's
+    gain). Ours divides every term by B*P; the ratio must be the official one."""
+    B, gamma, a = 8, 0.01, 0.7
     D = LinearScore(a)
     real = torch.rand(B, *SHAPE) * 2 - 1
     P = real[0].numel()
     torch.manual_seed(0)
-    ours_r1 = r1_step_loss(D, real, gamma, global_batch=B, gain=every)
+    ours_r1 = r1_step_loss(D, real, gamma, global_batch=B)
     t, eps = torch.randint(10, (B,)), torch.randn_like(real)
     ours_real = real_loss(D, real, t, eps)
-    official_r1 = every * gamma / 2 * (a ** 2 * P)            # the mean over images of the sum over pixels of a^2
+    official_r1 = gamma / 2 * (a ** 2 * P)                   # the mean over images of the sum over pixels of a^2
     official_real = ours_real * B * P                        # the same squared errors, summed
     assert float(ours_r1.detach() / ours_real.detach()) == pytest.approx(official_r1 / float(official_real.detach()), rel=1e-5)
     assert float(ours_r1.detach()) == pytest.approx(official_r1 / (B * P), rel=1e-5)
@@ -165,7 +165,7 @@ def test_r1_double_backward_runs_on_the_math_attention_kernel():
     with pytest.raises(RuntimeError, match="derivative for .*attention.* is not implemented"):
         g.square().sum().backward()  # the default kernel: what R1 would hit without the math kernel
     D.zero_grad()
-    r1_step_loss(D, real, gamma=0.01, global_batch=4, gain=16).backward()
+    r1_step_loss(D, real, gamma=0.01, global_batch=4).backward()
     attention = D.denoiser.net.encoder[-1].attention.qkv.weight.grad
     assert attention is not None and attention.abs().sum() > 0
 
@@ -174,9 +174,9 @@ def test_r1_input_gradient_is_unscaled_after_the_loss_scale():
     _, D = tiny_pair()
     real = torch.rand(4, *SHAPE) * 2 - 1
     torch.manual_seed(3)
-    plain = r1_step_loss(D, real, 0.01, 4, 16)
+    plain = r1_step_loss(D, real, 0.01, 4)
     torch.manual_seed(3)
-    scaled = r1_step_loss(D, real, 0.01, 4, 16, grad_scale=2.0 ** 16)
+    scaled = r1_step_loss(D, real, 0.01, 4, grad_scale=2.0 ** 16)
     torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=0)
 
 

@@ -3,7 +3,8 @@ score network D that predicts eps at the 10 SMM levels, through an EDM denoiser 
 sigma_t, so auxiliary weights are a ready-made eps predictor). Three engine Updates per iteration
 (stages/distill.py): D on real and generated samples, lazy R1 on D every r1_every iterations, and G through a
 frozen D. Every term is a mean over batch and pixels, R1 divided by the same B·P, so L_real : L_fake : R1 keep the
-official code's ratios (tests/test_distill.py checks it).
+official code's ratios (tests/test_distill.py checks it). As in the official code, and unlike StyleGAN2, the lazy R1
+step is not multiplied by its interval.
 """
 from pathlib import Path
 
@@ -93,9 +94,9 @@ def d_step_loss(D, G, real, noise=d_noise) -> torch.Tensor:
     return (out[:batch] - eps_real).square().mean() + (out[batch:] - eps_target).square().mean()
 
 
-def r1_step_loss(D, real, gamma: float, global_batch: int, gain: float, grad_scale: float = 1.0) -> torch.Tensor:
-    """gain * (gamma / 2) * mean(|grad_{x_t} sum D(x_t, t)|^2) / global_batch on real x_t (the module
-    docstring says why this is the official weight), differentiable in D's parameters.
+def r1_step_loss(D, real, gamma: float, global_batch: int, grad_scale: float = 1.0) -> torch.Tensor:
+    """(gamma / 2) * mean(|grad_{x_t} sum D(x_t, t)|^2) / global_batch on real x_t (the module docstring says
+    why this is the official weight), differentiable in D's parameters.
 
     The input gradient is taken of the output sum times `grad_scale` and divided back (the loss scale under
     fp16, where the unscaled input gradient would underflow; PyTorch's recipe for gradient penalties). The
@@ -110,7 +111,7 @@ def r1_step_loss(D, real, gamma: float, global_batch: int, gain: float, grad_sca
     grad = grad / grad_scale
     # + 0 x the output: parameters the input gradient does not depend on (the output bias) still take part
     # in the backward pass, which DDP requires of every step (StyleGAN2-ADA does the same).
-    return gain * gamma / 2 * grad.square().mean() / global_batch + 0 * out.sum()
+    return gamma / 2 * grad.square().mean() / global_batch + 0 * out.sum()
 
 
 def g_step_loss(D, G, batch: int, shape, device) -> torch.Tensor:

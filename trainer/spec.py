@@ -131,7 +131,7 @@ class DistillSpec:
     lr_rampup_kimg: float = zero_or_more(0.0)
     adam_betas: List[float] = field(default_factory=lambda: [0.0, 0.99])
     r1_gamma: float = zero_or_more(0.01)
-    r1_every: int = zero_or_more(16, "off")  # lazy R1: every r1_every D steps, scaled by r1_every
+    r1_every: int = zero_or_more(16, "off")  # lazy R1: every r1_every D steps, not scaled by r1_every (the official code)
     ema_halflife_kimg: float = positive(500.0)
     total_kimg: float = positive(20000.0)
     # None: the train.* value (the metric over train.eval_samples)
