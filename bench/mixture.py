@@ -101,7 +101,7 @@ def main():
     e = cfg.edm
     aux_rate = training_rate(lambda: denoising_loss(denoiser, x0, None, e.p_mean, e.p_std, e.sigma_data).mean(),
                              adam(denoiser.parameters(), 1e-4, (0.9, 0.999), 1e-8), device, a.train_steps)
-    router_rate = training_rate(lambda: router_loss(router, x0, labels, e.p_mean, e.p_std),
+    router_rate = training_rate(lambda: router_loss(router, x0, labels, e.sigma_min, e.sigma_max),
                                 adam(router.parameters(), 1e-3, (0.9, 0.999), 1e-8), device, a.train_steps)
     print(f"\ntraining step, batch {a.batch}: auxiliary ({cfg.network.preset}) {aux_rate:.1f} steps/s, "
           f"router ({cfg.fuse.router_preset}) {router_rate:.1f} steps/s: the router step costs "

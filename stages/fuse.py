@@ -188,10 +188,10 @@ def train_router(ctx: StageContext, auxiliaries: dict) -> tuple[Router, dict]:
                 yield torch.cat([next(stream) for stream in streams]), labels
 
         spec = ctx.short_run(f.router_batch, f.router_lr, f.router_kimg)
-        e = cfg.edm
+        sigma_min, sigma_max = sigma_limits(cfg)  # the range the mixture's sampler and likelihood ODE ask it for
         engine = Engine(acc, spec, engine_paths(stage), modules={"router": router}, optimizers={"adam": optimizer},
                         updates=[Update("adam", "router", lambda m, batch, step: router_loss(
-                            m["router"], batch[0], batch[1], e.p_mean, e.p_std))],
+                            m["router"], batch[0], batch[1], sigma_min, sigma_max))],
                         batches=batches, log=ctx.log, trackers=ctx.trackers(stage))
         engine.run()
         ctx.finish(stage, {**engine.summary(), "samples": cost},

@@ -1,11 +1,14 @@
 """The router of mixture fusion (trainer/mixture.py): a noise-conditional classifier that tells which auxiliary
 population a noised image came from.
 
-It sees what the denoisers see: x = x0 + sigma n with sigma from EDM's training law, the input scaled by c_in
+It sees what the denoisers see: x = x0 + sigma n, the input scaled by c_in
 and sigma embedded as c_noise = ln(sigma) / 4, through the DDPM++ blocks of trainer/unet.py (a UNet's encoder,
 globally pooled, then a linear layer to K logits). Trained by cross-entropy on the K auxiliary populations in
 equal shares (class priors rho_i = 1/K), its softmax estimates rho_i p_i(x; sigma) / sum_j rho_j p_j(x; sigma),
 so its logits are log p_i(x; sigma) up to a constant per sample: what the mixture's posterior weights need.
+Its sigma is log-uniform over the sampler's whole range, not EDM's log-normal training law: the mixture asks it
+for weights at every sampler step, and under the log-normal a tenth of the likelihood ODE's steps (those below
+sigma 0.01) would fall where it had hardly seen a sample.
 """
 import math
 
@@ -13,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.edm import sample_sigma
 from trainer.export import ROUTER_FILES, read_model, write_model
 from trainer.unet import PRESETS, ResBlock, SinusoidalEmbedding, _conv, _linear, group_norm
 
@@ -54,12 +56,20 @@ class Router(nn.Module):
         return self.head(F.silu(self.output_norm(h)).mean(dim=(2, 3))).to(torch.float32)
 
 
-def router_loss(router: nn.Module, x0: torch.Tensor, labels: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
-    """Cross-entropy of the population labels of clean images x0 after noise at EDM's training law (from the
-    global RNG, seeded per rank and checkpointed, as in the diffusion stage)."""
-    sigma = sample_sigma(x0.shape[0], None, p_mean, p_std, device=x0.device)
+def router_loss(router: nn.Module, x0: torch.Tensor, labels: torch.Tensor, sigma_min: float,
+                sigma_max: float) -> torch.Tensor:
+    """Cross-entropy of the population labels of clean images x0 after noise, ln(sigma) uniform on
+    [ln sigma_min, ln sigma_max] (from the global RNG, seeded per rank and checkpointed, as in the diffusion
+    stage)."""
+    sigma = log_uniform_sigma(x0.shape[0], sigma_min, sigma_max, x0.device)
     noised = x0 + sigma[:, None, None, None] * torch.randn_like(x0)
     return F.cross_entropy(router(noised, sigma), labels)
+
+
+def log_uniform_sigma(batch: int, sigma_min: float, sigma_max: float, device) -> torch.Tensor:
+    """[batch] noise levels with ln(sigma) uniform on [ln sigma_min, ln sigma_max], from the global RNG."""
+    low, high = math.log(sigma_min), math.log(sigma_max)
+    return (low + (high - low) * torch.rand(batch, device=device)).exp()
 
 
 @torch.no_grad()
