@@ -30,6 +30,8 @@ over n held-out images and its standard error):
                   "high", "se", "p", "p_holm"} of the Fréchet distances, paired per bootstrap round, "fd"}]: each
                   fused model against each baseline and each control (the best auxiliary, fused-uniform), then
                   fused-mixture against the barycenter; one family, Holm-adjusted (evaluation/comparison.py)
+    router_calibration  the mixture's router per band of ln sigma (trainer/router.py's calibration): [{"sigma_low",
+                  "sigma_high", "images", "cross_entropy" (nats), "accuracy", "ece"}], or null without mixture fusion
 
 An entry:
 

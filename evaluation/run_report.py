@@ -1,6 +1,6 @@
 """The run report, report.md and report.json, as a view of the measurements (evaluation/measurements.py): the
 verdict (evaluation/verdict.py), a row per model and floor, the comparisons (fusion against the baselines and
-the controls, one Holm family), the populations,
+the controls, one Holm family), the mixture router's calibration by noise level, the populations,
 and notes that say how each number was measured. Every number is the measurements'; this module rounds and
 lays out, and evaluation/report.py writes."""
 from pathlib import Path
@@ -17,6 +17,7 @@ from evaluation.verdict import verdict
 NLL, LOSS, KID, COPIES = "NLL bits/dim", "held-out loss", "KID", "copies %"
 COMPARISONS = "Fusion against the baselines and the controls"
 BY_CLASS = "Held-out NLL by class"
+ROUTER = "The mixture's router by noise level"
 
 
 def write_run_report(path: Path, measurements: dict) -> None:
@@ -29,10 +30,21 @@ def write_run_report(path: Path, measurements: dict) -> None:
     populations = [{"population": p["name"], "role": p["role"], "images": p["images"], "shards": p["shards"],
                     "class mixture": format_mixture(p["mixture"])} for p in measurements["populations"]]
     by_class = class_rows(measurements)
+    router = calibration_rows(measurements)
     write_report(path, title, [("Verdict", verdict(measurements)), ("Models and floors", rows),
                                *([(BY_CLASS, by_class)] if by_class else []),
                                (COMPARISONS, comparison_rows(measurements)),
+                               *([(ROUTER, router)] if router else []),
                                ("Populations", populations)], notes(measurements))
+
+
+def calibration_rows(measurements: dict) -> list[dict]:
+    """A row per sigma band of the mixture's router (none without mixture fusion)."""
+    return [{"sigma": "{:.3g} to {:.3g}".format(band["sigma_low"], band["sigma_high"]), "images": band["images"],
+             "cross-entropy, nats": None if band["cross_entropy"] is None else round(band["cross_entropy"], 3),
+             "accuracy": None if band["accuracy"] is None else round(band["accuracy"], 3),
+             "calibration error": None if band["ece"] is None else round(band["ece"], 3)}
+            for band in measurements.get("router_calibration") or []]
 
 
 def fd_column(measurements: dict) -> str:
@@ -125,6 +137,14 @@ def notes(measurements: dict) -> list[str]:
                      f"error. A class label is worth at most log2({len(measurements['class_names'])}) bits per image, "
                      "so a difference between models that is the same in every class is about pixels, not about "
                      "the population mixture.")
+    if measurements.get("router_calibration"):
+        k = len(measurements["models"][FUSED_MIXTURE]["weights"]) if FUSED_MIXTURE in measurements["models"] else None
+        lines.append(f"{ROUTER}: the router of {FUSED_MIXTURE} on images of the auxiliary populations it trained on, "
+                     "with noise of their own, sigma log-uniform within each band: its cross-entropy"
+                     + (f" (chance: ln {k} = {np.log(k):.3f})" if k else "") + ", accuracy, and expected "
+                     "calibration error (10 bins of its top posterior: the bins' share of the images times "
+                     "|accuracy - mean top posterior|, 0 when its posteriors can be taken at their word). The mixture "
+                     "uses its posteriors at every sampler step; on its training images, overfitting does not show.")
     if floor_tv is not None:
         lines.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
                      f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "

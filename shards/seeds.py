@@ -33,6 +33,7 @@ class Stream(IntEnum):
     ROUTER_SAMPLES = 16  # latents of a pretrained auxiliary's samples that the router trains on, and their stream
     VALIDATION = 17   # which target images the baselines hold out for early stopping
     REPLICATE = 18    # the seed of the sweep's replicate r > 0 of the target draw, from data.target.seed
+    ROUTER_CHECK = 19  # the (sigma, noise) draws of the router's calibration check, per batch
 
 
 def seed_of(*words: int) -> int:

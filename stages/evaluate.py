@@ -49,7 +49,7 @@ from evaluation.score_matching import held_out_loss
 from evaluation.spec import EvalSpec
 from shards.manifest import population_entry
 from shards.stream import read_population
-from stages.catalogue import Model, best_auxiliary, finished_models, load_fit, sigma_limits
+from stages.catalogue import Model, best_auxiliary, finished_models, load_fit, load_mixture, sigma_limits
 from stages.config import RunConfig
 from shards.pixels import to_unit
 from shards.seeds import Stream, generator
@@ -302,7 +302,9 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
             "reference": {"class_proportions": None if reference_props is None else
                           np.asarray(reference_props, dtype=float).tolist(), "classifier_tv": floor_tv},
             "populations": populations, "models": models, "floors": entries(floor_rows),
-            "comparisons": comparisons(models, barycenter, best)}
+            "comparisons": comparisons(models, barycenter, best),
+            "router_calibration": (load_mixture(cfg).get("router_calibration") if ctx.run.mixture_file.is_file()
+                                   else None)}
 
 
 def _entry(m: Measured, s: dict, reference_props, pixels: int, labels: torch.Tensor, class_count: int) -> dict:

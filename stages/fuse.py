@@ -48,7 +48,7 @@ from evaluation.likelihood import nll_bits_per_dim
 from trainer.lambda_fit import Objective, SoftmaxWeights, accumulate_gram, fit_barycenter_weights, objective_of
 from trainer.mixture import em_mixture_weights
 from trainer.precision import autocast_dtype, forward_precision, with_autocast
-from trainer.router import Router, load_router, log_density_ratios, router_loss, save_router
+from trainer.router import Router, calibration, load_router, log_density_ratios, router_loss, save_router
 from shards.pixels import to_uint8, to_unit
 from stages.rundir import MIXTURE_GRID, engine_paths, finished_info, mark_finished
 from shards.seeds import Stream, generator, per_image_normal, seed_of
@@ -153,10 +153,13 @@ def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, 
 
 # ---- mixture fusion -------------------------------------------------------------------------------------
 
+CALIBRATION_BANDS = 6  # of ln sigma over the sampler's range: 0.002 to 80 in factors of 5.9
+
 def train_router(ctx: StageContext, auxiliaries: dict) -> tuple[Router, dict]:
     """The router, trained on the K auxiliary populations in equal shares (or loaded when finished): a pretrained
-    auxiliary's share is its own samples (fuse.router_samples, drawn once). (the router, what drawing those
-    samples cost: {name: {"images", "seconds"}})."""
+    auxiliary's share is its own samples (fuse.router_samples, drawn once). Then its calibration per sigma band
+    (trainer/router.py), on images of its training stream with noise of their own. (the router, its done.json:
+    "samples", what drawing those samples cost, {name: {"images", "seconds"}}, and "calibration")."""
     cfg, acc, f = ctx.cfg, ctx.acc, ctx.cfg.fuse
     stage, names = ctx.run.router, list(auxiliaries)
     k = len(names)
@@ -194,9 +197,15 @@ def train_router(ctx: StageContext, auxiliaries: dict) -> tuple[Router, dict]:
                             m["router"], batch[0], batch[1], sigma_min, sigma_max))],
                         batches=batches, log=ctx.log, trackers=ctx.trackers(stage))
         engine.run()
-        ctx.finish(stage, {**engine.summary(), "samples": cost},
+        checked = None
+        if acc.is_main_process:  # on the main process's share of the stream: 2,048 images or a little more
+            sigma_min, sigma_max = sigma_limits(cfg)
+            check = itertools.islice(batches(0), math.ceil(2048 / (per * k)))
+            checked = calibration(engine.unwrap("router").eval(), check, sigma_min, sigma_max, CALIBRATION_BANDS,
+                                  seed_of(cfg.train.seed, Stream.ROUTER_CHECK))
+        ctx.finish(stage, {**engine.summary(), "samples": cost, "calibration": checked},
                    lambda: save_router(stage, engine.unwrap("router"), meta))
-    return load_router(stage), finished_info(stage).get("samples", {})
+    return load_router(stage), finished_info(stage)
 
 
 def auxiliary_samples(ctx: StageContext, name: str, denoiser) -> tuple[torch.Tensor, dict]:
@@ -339,11 +348,12 @@ def run(cfg: RunConfig) -> dict:
             fused = barycenter_model(fit, auxiliaries, batched=cfg.fuse.batched).to(ctx.device)
             ctx.save_grid(ctx.sampler(fused), run_dir.fuse)
         if cfg.fuse.mixture:
-            router, samples = train_router(ctx, auxiliaries)
+            router, trained = train_router(ctx, auxiliaries)
             if ctx.acc.is_main_process:
                 batches = population_batches(ctx.run.data, cfg.data.target.name, cfg.fuse.batch,
                                              cfg.data.max_bad_samples)
-                mixture = {**fit_mixture(ctx, batches, auxiliaries, router), "router_samples": samples}
+                mixture = {**fit_mixture(ctx, batches, auxiliaries, router),
+                           "router_samples": trained.get("samples", {}), "router_calibration": trained.get("calibration")}
                 write_atomically(run_dir.mixture_file, (json.dumps(mixture, indent=1) + "\n").encode())
                 ctx.log(f"fuse (mixture): pi {_fmt(mixture['router']['pi'])} (router EM)"
                         + (f", {_fmt(mixture['nll']['pi'])} (likelihood EM)"

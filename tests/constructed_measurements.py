@@ -26,7 +26,8 @@ def model(nll: list[float] | None = None, fd: tuple = (10.0, 8.0, 12.0), copy_sh
 
 def measurements(models: dict[str, dict], floors: dict[str, dict] | None = None, barycenter: str = "fused-exact",
                  copy_threshold: float = 0.333, fd_metric: str = "fd_clf64", name: str = "digits",
-                 sweep_n: int | None = None, best_auxiliary: str | None = None, replicate: int = 0) -> dict:
+                 sweep_n: int | None = None, best_auxiliary: str | None = None, replicate: int = 0,
+                 router_calibration: list[dict] | None = None) -> dict:
     settings = {"held_out": "reference", "nll_images": 4, "nll_steps": 2, "nll_probes": 1, "test_draws_per_image": 2,
                 "num_samples": 64, "extractor": "classifier", "fd_metric": fd_metric,
                 "fd_classifier_metric": fd_metric, "fd_reference": "reference", "bootstrap": 5, "kid_subsets": 2,
@@ -38,7 +39,8 @@ def measurements(models: dict[str, dict], floors: dict[str, dict] | None = None,
             "class_names": ["0", "1"], "settings": settings,
             "reference": {"class_proportions": [0.5, 0.5], "classifier_tv": 0.01},
             "populations": [{"name": "target", "role": "target", "images": 16, "shards": 1, "mixture": [0.25, 0.75]}],
-            "models": models, "floors": floors or {}, "comparisons": comparisons(models, barycenter, best_auxiliary)}
+            "models": models, "floors": floors or {}, "comparisons": comparisons(models, barycenter, best_auxiliary),
+            "router_calibration": router_calibration}
 
 
 def plus(values: list[float], offsets: list[float]) -> list[float]:

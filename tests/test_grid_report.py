@@ -123,3 +123,22 @@ def test_the_report_has_the_nll_by_class_where_the_images_have_labels(tmp_path):
     assert sections["Held-out NLL by class"] == [{"NLL of": "fused-exact", "0": {"mean": 1.25, "se": 0.25},
                                                   "1": {"mean": 2.5, "se": 0.5}}]
     assert "| fused-exact | 1.25 ± 0.25 | 2.5 ± 0.5 |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_report_shows_the_mixture_router_by_noise_level(tmp_path):
+    """A row per sigma band, rounded; the note names chance, ln K for the mixture's K weights."""
+    bands = [{"sigma_low": 0.002, "sigma_high": 0.0117851, "images": 340, "cross_entropy": 0.12345,
+              "accuracy": 0.95678, "ece": 0.01234},
+             {"sigma_low": 13.5747, "sigma_high": 80.0, "images": 0, "cross_entropy": None, "accuracy": None, "ece": None}]
+    made = measurements({"fused-exact": model([1.0, 2.0]), "fused-mixture": model([1.5, 2.0], weights=[0.5, 0.5])},
+                        router_calibration=bands)
+    write_run_report(tmp_path / "report.md", made)
+    sections = {s["name"]: s.get("rows", s.get("text")) for s in json.loads((tmp_path / "report.json").read_text())
+                ["sections"]}
+    assert sections["The mixture's router by noise level"] == [
+        {"sigma": "0.002 to 0.0118", "images": 340, "cross-entropy, nats": 0.123, "accuracy": 0.957,
+         "calibration error": 0.012},
+        {"sigma": "13.6 to 80", "images": 0, "cross-entropy, nats": None, "accuracy": None, "calibration error": None}]
+    assert "(chance: ln 2 = 0.693)" in (tmp_path / "report.md").read_text()
+    write_run_report(tmp_path / "plain.md", measurements({"fused-exact": model([1.0, 2.0])}))
+    assert "router by noise level" not in (tmp_path / "plain.md").read_text()

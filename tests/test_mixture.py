@@ -12,7 +12,7 @@ from stages.rundir import engine_paths
 from trainer.engine import Engine, Update, adam
 from trainer.gaussian import GaussianDenoiser
 from trainer.mixture import MixtureDenoiser, em_mixture_weights
-from trainer.router import Router, log_density_ratios, router_loss
+from trainer.router import Router, calibration, log_density_ratios, router_loss
 from trainer.spec import TrainSpec
 
 SHAPE = (1, 4, 4)
@@ -142,3 +142,31 @@ def test_a_router_trained_on_three_gaussian_populations_recovers_pi(tmp_path):
     log_r = log_density_ratios(router.eval(), target, 0.05, 4, torch.Generator().manual_seed(0))
     pi, _ = em_mixture_weights(log_r)
     torch.testing.assert_close(pi, PI, atol=0.05, rtol=0)
+
+
+class Overconfident(GaussianRouter):
+    """The exact posterior's logits times 4: the same guesses, overstated."""
+
+    def forward(self, x, sigma):
+        return 4 * super().forward(x, sigma)
+
+
+def test_the_calibration_check_passes_the_exact_posterior_and_catches_an_overconfident_one():
+    """The exact posterior (equal shares) is calibrated at every noise level: the expected calibration error is
+    sampling noise only, its cross-entropy falls to chance ln 3 at the top band and its accuracy is near 1 at the
+    bottom one. The same guesses with logits x 4 have the same accuracy and a large error where the populations
+    overlap."""
+    mus = means()
+    g = torch.Generator().manual_seed(5)
+
+    def batches():
+        for _ in range(16):
+            labels = torch.arange(3).repeat_interleave(128)
+            yield torch.stack(mus)[labels] + S * torch.randn(384, *SHAPE, generator=g), labels
+    exact = calibration(GaussianRouter(mus), batches(), 0.002, 80.0, bands=4, seed=0)
+    assert sum(row["images"] for row in exact) == 16 * 384
+    assert all(row["ece"] < 0.04 for row in exact), exact
+    assert exact[0]["accuracy"] > 0.95 and exact[-1]["cross_entropy"] == pytest.approx(math.log(3), abs=0.02)
+    loud = calibration(Overconfident(mus), batches(), 0.002, 80.0, bands=4, seed=0)
+    assert [row["accuracy"] for row in loud] == pytest.approx([row["accuracy"] for row in exact], abs=0.03)
+    assert max(row["ece"] for row in loud) > 0.15, loud

@@ -41,6 +41,11 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
     assert abs(sum(mixture["router"]["pi"]) - 1) < 1e-9 and abs(sum(mixture["nll"]["pi"]) - 1) < 1e-9
     # EM on the likelihoods maximises that likelihood: the router's pi cannot reach a lower NLL with it
     assert mixture["nll"]["nll_bits_per_dim"] <= mixture["router"]["nll_bits_per_dim"] + 1e-9
+    bands = mixture["router_calibration"]  # six bands of ln sigma over [0.002, 80], every image in one
+    assert bands[0]["sigma_low"] == pytest.approx(0.002) and bands[-1]["sigma_high"] == pytest.approx(80)
+    assert len(bands) == 6 and sum(b["images"] for b in bands) >= 2048
+    router_table = next(s["rows"] for s in report["sections"] if s["name"] == "The mixture's router by noise level")
+    assert [row["images"] for row in router_table] == [b["images"] for b in bands]
     assert (finished / "figures" / "copies-fused-exact.png").is_file()
     fit = json.loads((finished / "fuse" / "lambda.json").read_text())
     assert fit["method"] == "exact" and abs(sum(fit["exact"]["lambda"][0]) - 1) < 1e-9

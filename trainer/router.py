@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards.seeds import generator, normal
 from trainer.export import ROUTER_FILES, read_model, write_model
 from trainer.unet import PRESETS, ResBlock, SinusoidalEmbedding, _conv, _linear, group_norm
 
@@ -70,6 +71,48 @@ def log_uniform_sigma(batch: int, sigma_min: float, sigma_max: float, device) ->
     """[batch] noise levels with ln(sigma) uniform on [ln sigma_min, ln sigma_max], from the global RNG."""
     low, high = math.log(sigma_min), math.log(sigma_max)
     return (low + (high - low) * torch.rand(batch, device=device)).exp()
+
+
+@torch.no_grad()
+def calibration(router: nn.Module, batches, sigma_min: float, sigma_max: float, bands: int, seed: int,
+                bins: int = 10) -> list[dict]:
+    """How far the router's posteriors can be trusted at each noise level: `batches` of (clean images x0,
+    population labels) noised with ln(sigma) uniform on [ln sigma_min, ln sigma_max] (batch i's draws from
+    generator(seed, i)), cut into `bands` equal parts of ln sigma. Per band: the images, the cross-entropy in nats
+    (ln K is chance), the accuracy, and the expected calibration error over `bins` bins."""
+    low, high = math.log(sigma_min), math.log(sigma_max)
+    log_sigmas, losses, tops, hits = [], [], [], []
+    for index, (x0, labels) in enumerate(batches):
+        draws = generator(seed, index, device=x0.device)
+        log_sigma = low + (high - low) * torch.rand(x0.shape[0], generator=draws, device=draws.device)
+        sigma = log_sigma.exp()
+        log_q = torch.log_softmax(router(x0 + sigma[:, None, None, None] * normal(x0.shape, draws, x0.device),
+                                         sigma).double(), dim=1)
+        top, guess = log_q.exp().max(dim=1)
+        log_sigmas.append(log_sigma.cpu())
+        losses.append(-log_q.gather(1, labels[:, None]).squeeze(1).cpu())
+        tops.append(top.cpu())
+        hits.append((guess == labels).double().cpu())
+    log_sigma, loss, top, hit = (torch.cat(t) for t in (log_sigmas, losses, tops, hits))
+    band = ((log_sigma - low) / (high - low) * bands).long().clamp(0, bands - 1)
+    rows = []
+    for b in range(bands):
+        inside = band == b
+        measured = bool(inside.any())
+        rows.append({"sigma_low": math.exp(low + (high - low) * b / bands),
+                     "sigma_high": math.exp(low + (high - low) * (b + 1) / bands), "images": int(inside.sum()),
+                     "cross_entropy": float(loss[inside].mean()) if measured else None,
+                     "accuracy": float(hit[inside].mean()) if measured else None,
+                     "ece": expected_calibration_error(top[inside], hit[inside], bins) if measured else None})
+    return rows
+
+
+def expected_calibration_error(top: torch.Tensor, hit: torch.Tensor, bins: int = 10) -> float:
+    """Over `bins` equal bins of the top posterior `top`, the sum of each bin's share of the images times |the
+    bin's accuracy (mean of `hit`) - its mean top posterior|: 0 for a calibrated classifier."""
+    which = (top * bins).long().clamp(max=bins - 1)
+    return sum(float((which == j).double().mean()) * abs(float(hit[which == j].mean() - top[which == j].mean()))
+               for j in range(bins) if (which == j).any())
 
 
 @torch.no_grad()
