@@ -37,20 +37,29 @@ def lambda_chart(weights, names: list[str], group_labels: list[str], path: Path,
     _save(figure, path)
 
 
-def metric_vs_n(series: dict[str, list[tuple[int, float, float, float]]], path: Path, metric: str, title: str) -> None:
-    """One line per method: series[method] = [(n, value, low, high)], drawn with error bars over n on a log
-    axis (the sizes double)."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+def metric_vs_n(series: dict[str, list[tuple[int, float, float, float]]], path: Path, metric: str, title: str,
+                aux_images: float | None = None) -> None:
+    """One line per method: series[method] = [(n, value, low, high)], the interval drawn as a band, over n on a
+    log axis (the sizes double); with `aux_images` (N_aux, an auxiliary population's size) a second axis on top
+    reads n / N_aux, where the paper places its crossover."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.4 if aux_images else 4.0))
     for method, points in series.items():
         points = sorted(p for p in points if p[1] is not None)
         if not points:
             continue
         n, value, low, high = (np.array(column, dtype=float) for column in zip(*points))
-        axes.errorbar(n, value, yerr=[value - low, high - value], marker="o", capsize=3, label=method)
+        line, = axes.plot(n, value, marker="o", label=method)
+        axes.fill_between(n, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     axes.set_xscale("log", base=2)
-    axes.set_xticks(sorted({p[0] for points in series.values() for p in points}))
+    sizes = sorted({p[0] for points in series.values() for p in points})
+    axes.set_xticks(sizes)
     axes.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axes.set_xlabel("target size n")
+    if aux_images:
+        top = axes.secondary_xaxis("top", functions=(lambda n: n / aux_images, lambda r: r * aux_images))
+        top.set_xticks([size / aux_images for size in sizes])
+        top.get_xaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        top.set_xlabel(f"n / N_aux (N_aux = {aux_images:g} images per auxiliary)")
     axes.set_ylabel(metric)
     axes.set_title(title)
     axes.grid(alpha=0.3)

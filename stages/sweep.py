@@ -93,13 +93,15 @@ def summarise(cfg: RunConfig) -> None:
     table = {metric: {model: {n: _over_replicates([row[model].get(metric) for row in rows[n]]) for n in sizes}
                       for model in models} for metric in metrics}
 
+    aux = [p["images"] for p in measured[sizes[0]][0]["populations"] if p["role"] == "aux"]
+    aux_images = sum(aux) / len(aux) if aux else None  # N_aux of the plots' n / N_aux axis: the mean population
     findings, pooled, family = _findings(measured, cfg)
     sections = [(COMPARISONS, findings)]
     for metric, (file_name, bars) in metrics.items():
         series = {model: [(n, *_bar(value)) for n, value in table[metric][model].items() if value is not None]
                   for model in METHODS if model in table[metric]}
         metric_vs_n(series, main.sweep / f"{file_name}.png", metric,
-                    f"{metric} vs target size n ({bars})" if bars else f"{metric} vs target size n")
+                    f"{metric} vs target size n ({bars})" if bars else f"{metric} vs target size n", aux_images)
         sections.append((metric, [{"model": model, **{f"n = {n}": table[metric][model][n] for n in sizes}}
                                   for model in models]))
     notes = ["Each n is the run sweep/n<n>/ (its report.md has the details and the floors); every model is "

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from evaluation import plots
 from evaluation.grid import PADDING, save_grid
 from evaluation.report import write_report
 from evaluation.run_report import write_run_report
@@ -142,3 +143,20 @@ def test_the_report_shows_the_mixture_router_by_noise_level(tmp_path):
     assert "(chance: ln 2 = 0.693)" in (tmp_path / "report.md").read_text()
     write_run_report(tmp_path / "plain.md", measurements({"fused-exact": model([1.0, 2.0])}))
     assert "router by noise level" not in (tmp_path / "plain.md").read_text()
+
+
+def test_the_sweep_plot_draws_bands_and_reads_n_over_the_auxiliary_size(tmp_path, monkeypatch):
+    """Each method a line with its interval as a band; with N_aux, a top axis whose ticks are n / N_aux."""
+    kept = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: kept.append(figure))
+    series = {"fused-exact": [(64, 2.0, 1.9, 2.1), (256, 1.8, 1.75, 1.85)], "target-scratch": [(64, 3.0, 2.8, 3.2)]}
+    plots.metric_vs_n(series, tmp_path / "nll.png", "NLL bits/dim", "NLL vs n", aux_images=1000)
+    (axes,) = kept[0].axes[:1]
+    assert [line.get_label() for line in axes.get_lines()] == ["fused-exact", "target-scratch"]
+    band = axes.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(1.75) and band[:, 1].max() == pytest.approx(2.1)
+    (top,) = axes.child_axes
+    assert list(top.get_xticks()) == pytest.approx([0.064, 0.256])
+    assert top.get_xlabel() == "n / N_aux (N_aux = 1000 images per auxiliary)"
+    plots.metric_vs_n(series, tmp_path / "nll.png", "NLL bits/dim", "NLL vs n")
+    assert kept[1].axes[0].child_axes == []
