@@ -244,7 +244,12 @@ def test_drawing_samples(precision):
         images = draw(with_autocast(partial(heun_sample, tiny(0).to(cuda), num_steps=2), precision), cfg, [1, 0],
                       SHAPE, cuda)
     assert images.device == CPU and images.dtype == torch.uint8
-    assert (images.int() - expected.int()).abs().max() <= (1 if precision == "no" else 8)
+    difference = (images.int() - expected.int()).abs()
+    if precision == "no":
+        assert difference.max() <= 1
+    else:  # bf16's rounding, amplified by a random network, moves a few pixels by some levels (by 13 on an AMD
+        # EPYC, by fewer elsewhere: CPUs differ in their bf16 kernels); other latents would move half of them
+        assert difference.float().mean() <= 1 and difference.max() <= 32, difference
 
 
 def test_gather_by_index():

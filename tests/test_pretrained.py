@@ -101,7 +101,9 @@ def test_pretrained_models_fuse_batched_as_in_the_loop_and_only_with_one_table()
     sigma = torch.tensor([0.02, 1.5, 90.0])
     with torch.no_grad():
         difference = (fused[0](x, sigma) - fused[1](x, sigma)).abs().amax(dim=(1, 2, 3))
-    assert (difference < 2e-6 * (1 + sigma)).all(), difference  # eps' rounding, times sigma
+    # eps' float32 rounding, which the batched and the looped convolutions accumulate in different orders (3.5e-6
+    # on an AMD EPYC), times sigma
+    assert (difference < 1e-5 * (1 + sigma)).all(), difference
     other = from_diffusers(tiny_unet(1), scheduler_config(beta_schedule="squaredcos_cap_v2"))
     assert "log_sigma_table" in architecture_difference([same[0], other])
     with pytest.raises(ModelError, match="batched evaluation needs auxiliaries of one architecture"):
