@@ -47,6 +47,8 @@ An entry:
                          null when eval.bootstrap gives no rounds)
     fd_classifier        beside FID, the Fréchet distance in the feature classifier's space
     fd_own_population    an auxiliary's Fréchet distance to its own training population
+    fd_at_floor_size     the Fréchet distance at the sizes of the held-out halves floor: the first half-many samples
+                         against the floor's second half (the floor's own fd there; null for fewer samples)
     kid                  {"mean", "std"} over subsets
     copy_share           share of samples that copy a target training image (the ratio test)
     nn_train             mean distance of a sample to its nearest training image, as an RMS pixel difference (0..255)
@@ -103,7 +105,8 @@ def estimate(values: torch.Tensor, per_image: bool = False) -> dict:
 
 def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], copies: dict, pixels: int,
           fd_rounds: Sequence[float] | None = None, nll: torch.Tensor | None = None, loss: torch.Tensor | None = None, classes=None, reference_classes=None,
-          fd_classifier: float | None = None, fd_own_population: float | None = None, nfe: int | None = None,
+          fd_classifier: float | None = None, fd_own_population: float | None = None,
+          fd_at_floor_size: float | None = None, nfe: int | None = None,
           samples_per_second: float | None = None, fit_minutes: float | None = None, weights=None,
           fit_gap_percent: float | None = None, early_stopping: dict | None = None,
           nll_labels: Sequence[int] | None = None, class_count: int | None = None) -> dict:
@@ -123,6 +126,7 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
                "rounds": None if fd_rounds is None else [float(r) for r in fd_rounds]},
         "fd_classifier": _float(fd_classifier),
         "fd_own_population": _float(fd_own_population),
+        "fd_at_floor_size": _float(fd_at_floor_size),
         "kid": {"mean": float(kid[0]), "std": float(kid[1])},
         "copy_share": float(copies["copy_share"]),
         "nn_train": copies["train_distance"] / rms,

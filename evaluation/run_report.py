@@ -67,6 +67,8 @@ def model_row(label: str, entry: dict, measurements: dict) -> dict:
         row["class proportions"] = format_mixture(entry["class_proportions"])
     if entry["fd_classifier"] is not None:  # FID is the main distance: the classifier's feature space beside it
         row[f"{settings['fd_classifier_metric']} vs {settings['fd_reference']}"] = round(entry["fd_classifier"], 3)
+    if entry.get("fd_at_floor_size") is not None:
+        row["FD at floor size"] = round(entry["fd_at_floor_size"], 3)
     if entry["fd_own_population"] is not None:
         row[f"{fd_column(measurements)} own population"] = round(entry["fd_own_population"], 3)
     if entry["early_stopping"] is not None:
@@ -130,7 +132,10 @@ def notes(measurements: dict) -> list[str]:
         "nearest training image / to the nearest of as many held-out images, as a root-mean-square pixel difference "
         f"(0..255). Pictures of each model's most-copied samples: {s['copies_figures']}/.",
         f"floors: '{HALVES}' compares two halves of the held-out images (what real data scores at that size); "
-        f"'{TARGET_AS_SAMPLES}' uses the n target images as samples (what copying them scores).",
+        f"'{TARGET_AS_SAMPLES}' uses the n target images as samples (what copying them scores). The Fréchet "
+        "distance's small-sample bias grows as the sets shrink, so a model's distance is also given at the halves' "
+        "sizes ('at floor size': its first half-many samples against the floor's second half), the column to "
+        "read against that floor.",
     ]
     if any(entry["nll_by_class"] is not None for entry in measurements["models"].values()):
         lines.append(f"{BY_CLASS}: the NLL over the held-out images of each class (by their labels), mean ± standard "

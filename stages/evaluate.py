@@ -199,7 +199,8 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
                       target: torch.Tensor, own: dict, ev: EvalSpec, seed: int, ranks: Ranks, device, *,
                       classify: Callable | None = None, domain: tuple | None = None) -> tuple[dict, object, float]:
     """The heavy numbers of the report, on every rank: (per row label {"fd": Interval or None (no bootstrap),
-    "fd value", "fd rounds": the bootstrap rounds' values in round order or None, "kid": (mean, std), "copies":
+    "fd value", "fd rounds": the bootstrap rounds' values in round order or None, "matched": the Fréchet distance
+    at the sizes of the floor that has a reference of its own (None for fewer samples), "kid": (mean, std), "copies":
     memorisation's dict, "classes", "domain", "own": or None}, the class proportions of the reference images or
     None, the seconds of the slowest task).
 
@@ -223,6 +224,9 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
     """
     held_out = reference[: len(target)]  # as many as the training images: nearest-neighbour distances compare
     distance = frechet_on(device)
+    # the floor with a reference of its own (the held-out halves): each model is also measured at its sizes, its
+    # first samples against that floor's reference, so that the two carry the same small-sample bias
+    floor = next((m for m in rows if m.reference is not None), None)
     tasks = {}
     if classify is not None:
         tasks["reference", "classes"] = partial(classify, reference)
@@ -230,6 +234,8 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
         compared = m.reference if m.reference is not None else reference_features
         features, compared_here = m.features.to(device), compared.to(device)
         tasks[m.label, "fd value"] = partial(distance, features, compared_here)
+        if floor is not None and m.reference is None and len(features) >= len(floor.features):
+            tasks[m.label, "matched"] = partial(distance, features[:len(floor.features)], floor.reference.to(device))
         tasks.update({(m.label, "round", r): partial(bootstrap_round, features, compared_here, seed, r, distance)
                       for r in range(ev.bootstrap)})
         tasks[m.label, "kid"] = partial(kernel_distance, m.features, compared, ev.kid_subsets, ev.kid_subset_size,
@@ -251,6 +257,7 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
         draws = [results[m.label, "round", r] for r in range(ev.bootstrap)]
         stats[m.label] = {"fd": bootstrap_interval(value, draws) if draws else None, "fd value": value,
                           "fd rounds": draws or None,
+                          "matched": value if m is floor else results.get((m.label, "matched")),
                           **{what: results.get((m.label, what)) for what in ("kid", "copies", "classes", "domain",
                                                                              "own")}}
     return stats, results.get(("reference", "classes")), max((seconds for _, seconds in done.values()), default=0.0)
@@ -312,7 +319,7 @@ def _entry(m: Measured, s: dict, reference_props, pixels: int, labels: torch.Ten
     return entry(m.description, fd=s["fd"] or s["fd value"], fd_rounds=s["fd rounds"], kid=s["kid"],
                  copies=s["copies"], pixels=pixels,
                  nll=m.nll, loss=m.loss, classes=s["classes"], reference_classes=reference_props,
-                 fd_classifier=s["domain"], fd_own_population=s["own"], nfe=m.nfe,
+                 fd_classifier=s["domain"], fd_own_population=s["own"], fd_at_floor_size=s["matched"], nfe=m.nfe,
                  samples_per_second=len(m.images) / m.seconds if m.seconds else None,
                  fit_minutes=m.facts.get("minutes"), weights=m.facts.get("weights"),
                  fit_gap_percent=m.facts.get("fit gap %"), early_stopping=m.facts.get("early_stopping"),

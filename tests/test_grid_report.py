@@ -74,7 +74,8 @@ def test_the_run_report_is_a_view_of_the_measurements(tmp_path):
                              classes=[0.3, 0.7], reference_classes=[0.5, 0.5], nfe=21, samples_per_second=12.345,
                              fit_minutes=0.126),
         "fused-mixture": model([1.25, 1.5]),
-        "target-scratch": model([2.0, 2.5], fd=(20.0, 18.0, 22.0), fd_own_population=3.14159)},
+        "target-scratch": model([2.0, 2.5], fd=(20.0, 18.0, 22.0), fd_own_population=3.14159,
+                                fd_at_floor_size=2.71828)},
         floors={"real: target images as samples": model(fd=(1.0, None, None), copy_share=1.0, nn=(0.0, 33.333))},
         sweep_n=16)
     write_run_report(tmp_path / "report.md", made)
@@ -92,6 +93,7 @@ def test_the_run_report_is_a_view_of_the_measurements(tmp_path):
         "NFE": 21, "samples/s": 12.3, "fit minutes": 0.13, "weights": "0.25 0.75 | 0.50 0.50", "fit gap %": 0.0,
         "what": "made up"}
     assert rows["target-scratch"]["fd_clf64 vs reference own population"] == 3.142
+    assert rows["target-scratch"]["FD at floor size"] == 2.718 and "FD at floor size" not in rows["fused-exact"]
     floor = rows["real: target images as samples"]
     assert floor["fd_clf64 vs reference"] == 1.0 and floor["copies %"] == 100.0 and floor["NLL bits/dim"] is None
     table = sections["Fusion against the baselines and the controls"]

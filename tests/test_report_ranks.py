@@ -116,6 +116,9 @@ def test_report_statistics_are_the_same_on_one_and_two_ranks():
     assert floor["fd"] == frechet_interval(rows[2].features, rows[2].reference, 9, 3)
     assert model["kid"] == kernel_distance(rows[0].features, reference_features, 4, 10, 3)
     assert model["own"] == frechet(rows[0].features, own["a"])
+    # at the halves floor's sizes: the first 15 of the 40 samples against the floor's own reference
+    assert model["matched"] == frechet(rows[0].features[:15], rows[2].reference)
+    assert floor["matched"] == floor["fd value"]
     assert one["fused-exact"]["own"] is None
     assert_same(one["fused-exact"]["copies"], memorisation(rows[1].images, target, reference[:8]))
     assert one["fused-exact"]["copies"]["copy_share"] == 0.1  # 4 of its 40 samples are training images
