@@ -155,6 +155,7 @@ def sgd_fit_parts(fused: FusedDenoiser, objective: Objective, sigma_edges=None, 
 
 CALIBRATION_BANDS = 6  # of ln sigma over the sampler's range: 0.002 to 80 in factors of 5.9
 
+
 def train_router(ctx: StageContext, auxiliaries: dict) -> tuple[Router, dict]:
     """The router, trained on the K auxiliary populations in equal shares (or loaded when finished): a pretrained
     auxiliary's share is its own samples (fuse.router_samples, drawn once). Then its calibration per sigma band
@@ -199,7 +200,6 @@ def train_router(ctx: StageContext, auxiliaries: dict) -> tuple[Router, dict]:
         engine.run()
         checked = None
         if acc.is_main_process:  # on the main process's share of the stream: 2,048 images or a little more
-            sigma_min, sigma_max = sigma_limits(cfg)
             check = itertools.islice(batches(0), math.ceil(2048 / (per * k)))
             checked = calibration(engine.unwrap("router").eval(), check, sigma_min, sigma_max, CALIBRATION_BANDS,
                                   seed_of(cfg.train.seed, Stream.ROUTER_CHECK))

@@ -19,7 +19,7 @@ from stages.fuse import sgd_fit_parts
 from trainer.lambda_fit import accumulate_gram, edm_objective, paper_objective
 from trainer.mixture import MixtureDenoiser, em_mixture_weights
 from trainer.precision import with_autocast
-from trainer.router import Router, log_density_ratios, router_loss
+from trainer.router import Router, calibration, log_density_ratios, router_loss
 from trainer.score_mismatch import OneStepGenerator, ScoreNet, check_shapes, d_step_loss, g_step_loss, r1_step_loss
 from shards.seeds import Stream, generator
 from stages.evaluate import gather_by_index, rank_share
@@ -151,6 +151,22 @@ def test_router_posterior_and_loss():
         loss.backward()
         assert model.head.weight.grad.device == cuda
     torch.testing.assert_close(log_r.cpu(), expected)
+
+
+def test_router_calibration():
+    """The router's check after training: its draws from CPU generators, its network on the device."""
+    model, x0 = router().eval(), unit_images()
+
+    def batches(device):
+        return [(x0.to(device), torch.tensor([0, 1], device=device))] * 3
+    expected = calibration(model, batches(CPU), 0.002, 80.0, 3, seed=5)
+    with fake_cuda() as cuda:
+        got = calibration(model.to(cuda), batches(cuda), 0.002, 80.0, 3, seed=5)
+    assert [row["images"] for row in got] == [row["images"] for row in expected] and sum(r["images"] for r in got) == 6
+    for mine, theirs in zip(got, expected):  # None where a band has no image
+        assert [k for k in mine if mine[k] is None] == [k for k in theirs if theirs[k] is None]
+        assert {k: v for k, v in mine.items() if v is not None} == pytest.approx(
+            {k: v for k, v in theirs.items() if v is not None}, rel=1e-4, abs=1e-5)
 
 
 def test_fit_mixture():

@@ -7,7 +7,7 @@ globally pooled, then a linear layer to K logits). Trained by cross-entropy on t
 equal shares (class priors rho_i = 1/K), its softmax estimates rho_i p_i(x; sigma) / sum_j rho_j p_j(x; sigma),
 so its logits are log p_i(x; sigma) up to a constant per sample: what the mixture's posterior weights need.
 Its sigma is log-uniform over the sampler's whole range, not EDM's log-normal training law: the mixture asks it
-for weights at every sampler step, and under the log-normal a tenth of the likelihood ODE's steps (those below
+for weights at every sampler step, and under the log-normal 7% of the likelihood ODE's steps (those below
 sigma 0.01) would fall where it had hardly seen a sample.
 """
 import math
@@ -83,13 +83,13 @@ def calibration(router: nn.Module, batches, sigma_min: float, sigma_max: float, 
     low, high = math.log(sigma_min), math.log(sigma_max)
     log_sigmas, losses, tops, hits = [], [], [], []
     for index, (x0, labels) in enumerate(batches):
-        draws = generator(seed, index, device=x0.device)
+        draws = generator(seed, index)  # on the CPU: the same draws whatever device the router is on
         log_sigma = low + (high - low) * torch.rand(x0.shape[0], generator=draws, device=draws.device)
-        sigma = log_sigma.exp()
+        sigma = log_sigma.exp().to(x0.device)
         log_q = torch.log_softmax(router(x0 + sigma[:, None, None, None] * normal(x0.shape, draws, x0.device),
                                          sigma).double(), dim=1)
         top, guess = log_q.exp().max(dim=1)
-        log_sigmas.append(log_sigma.cpu())
+        log_sigmas.append(log_sigma)
         losses.append(-log_q.gather(1, labels[:, None]).squeeze(1).cpu())
         tops.append(top.cpu())
         hits.append((guess == labels).double().cpu())
