@@ -11,7 +11,7 @@ cancels. Each gives a two-sided p-value, and a family's p-values are adjusted by
 otherwise "indistinguishable" (which says these sample sizes cannot tell the two apart, not that they are equal).
 """
 from evaluation.intervals import paired_difference, paired_rounds_interval
-from evaluation.labels import BASELINES, FUSED, FUSED_MIXTURE, FUSED_UNIFORM
+from evaluation.labels import BASELINES, FUSED, FUSED_HYBRID, FUSED_MIXTURE, FUSED_UNIFORM
 from evaluation.significance import holm_adjusted, normal_p
 
 BETTER, WORSE, INDISTINGUISHABLE = "better", "worse", "indistinguishable"
@@ -61,11 +61,13 @@ def tests_in(family: list[dict]) -> dict[str, int]:
 def comparisons(models: dict[str, dict], barycenter: str, best_auxiliary: str | None) -> list[dict]:
     """The measurements' comparisons of the entries `models` (by label, in report order), one family: every
     fused model against every baseline, then against the controls (`best_auxiliary` and fused-uniform), then
-    fused-mixture against `barycenter` (fuse.method's fused model)."""
+    fused-mixture against `barycenter` (fuse.method's fused model), and fused-hybrid against both."""
     against = [b for b in (*BASELINES, best_auxiliary, FUSED_UNIFORM) if b in models]
     pairs = [(fused, other) for fused in models if fused in FUSED for other in against]
     if FUSED_MIXTURE in models and barycenter in models:
         pairs.append((FUSED_MIXTURE, barycenter))
+        if FUSED_HYBRID in models:  # the ablation against both of its parts
+            pairs += [(FUSED_HYBRID, FUSED_MIXTURE), (FUSED_HYBRID, barycenter)]
     return decide([{"model": a, "against": b, **difference(models[a], models[b])} for a, b in pairs])
 
 

@@ -4,6 +4,7 @@
     aux/<name>                         an auxiliary (auxiliary(name))
     fused-exact, fused-sgd             ScoreFusion's barycenter, lambda by the exact and the paper's SGD fit
     fused-mixture                      mixture fusion (trainer/mixture.py)
+    fused-hybrid                       an ablation: the mixture's weights above fuse.hybrid_sigma, lambda below
     fused-uniform                      a control: the barycenter with lambda = 1/K, plain ensembling of the
                                        auxiliaries' denoisers (with the best single auxiliary, the other control)
     target-scratch, target-finetune,   the baselines fusion is compared with
@@ -36,3 +37,4 @@ def auxiliary(name: str) -> str:
 
 FUSED_EXACT, FUSED_SGD, FUSED_MIXTURE = FUSED = tuple(fused(fit) for fit in ("exact", "sgd", "mixture"))
 FUSED_UNIFORM = fused("uniform")
+FUSED_HYBRID = fused("hybrid")

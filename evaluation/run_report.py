@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.comparison import ALPHA
-from evaluation.labels import CHECKPOINT_MERGE, FUSED_MIXTURE, FUSED_UNIFORM, HALVES, TARGET_AS_SAMPLES
+from evaluation.labels import (CHECKPOINT_MERGE, FUSED_HYBRID, FUSED_MIXTURE, FUSED_UNIFORM, HALVES,
+                               TARGET_AS_SAMPLES)
 from evaluation.report import write_report
 from evaluation.verdict import verdict
 
@@ -150,6 +151,12 @@ def notes(measurements: dict) -> list[str]:
                      "calibration error (10 bins of its top posterior: the bins' share of the images times "
                      "|accuracy - mean top posterior|, 0 when its posteriors can be taken at their word). The mixture "
                      "uses its posteriors at every sampler step; on its training images, overfitting does not show.")
+    if FUSED_HYBRID in measurements["models"]:
+        lines.append(f"{FUSED_HYBRID}: an ablation of the two rules, {FUSED_MIXTURE}'s weights at sigma at or above "
+                     "fuse.hybrid_sigma and the barycenter's lambda below it (its weights: pi, then lambda). The "
+                     "comparisons table tests it against both: where it beats the barycenter, the mixture's choice "
+                     "of population at large sigma matters; where it beats the mixture, lambda's averaging at small "
+                     "sigma does.")
     if floor_tv is not None:
         lines.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
                      f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "
@@ -160,7 +167,9 @@ def notes(measurements: dict) -> list[str]:
     lines.append(f"kept kimg: target-scratch and target-finetune train on {1 - s['validation_share']:.0%} of the "
                  f"target images and keep the EMA weights with the lowest denoising loss on the other "
                  f"{s['validation_share']:.0%} (measured at the start, periodically and at the end): the kimg of those "
-                 "weights (0: the starting weights, for a fine-tune the auxiliary itself)."
+                 "weights (0: the starting weights, for a fine-tune the auxiliary itself). The SGD fit of lambda "
+                 "(fused-sgd) trains on the same part and keeps the lambda with the lowest loss on the same held-out "
+                 "images, measured every epoch."
                  if s["validation_share"] else
                  "target-scratch and target-finetune train on all the target images for a fixed length and keep the "
                  "last EMA weights (fuse.validation_share=0): they may be over-trained.")

@@ -34,6 +34,7 @@ class Stream(IntEnum):
     VALIDATION = 17   # which target images the baselines hold out for early stopping
     REPLICATE = 18    # the seed of the sweep's replicate r > 0 of the target draw, from data.target.seed
     ROUTER_CHECK = 19  # the (sigma, noise) draws of the router's calibration check, per batch
+    VALIDATION_GRAM = 20  # the (sigma, noise) draws of the held-out target images' Gram statistics, per batch
 
 
 def seed_of(*words: int) -> int:

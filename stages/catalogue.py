@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +28,7 @@ from stages.config import RunConfig
 from trainer.edm import heun_sample, sigma_bounds
 from trainer.export import DENOISER_FILES, GENERATOR_FILES, ROUTER_FILES, has_denoiser, load_denoiser
 from trainer.fused_denoiser import FusedDenoiser
-from trainer.mixture import MixtureDenoiser
+from trainer.mixture import HybridDenoiser, MixtureDenoiser
 from trainer.precision import with_autocast
 from shards.pixels import to_uint8
 from trainer.router import Router, load_router
@@ -63,8 +64,10 @@ class Model:
         return (2 * cfg.edm.sampler_steps - 1) * getattr(network, "networks_per_call", 1)
 
     def fingerprint(self) -> str:
-        """A hash of the weights and of what combines them (lambda): the evaluation cache's key."""
-        return sha256_text(repr([self.label, [sha256_file(f) for f in self.files], self.facts.get("weights")]))
+        """A hash of the weights and of what combines them (lambda, pi, the hybrid's sigma*): the evaluation
+        cache's key."""
+        return sha256_text(repr([self.label, [sha256_file(f) for f in self.files], self.facts.get("weights"),
+                                 *([self.facts["sigma_star"]] if "sigma_star" in self.facts else [])]))
 
 
 # ---- what a finished fuse stage holds ------------------------------------------------------------------------
@@ -147,6 +150,15 @@ def mixture_model(cfg: RunConfig, mixture: dict, auxiliaries: dict, router: Rout
                            skip=cfg.fuse.mixture_skip)
 
 
+def hybrid_model(cfg: RunConfig, fit: dict, mixture: dict, auxiliaries: dict, router: Router) -> HybridDenoiser:
+    """The hybrid of the two fused models: the mixture's weights above fuse.hybrid_sigma, fuse.method's lambda
+    below."""
+    return HybridDenoiser([auxiliaries[n] for n in mixture["names"]], router, mixture[mixture["weights"]]["pi"],
+                          fit[fit["method"]]["lambda"], cfg.fuse.hybrid_sigma, mixture["priors"],
+                          sigma_edges=fit["sigma_edges"], names=mixture["names"], batched=cfg.fuse.batched,
+                          skip=cfg.fuse.mixture_skip)
+
+
 def load_mixture(cfg: RunConfig) -> dict:
     path = RunDir.of(cfg).mixture_file
     if not path.is_file():
@@ -191,7 +203,8 @@ def finished_models(cfg: RunConfig) -> list[Model]:
             if which not in fit:  # a fit written before the uniform control existed
                 continue
             facts = {"minutes": fit[which]["seconds"] / 60, "weights": fit[which]["lambda"],
-                     "fit gap %": fit[which].get("gap_percent", 0.0)}
+                     "fit gap %": fit[which].get("gap_percent", 0.0),
+                     **({"early_stopping": fit[which]["early_stopping"]} if "early_stopping" in fit[which] else {})}
             models.append(Model(labels.fused(which), description, partial(fused, which), aux_files, facts=facts))
         if run.mixture_file.is_file():
             mixture = load_mixture(cfg)
@@ -206,6 +219,17 @@ def finished_models(cfg: RunConfig) -> list[Model]:
             models.append(Model(labels.FUSED_MIXTURE, f"mixture fusion, pi by EM on the {mixture['weights']} "
                                 f"(router posteriors or the auxiliaries' likelihoods){on_samples}", mixed,
                                 aux_files + _files(run.router, ROUTER_FILES), facts=facts))
+            if cfg.fuse.hybrid_sigma is not None and mixture["names"] == fit["names"]:
+                lam = fit[fit["method"]]["lambda"]  # weights: pi above sigma*, then lambda's rows
+
+                def hybrid():
+                    return hybrid_model(cfg, fit, mixture, auxiliaries(), load_router(run.router)).eval()
+                models.append(Model(labels.FUSED_HYBRID, f"ablation: {labels.FUSED_MIXTURE}'s weights at sigma >= "
+                                    f"{cfg.fuse.hybrid_sigma:g}, {labels.fused(fit['method'])}'s lambda below",
+                                    hybrid, aux_files + _files(run.router, ROUTER_FILES),
+                                    facts={"minutes": facts["minutes"] + fit[fit["method"]]["seconds"] / 60,
+                                           "weights": [facts["weights"], *np.atleast_2d(lam).tolist()],
+                                           "sigma_star": cfg.fuse.hybrid_sigma}))
     for name, description in ((labels.TARGET_SCRATCH, "trained on the n target images alone"),
                               (labels.TARGET_FINETUNE, "the best auxiliary fine-tuned on the n target images"),
                               (labels.CHECKPOINT_MERGE, "auxiliary weights averaged with lambda")):

@@ -6,6 +6,10 @@ held-out part every fuse.validation_every_kimg (and at the start and the end), a
 held-out loss are the ones exported. The starting weights are measured too, so a fine-tune never ends worse,
 on that loss, than the auxiliary it started from.
 
+The SGD fit of lambda (stages/fuse.py) is selected on the same held-out images: it trains on the training
+part, and its lambda with the lowest held-out loss is kept (BestLambda). The loss is quadratic in lambda, so the
+held-out images' Gram statistics, computed once, give it exactly at every step for free.
+
 The split: a permutation of the n images seeded by (train.seed, Stream.VALIDATION); its first
 round(share x n) images (at least 1, at most n - 1) are held out, by index in the target population. The
 training part is written once as shards (RunDir.validation_split) that the baselines' streams read like any
@@ -29,6 +33,7 @@ from stages.context import StageContext
 from stages.rundir import BEST, RunDir
 from trainer.engine import Hook
 from trainer.export import export_denoiser, load_denoiser
+from trainer.lambda_fit import GramStats
 
 TRAINING_PART = "target-training"  # the training part's population name in the split's data directory
 
@@ -132,3 +137,36 @@ class BestWeights:
             return {}
         return {"early_stopping": {**self.best, "held_out_images": len(self.split.indices),
                                    "training_images": self.split.training}}
+
+
+class BestLambda:
+    """The SGD fit's lambda with the lowest loss on the held-out target images, `held_out` their GramStats (the
+    same on every rank), measured at the start, every `every_kimg` and at the end, and kept in
+    RunDir.best_weights(stage)/BEST beside the kimg and step, so that a resumed fit goes on comparing with it (a
+    tie keeps the earlier). Every rank measures; the main process writes."""
+
+    def __init__(self, ctx: StageContext, stage_dir: Path, held_out: GramStats, split: TargetSplit):
+        self.ctx, self.held_out, self.split = ctx, held_out, split
+        self.path = RunDir.best_weights(stage_dir) / BEST
+        self.best = json.loads(self.path.read_text()) if self.path.is_file() else None
+
+    def offer(self, lam: torch.Tensor, kimg: float, step: int) -> float:
+        loss = float(self.held_out.loss(lam.detach().double().cpu()))
+        if self.best is None or loss < self.best["loss"]:
+            self.best = {"kimg": kimg, "step": step, "loss": loss, "lambda": lam.detach().double().cpu().tolist()}
+            if self.ctx.acc.is_main_process:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(self.path, (json.dumps(self.best) + "\n").encode())
+        return loss
+
+    def hook(self, every_kimg: float, module: str = "weights") -> Hook:
+        def measure(engine):
+            return {"validation_loss": self.offer(engine.unwrap(module).weights(), engine.kimg, engine.step)}
+        return Hook(every_kimg, measure)
+
+    def lam(self) -> torch.Tensor:
+        return torch.tensor(self.best["lambda"], dtype=torch.float64)
+
+    def summary(self) -> dict:
+        return {"early_stopping": {**{k: self.best[k] for k in ("kimg", "step", "loss")},
+                                   "held_out_images": len(self.split.indices), "training_images": self.split.training}}

@@ -6,7 +6,8 @@ Two fits, on the same target images and the same loss (docs/METHODS.md §1):
   A_ij = E[w <D_i, D_j>], b_i = E[w <D_i, x0>] (summed over ranks), then the quadratic program on the
   simplex is solved exactly, per sigma bin (trainer/lambda_fit.py). No backpropagation through any network.
 - sgd (the paper's): lambda = softmax(logits) trained by SGD with momentum through the training engine, so it
-  checkpoints and resumes like every other stage.
+  checkpoints and resumes like every other stage; with fuse.validation_share > 0 on the baselines' training part,
+  its lambda selected on their held-out part (stages/early_stopping.py).
 Both are written to fuse/lambda.json; fuse.method says which one is *the* fused model. Each fit is judged on
 the same Gram statistics, so their losses compare exactly; so is the uniform lambda = 1/K, the control
 "fused-uniform" (plain ensembling, fitted to nothing).
@@ -54,7 +55,7 @@ from stages.rundir import MIXTURE_GRID, engine_paths, finished_info, mark_finish
 from shards.seeds import Stream, generator, per_image_normal, seed_of
 from trainer.spec import BASELINES
 from stages.context import StageContext
-from stages.early_stopping import TRAINING_PART, BestWeights, split_target
+from stages.early_stopping import TRAINING_PART, BestLambda, BestWeights, split_target
 from stages.train_aux import model_meta, train_denoiser
 
 # ---- the fits -----------------------------------------------------------------------------------------------
@@ -65,6 +66,14 @@ def target_batches(batches, seed: int):
     not depend on the world size."""
     for index, images, *_ in batches:
         yield to_unit(images), generator(seed, Stream.GRAM, index)
+
+
+def held_out_batches(images: torch.Tensor, batch: int, seed: int, rank: int, world: int, device):
+    """(x0 on `device`, generator) pairs of the held-out target images (uint8): batch i on rank i mod world,
+    its draws seeded by i, so that the statistics do not depend on the world size."""
+    for index, chunk in enumerate(images.split(batch)):
+        if index % world == rank:
+            yield to_unit(chunk).to(device), generator(seed, Stream.VALIDATION_GRAM, index)
 
 
 def fit_lambda(ctx: StageContext, fused: FusedDenoiser, n: int) -> dict:
@@ -89,25 +98,42 @@ def fit_lambda(ctx: StageContext, fused: FusedDenoiser, n: int) -> dict:
     ctx.log(f"fuse (exact, {fuse.objective} objective): lambda {_fmt(exact['lambda'])}, loss "
             f"{exact['report']['loss']:.5f} in {exact_seconds:.1f} s ({fuse.draws_per_image} draws x {n} images)")
 
-    # one epoch = one pass over the n target images; no accumulation: a micro-batch per rank per step
-    spec = replace(ctx.short_run(fuse.batch, fuse.sgd_lr, fuse.sgd_epochs * n / 1000), accum=1)
+    # The paper's SGD fit. With a validation split (fuse.validation_share) it trains on the baselines' training
+    # part and keeps the lambda with the lowest loss on the held-out part, measured every epoch
+    # (stages/early_stopping.py BestLambda), as the paper selects its checkpoint; the exact fit, K numbers from a
+    # convex problem, uses all n. One epoch = one pass over the images it trains on; no accumulation.
+    split = split_target(ctx)
+    population, data_dir, trained_on = (cfg.data.target.name, None, n) if split is None else \
+        (TRAINING_PART, split.data_dir, split.training)
+    spec = replace(ctx.short_run(fuse.batch, fuse.sgd_lr, fuse.sgd_epochs * trained_on / 1000), accum=1)
     modules, optimizers, updates = sgd_fit_parts(fused, objective, sigma_edges=edges, momentum=fuse.sgd_momentum,
                                                  autocast_dtype=autocast,
                                                  init=generator(cfg.train.seed, Stream.LAMBDA_INIT))
+    keep = None
+    if split is not None:
+        held_out = accumulate_gram(fused, held_out_batches(split.images, fuse.batch, cfg.train.seed, rank, world,
+                                                           ctx.device),
+                                   fuse.draws_per_image, objective, sigma_edges=edges, autocast_dtype=autocast,
+                                   reduce=(lambda t: acc.reduce(t, "sum")) if world > 1 else None)
+        keep = BestLambda(ctx, ctx.run.sgd_fit, held_out, split)
+        if keep.best is None:  # the starting lambda is the first candidate (unless a resumed fit kept one)
+            keep.offer(modules["weights"].weights(), 0.0, 0)
     micro = fuse.batch // world
 
     def target_stream(start_batch):
-        return ctx.training_images(cfg.data.target.name, micro, cfg.train.seed, start_batch)
+        return ctx.training_images(population, micro, cfg.train.seed, start_batch, data_dir=data_dir)
 
     torch.manual_seed(seed_of(cfg.train.seed, Stream.LAMBDA_SGD, rank))  # its draws: per rank, saved in its checkpoints
     engine = Engine(acc, spec, engine_paths(ctx.run.sgd_fit), modules=modules, optimizers=optimizers, updates=updates,
-                    batches=target_stream, log=ctx.log, trackers=ctx.trackers(ctx.run.sgd_fit))
+                    batches=target_stream, log=ctx.log, trackers=ctx.trackers(ctx.run.sgd_fit),
+                    hooks=() if keep is None else (keep.hook(trained_on / 1000),))
     engine.run()
-    ctx.finish(ctx.run.sgd_fit, engine.summary())
-    sgd_lam = engine.unwrap("weights").weights().detach().double().cpu()
+    selection = {} if keep is None else keep.summary()
+    ctx.finish(ctx.run.sgd_fit, {**engine.summary(), **selection})
+    sgd_lam = engine.unwrap("weights").weights().detach().double().cpu() if keep is None else keep.lam()
     sgd_loss, exact_loss = float(stats.loss(sgd_lam)), exact["report"]["loss"]
     sgd = {"lambda": sgd_lam.tolist(), "loss": sgd_loss, "seconds": engine.seconds, "steps": engine.step,
-           "epochs": fuse.sgd_epochs, "gap_percent": 100 * (sgd_loss - exact_loss) / abs(exact_loss)}
+           "epochs": fuse.sgd_epochs, "gap_percent": 100 * (sgd_loss - exact_loss) / abs(exact_loss), **selection}
     ctx.log(f"fuse (sgd): lambda {_fmt(sgd_lam)}, loss {sgd_loss:.5f} ({sgd['gap_percent']:+.3f}% from the exact "
             f"optimum) in {engine.seconds:.1f} s")
     # The uniform control, lambda = 1/K: plain ensembling, which lowers the error by convexity whatever the target

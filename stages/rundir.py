@@ -42,7 +42,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # a stage's TensorBoard events (train.log_with)
 GRID = "samples.png"
 MIXTURE_GRID = "mixture-samples.png"  # the fuse stage's second grid: the mixture-fused model's samples
-BEST = "best.json"  # in a baseline's best/: the kimg, step and held-out loss of the weights beside it
+BEST = "best.json"  # in best/: the kimg, step and held-out loss of the weights beside it (or of lambda)
 
 
 def _file_name(label: str) -> str:
@@ -168,7 +168,8 @@ class RunDir:
 
     @staticmethod
     def best_weights(stage_dir: Path) -> Path:
-        """A baseline's lowest held-out loss so far: its EMA weights, model.json and best.json."""
+        """A baseline's lowest held-out loss so far (its EMA weights, model.json and best.json), or the SGD fit's
+        (best.json with its lambda)."""
         return Path(stage_dir) / "best"
 
     @property

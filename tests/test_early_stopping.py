@@ -1,7 +1,8 @@
 """Early stopping of the target-only baselines (stages/early_stopping.py) on a fake run (tests/test_distill.py's:
 16 random 16x16 target images, three untrained tiny auxiliaries): a seeded split written once, the weights with
 the lowest held-out loss kept across a restart, and a fine-tune that keeps the lowest of every loss it measured,
-its start included, so it cannot end worse than the auxiliary it started from."""
+its start included, so it cannot end worse than the auxiliary it started from; and the SGD fit of lambda, which
+trains on the same training part and keeps the lambda with the lowest held-out loss."""
 import json
 
 import torch
@@ -14,6 +15,8 @@ from stages.catalogue import load_auxiliaries, load_fit
 from stages.config import load_config
 from stages.context import StageContext
 from stages.early_stopping import TRAINING_PART, BestWeights, split_target
+from trainer.fused_denoiser import FusedDenoiser
+from trainer.lambda_fit import accumulate_gram, objective_of
 from stages.rundir import RunDir, finished_info
 from stages.train_aux import model_meta
 from tests.conftest import DIGITS
@@ -89,3 +92,28 @@ def test_a_fine_tune_keeps_the_lowest_loss_it_measured_never_worse_than_its_star
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), best.state_dict().values()))
     assert float(held_out_loss(model, split.images, split.indices, 2, e.p_mean, e.p_std, e.sigma_data,
                                seed=cfg.train.seed).mean()) == kept["loss"]
+
+
+def test_the_sgd_fit_of_lambda_trains_on_the_training_part_and_keeps_the_lowest_held_out_loss(tmp_path):
+    """4 epochs of the 12 training images, 8 a step: 6 steps, measured at the first step past each epoch's end
+    (images 16, 24, 40, 48) and before the first. The held-out loss is the quadratic form of the held-out images' Gram statistics,
+    so the kept lambda's loss, recomputed from statistics gathered here, is the least of those measured."""
+    fake_run(tmp_path)
+    ctx = context(tmp_path, "fuse.batch=8", "fuse.sgd_epochs=4", "fuse.draws_per_image=2")
+    cfg = ctx.cfg
+    auxiliaries = load_auxiliaries(cfg)
+    uniform = FusedDenoiser(list(auxiliaries.values()), torch.full((3,), 1 / 3), names=list(auxiliaries))
+    fit = fuse.fit_lambda(ctx, uniform, 16)
+    kept = fit["sgd"]["early_stopping"]
+    assert (kept["held_out_images"], kept["training_images"], fit["sgd"]["steps"]) == (4, 12, 6)
+    rows = [json.loads(line) for line in (ctx.run.sgd_fit / "metrics.jsonl").read_text().splitlines()]
+    measured = {row["step"]: row["validation_loss"] for row in rows if "validation_loss" in row}
+    assert sorted(measured) == [2, 3, 5, 6]
+    best = json.loads((RunDir.best_weights(ctx.run.sgd_fit) / "best.json").read_text())
+    assert best["loss"] == kept["loss"] <= min(measured.values()) and fit["sgd"]["lambda"] == best["lambda"]
+    split = split_target(ctx)
+    objective = objective_of(cfg.fuse.objective, cfg.edm.p_mean, cfg.edm.p_std, cfg.edm.sigma_data)
+    held_out = accumulate_gram(uniform, fuse.held_out_batches(split.images, 8, cfg.train.seed, 0, 1, "cpu"), 2,
+                               objective)
+    assert float(held_out.loss(torch.tensor(best["lambda"], dtype=torch.float64))) == kept["loss"]
+    assert finished_info(ctx.run.sgd_fit)["early_stopping"] == kept

@@ -14,7 +14,7 @@ from shards.pixels import to_uint8, to_unit
 from trainer.edm import Denoiser
 from trainer.fused_denoiser import FusedDenoiser
 from trainer.gaussian import GaussianDenoiser, rotated_gaussian
-from trainer.mixture import MixtureDenoiser
+from trainer.mixture import HybridDenoiser, MixtureDenoiser
 from trainer.router import Router
 from trainer.unet import build_unet
 
@@ -218,14 +218,17 @@ def probes_and_images(batch: int = 2, probes: int = 3):
     return y, signs.float()
 
 
-@pytest.mark.parametrize("fusion", ["barycenter", "mixture"])
+@pytest.mark.parametrize("fusion", ["barycenter", "mixture", "hybrid"])
 def test_the_trace_taken_one_network_at_a_time_equals_the_joint_one(fusion):
     """A fused model's weighted_networks lets the trace be taken one network at a time; hiding it (a plain
     callable) differentiates the whole fused forward at once. Same probes: equal to float32 rounding. For the
     mixture the router's term, sum_k (v . D_k)(grad w_k . v), is part of it (0.1-0.3 nats here)."""
     models = tiny_unets(3)
-    model = FusedDenoiser(models, torch.tensor([0.5, 0.7, -0.2])) if fusion == "barycenter" else \
-        MixtureDenoiser(models, random_router(3), torch.tensor([0.5, 0.3, 0.2]))
+    lam, pi = torch.tensor([0.5, 0.7, -0.2]), torch.tensor([0.5, 0.3, 0.2])
+    model = {"barycenter": lambda: FusedDenoiser(models, lam),
+             "mixture": lambda: MixtureDenoiser(models, random_router(3), pi),
+             # the 2-step ODE's sigmas, 80, 1.1 and 0.002, fall on both sides of sigma_star
+             "hybrid": lambda: HybridDenoiser(models, random_router(3), pi, lam, sigma_star=1.0)}[fusion]()
     y, probes = probes_and_images()
     with torch.no_grad():
         split = log_likelihood(model, y, probes, steps=2)

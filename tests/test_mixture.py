@@ -11,7 +11,8 @@ from torch import nn
 from stages.rundir import engine_paths
 from trainer.engine import Engine, Update, adam
 from trainer.gaussian import GaussianDenoiser
-from trainer.mixture import MixtureDenoiser, em_mixture_weights
+from trainer.fused_denoiser import FusedDenoiser
+from trainer.mixture import HybridDenoiser, MixtureDenoiser, em_mixture_weights
 from trainer.router import Router, calibration, log_density_ratios, router_loss
 from trainer.spec import TrainSpec
 
@@ -97,6 +98,36 @@ def test_skipping_a_network_the_posterior_excludes_changes_almost_nothing():
         skipped = skipping(x, torch.full((8,), 0.01))
         assert [d.calls for d in denoisers] == [1, 0, 0]
         torch.testing.assert_close(skipped, exact(x, torch.full((8,), 0.01)), rtol=0, atol=1e-6)
+
+
+class CountingRouter(GaussianRouter):
+    calls = 0
+
+    def forward(self, x, sigma):
+        self.calls += 1
+        return super().forward(x, sigma)
+
+
+def test_the_hybrid_is_the_mixture_at_and_above_sigma_star_and_the_barycenter_below():
+    """Per sample, in one call that mixes both sides; a call wholly below sigma_star does not run the router.
+    lambda is zero for network 2 and pi is not: the hybrid runs it where the mixture's weights use it."""
+    mus = means()
+    lam = torch.tensor([0.7, 0.3, 0.0])
+    denoisers = [CountingDenoiser(mu) for mu in mus]
+    router = CountingRouter(mus)
+    hybrid = HybridDenoiser(denoisers, router, PI, lam, sigma_star=0.5)
+    mixture, barycenter = MixtureDenoiser(denoisers, GaussianRouter(mus), PI), FusedDenoiser(denoisers, lam)
+    x, sigma = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(2)), torch.tensor([0.01, 0.3, 0.5, 40.0])
+    with torch.no_grad():
+        got = hybrid(x, sigma)
+        torch.testing.assert_close(got[:2], barycenter(x[:2], sigma[:2]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[2:], mixture(x[2:], sigma[2:]), rtol=0, atol=1e-6)
+        assert router.calls == 1
+        for d in denoisers:
+            d.calls = 0
+        below = hybrid(x, torch.full((4,), 0.3))
+        assert router.calls == 1 and [d.calls for d in denoisers] == [1, 1, 0]  # lambda's networks alone
+        assert torch.equal(below, barycenter(x, torch.full((4,), 0.3)))
 
 
 def gaussian_mixture_samples(mus, pi, count, seed):

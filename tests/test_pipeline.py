@@ -27,7 +27,7 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
     report = json.loads((finished / "report.json").read_text())
     rows = {row["model"]: row for section in report["sections"] for row in section.get("rows", []) if "model" in row}
     assert set(rows) == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused-exact", "fused-sgd", "fused-mixture",
-                         "fused-uniform", "target-scratch",
+                         "fused-hybrid", "fused-uniform", "target-scratch",
                          "target-finetune", "checkpoint-merge", "distill", "real: held-out half vs half",
                          "real: target images as samples"}
     assert all(rows[m]["NLL bits/dim"] for m in rows if m != "distill" and not m.startswith("real"))

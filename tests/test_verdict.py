@@ -90,6 +90,10 @@ def test_comparisons_pair_each_fused_model_with_each_baseline_and_control_then_t
         (fused, against) for fused in ("fused-exact", "fused-mixture")
         for against in ("target-scratch", "target-finetune", "aux/b", "fused-uniform")] + [
         ("fused-mixture", "fused-exact")]
+    hybrid = measurements({**made["models"], "fused-hybrid": model(plus(FUSED, [0.1] * 4))}, best_auxiliary="aux/b")
+    assert [(c["model"], c["against"]) for c in hybrid["comparisons"]][-3:] == [
+        ("fused-mixture", "fused-exact"), ("fused-hybrid", "fused-mixture"), ("fused-hybrid", "fused-exact")]
+    assert len(hybrid["comparisons"]) == len(made["comparisons"]) + 2  # an ablation: no baseline pairs of its own
     models = made["models"]
     scratch = difference(models["fused-exact"], models["target-scratch"])
     assert abs(scratch["nll_difference"]["mean"] + 1.0) < 1e-12 and scratch["fd_difference"]["value"] == -10

@@ -54,7 +54,7 @@ class MixtureDenoiser(nn.Module):
         priors `priors` (rho; uniform when the router saw the populations equally often).
     skip: networks whose weight is below it for every sample of a call are not run, and the others' weights
         renormalised (the cost then approaches one network where the posterior is sure, small sigma); 0 runs
-        all K always. With pi = e_j every other weight is exactly 0, so only network j runs and the output is
+        every network whose weight is not exactly 0 (all K, unless a posterior underflows). With pi = e_j every other weight is exactly 0, so only network j runs and the output is
         D_j's bit for bit.
     The auxiliaries are held by a FusedDenoiser (its batched vmapped path and error messages); its own lambda
     plays no part.
@@ -96,7 +96,7 @@ class MixtureDenoiser(nn.Module):
         """w [B, K], float64: the posterior of each population for each sample."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         logits = self.router(x.to(torch.float32), sigma).to(torch.float64)
-        logits = torch.where(self.active, logits + self.log_prior_ratio, -math.inf)
+        logits = torch.where(self.pi > 0, logits + self.log_prior_ratio, -math.inf)
         return torch.softmax(logits, dim=1)
 
     def weighted_networks(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, list[Callable]]:
@@ -121,7 +121,34 @@ class MixtureDenoiser(nn.Module):
         """The networks that run (pi > 0, and with skip a weight above it for some sample), and their weights
         renormalised over them, float64 [B, n]."""
         w = self.weights(x, sigma)
-        run = (w >= self.skip).any(dim=0) & self.active if self.skip > 0 else self.active
+        run = ((w >= self.skip) if self.skip > 0 else (w != 0)).any(dim=0) & self.active
         indices = run.nonzero().flatten().tolist()
         w = w[:, indices]
         return w / w.sum(dim=1, keepdim=True), indices
+
+
+class HybridDenoiser(MixtureDenoiser):
+    """The hybrid rule, an ablation of the two (docs/METHODS.md §1b): over the same K networks, the mixture's
+    weights w(x, sigma) where sigma >= sigma_star and the barycenter's lambda(sigma) below it. At large sigma the
+    noised populations overlap and the sampler decides which population an image becomes, in the proportions pi
+    that a barycenter cannot express; at small sigma the population is settled, and lambda's average of the
+    networks denoises the details. sigma_star = 0 is the mixture, sigma_star = inf the barycenter.
+
+    lam, sigma_edges: the barycenter's weights, as trainer.fused_denoiser.FusedDenoiser takes them. A batch
+    wholly below sigma_star does not run the router."""
+
+    def __init__(self, denoisers: Sequence[nn.Module], router: nn.Module, pi, lam, sigma_star: float,
+                 priors=None, sigma_edges=None, names: Sequence[str] | None = None, batched: bool | None = None,
+                 skip: float = 0.0):
+        super().__init__(denoisers, router, pi, priors, names, batched, skip)
+        self.networks = FusedDenoiser(denoisers, lam, sigma_edges=sigma_edges, names=names, batched=batched)
+        self.active = self.active | (self.networks.weights != 0).any(dim=0)
+        self.sigma_star = float(sigma_star)
+
+    def weights(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        lam = self.networks.weights_for(sigma, x.shape[0]).to(x.device)
+        below = sigma < self.sigma_star
+        if below.all():
+            return lam
+        return torch.where(below[:, None], lam, super().weights(x, sigma))

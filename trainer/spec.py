@@ -99,6 +99,10 @@ class FuseSpec:
     nll_check: bool = True           # also fit pi by EM on each auxiliary's PF-ODE likelihood of the n images
     # a network whose weight is below it for a whole batch is not run (0: exact)
     mixture_skip: float = within("[0, 1)", 0.0)
+    # The hybrid rule, an ablation row "fused-hybrid" beside the two (trainer/mixture.py HybridDenoiser): the
+    # mixture's weights at sigma >= hybrid_sigma, the barycenter's lambda below; null: no such row. sigma_data:
+    # below it the noise is smaller than the images' own spread, and an image's population is settled.
+    hybrid_sigma: Optional[float] = positive(0.5)
     # The lambda fit's forward passes (Gram statistics and the SGD fit): no (float32, TF32 off) | bf16. It is
     # forward-only and cheap, and lambda is compared at 1e-3, so float32 unless measured otherwise.
     precision: str = choice("no", "bf16")
