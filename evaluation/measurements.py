@@ -51,6 +51,8 @@ An entry:
                          against the floor's second half (the floor's own fd there; null for fewer samples)
     kid                  {"mean", "std"} over subsets
     copy_share           share of samples that copy a target training image (the ratio test)
+    copy_share_of        the same against other images the model learnt from: {"aux": the auxiliaries' training
+                         images, "teacher": the distillation teacher's samples (the one-step generator's only)}
     nn_train             mean distance of a sample to its nearest training image, as an RMS pixel difference (0..255)
     nn_held_out          ... to the nearest of as many held-out images
     class_proportions    the classifier's class proportions of the samples
@@ -109,10 +111,12 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
           fd_at_floor_size: float | None = None, nfe: int | None = None,
           samples_per_second: float | None = None, fit_minutes: float | None = None, weights=None,
           fit_gap_percent: float | None = None, early_stopping: dict | None = None,
-          nll_labels: Sequence[int] | None = None, class_count: int | None = None) -> dict:
+          nll_labels: Sequence[int] | None = None, class_count: int | None = None,
+          copies_of: dict[str, float] | None = None) -> dict:
     """One model's or floor's entry from the raw results: fd an Interval (or the bare value without bootstrap
     rounds) and fd_rounds the rounds' values it was computed from, nll_labels the class of each NLL image (of
     class_count classes; None or negative labels: no per-class NLL), kid (mean, std), copies evaluation.memorisation's dict for images of `pixels` values each,
+    copies_of the copy share against other sets the model learnt from ({what they are: share}),
     nll and loss per held-out image, classes and reference_classes class proportions."""
     interval = fd if isinstance(fd, Interval) else Interval(fd, None, None)
     rms = pixels ** 0.5  # memorisation's distances are L2 over all pixels: per pixel they read on the 0..255 scale
@@ -129,6 +133,7 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
         "fd_at_floor_size": _float(fd_at_floor_size),
         "kid": {"mean": float(kid[0]), "std": float(kid[1])},
         "copy_share": float(copies["copy_share"]),
+        "copy_share_of": {name: float(share) for name, share in (copies_of or {}).items()},
         "nn_train": copies["train_distance"] / rms,
         "nn_held_out": copies["held_out_distance"] / rms,
         "class_proportions": None if classes is None else np.asarray(classes, dtype=float).tolist(),

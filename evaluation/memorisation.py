@@ -76,7 +76,7 @@ def memorisation(samples: torch.Tensor, train_images: torch.Tensor, held_out_ima
     _check_images("train_images (the copy test compares the nearest with the second nearest)", train_images, 2)
     first, second, nearest = nearest_neighbours(samples, train_images, device=device)
     held_out_first, _, _ = nearest_neighbours(samples, held_out_images, device=device)
-    ratio = torch.where(first == 0, 0.0, first / second)  # first > 0 implies second > 0
+    ratio = _ratio(first, second)
     return {
         "copy_share": float((ratio < threshold).double().mean()),
         "train_distance": float(first.mean()),
@@ -84,6 +84,18 @@ def memorisation(samples: torch.Tensor, train_images: torch.Tensor, held_out_ima
         "ratio": ratio,
         "nearest": nearest,
     }
+
+
+def copy_share(samples: torch.Tensor, images: torch.Tensor, threshold: float = 1 / 3, device="cpu") -> float:
+    """memorisation()'s copy share of `samples` against another set of `images` a model learnt from (the
+    auxiliaries' training images, the distillation teacher's fixed samples): the ratio test alone."""
+    _check_images("images (the copy test compares the nearest with the second nearest)", images, 2)
+    first, second, _ = nearest_neighbours(samples, images, device=device)
+    return float((_ratio(first, second) < threshold).double().mean())
+
+
+def _ratio(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    return torch.where(first == 0, 0.0, first / second)  # first > 0 implies second > 0
 
 
 def copies_figure(samples: torch.Tensor, train_images: torch.Tensor, result: dict, path: Path, count: int = 8,

@@ -62,7 +62,8 @@ def model_row(label: str, entry: dict, measurements: dict) -> dict:
            fd_column(measurements): {k: fd[k] for k in ("value", "low", "high")} if fd["low"] is not None else fd["value"],
            KID: dict(entry["kid"]),
            COPIES: round(100 * entry["copy_share"], 1), "NN train": round(entry["nn_train"], 2),
-           "NN held-out": round(entry["nn_held_out"], 2)}
+           "NN held-out": round(entry["nn_held_out"], 2),
+           **{f"copies {name} %": round(100 * share, 1) for name, share in entry.get("copy_share_of", {}).items()}}
     if entry["class_proportions"] is not None:
         row["class TV"] = round(entry["class_tv"], 3)
         row["class proportions"] = format_mixture(entry["class_proportions"])
@@ -131,7 +132,9 @@ def notes(measurements: dict) -> list[str]:
         f"copies: share of samples whose nearest target training image (pixel L2) is nearer than "
         f"{s['copy_threshold']:.2f} x the second nearest; NN train / NN held-out: mean distance of a sample to its "
         "nearest training image / to the nearest of as many held-out images, as a root-mean-square pixel difference "
-        f"(0..255). Pictures of each model's most-copied samples: {s['copies_figures']}/.",
+        f"(0..255). Pictures of each model's most-copied samples: {s['copies_figures']}/. copies aux %: the same "
+        "ratio test against the auxiliaries' training images (all trained auxiliaries' populations); copies "
+        "teacher %: the one-step generator's against its teacher's fixed samples.",
         f"floors: '{HALVES}' compares two halves of the held-out images (what real data scores at that size); "
         f"'{TARGET_AS_SAMPLES}' uses the n target images as samples (what copying them scores). The Fréchet "
         "distance's small-sample bias grows as the sets shrink, so a model's distance is also given at the halves' "

@@ -115,6 +115,13 @@ def _fusion(models: dict, family: list[dict]) -> list[str]:
 
 
 def _copying(models: dict, threshold: float) -> list[str]:
+    return _copying_target(models, threshold) + [
+        f"Copying of what a model learnt from besides the target: {label} ({100 * share:.0f}% of samples copy the "
+        f"{name} images)." for label, m in models.items() for name, share in m.get("copy_share_of", {}).items()
+        if share >= COPYING]
+
+
+def _copying_target(models: dict, threshold: float) -> list[str]:
     copying = [(label, m) for label, m in models.items() if m["copy_share"] >= COPYING]
     if copying:
         return ["Copying: " + "; ".join(

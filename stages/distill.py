@@ -32,12 +32,11 @@ from trainer.score_mismatch import (build_networks, check_shapes, d_step_loss, e
 from shards.seeds import Stream, generator, per_image_normal, seed_of
 from trainer.spec import DistillSpec, TrainSpec
 from stages.context import StageContext
-from stages.rundir import engine_paths
+from stages.rundir import TEACHER_POPULATION, engine_paths
 from trainer.router import load_router
 from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries, load_fit, load_mixture,
                               mixture_model, single_lambda, trained_auxiliaries)
 
-TEACHER_POPULATION = "teacher"
 TEACHER_CHUNK = 250      # teacher samples per chunk = per shard
 # Accelerate gives each DeepSpeed engine one model and one optimizer, and backward() steps the engine prepared
 # last; G and D would need two DeepSpeed plugins and R1's double backward through ZeRO's gradient hooks, neither

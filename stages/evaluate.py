@@ -40,21 +40,21 @@ from evaluation.classifier import class_proportions
 from evaluation.features import Ranks, frechet, metric_name
 from evaluation.comparison import comparisons
 from evaluation.intervals import bootstrap_interval, bootstrap_round, frechet_on, kernel_distance
-from evaluation.labels import HALVES, TARGET_AS_SAMPLES, auxiliary, fused
+from evaluation.labels import DISTILL, HALVES, TARGET_AS_SAMPLES, auxiliary, fused
 from evaluation.likelihood import nll_bits_per_dim
-from evaluation.memorisation import copies_figure, memorisation
+from evaluation.memorisation import copies_figure, copy_share, memorisation
 from evaluation.measurements import entry, read_measurements, total_variation, write_measurements
 from evaluation.run_report import write_run_report
 from evaluation.score_matching import held_out_loss
 from evaluation.spec import EvalSpec
-from shards.manifest import population_entry
+from shards.manifest import MANIFEST_NAME, population_entry
 from shards.stream import read_population
 from stages.catalogue import Model, best_auxiliary, finished_models, load_fit, load_mixture, sigma_limits
 from stages.config import RunConfig
 from shards.pixels import to_unit
 from shards.seeds import Stream, generator
 from stages.context import StageContext
-from stages.rundir import is_finished
+from stages.rundir import TEACHER_POPULATION, is_finished
 from trainer.edm import sigma_bounds
 
 ROLES = ["aux", "target", "reference"]
@@ -74,6 +74,8 @@ class Measured:
     facts: dict = field(default_factory=dict)
     reference: torch.Tensor | None = None  # features it is compared with (a floor's own other half) ...
     held_out: torch.Tensor | None = None   # ... and images that are held out from it
+    # other images it learnt from, checked for copies too (the ratio test): {what they are: uint8 images}
+    copy_sets: dict = field(default_factory=dict)
 
 
 def gather_by_index(ranks: Ranks, values: torch.Tensor, indices: torch.Tensor, total: int, device) -> torch.Tensor:
@@ -169,6 +171,8 @@ def run(cfg: RunConfig) -> dict:
     for model in finished_models(cfg):
         measured.append(measure(ctx, cache, model, reference, reference_hash))
         ctx.log(f"evaluate: measured {model.label}")
+    for m, sets in zip(measured, learnt_from(ctx, measured)):
+        m.copy_sets = sets
     # Reference features are collective (the main process computes, the others wait): every rank asks here.
     own = {m.facts["population"]: ctx.reference(m.facts["population"]) for m in measured if "population" in m.facts}
     domain = None
@@ -193,6 +197,22 @@ def run(cfg: RunConfig) -> dict:
         ctx.log(f"evaluate: measurements in {ctx.run.measurements}, report in {ctx.run.report}")
     ctx.acc.wait_for_everyone()
     return {"models": [m.label for m in measured]}
+
+
+def learnt_from(ctx: StageContext, measured: list[Measured]) -> list[dict]:
+    """For each model, the images besides the target's it learnt from, to be checked for copies: the auxiliaries'
+    training images (every trained auxiliary's population; a fused model learnt from all of them, and an
+    auxiliary's copies of its own population show here), and for the one-step generator its teacher's fixed
+    samples."""
+    cfg = ctx.cfg
+    trained = [a.name for a in cfg.data.aux if a.pretrained is None]
+    sets = {"aux": torch.cat([read_population(ctx.run.data, name, cfg.data.max_bad_samples)[0]
+                              for name in trained])} if trained else {}
+    teacher = ctx.run.teacher
+    if any(m.label == DISTILL for m in measured) and (teacher / MANIFEST_NAME).is_file():
+        return [{**sets, "teacher": read_population(teacher, TEACHER_POPULATION, cfg.data.max_bad_samples)[0]}
+                if m.label == DISTILL else sets for m in measured]
+    return [sets for _ in measured]
 
 
 def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_features: torch.Tensor,
@@ -243,6 +263,8 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
         tasks[m.label, "copies"] = partial(memorisation, m.images, target,
                                            held_out if m.held_out is None else m.held_out, ev.copy_threshold,
                                            device=device)
+        for name, images in m.copy_sets.items():
+            tasks[m.label, "copies of", name] = partial(copy_share, m.images, images, ev.copy_threshold, device=device)
         if classify is not None:
             tasks[m.label, "classes"] = partial(classify, m.images)
         if domain is not None:
@@ -258,6 +280,7 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
         stats[m.label] = {"fd": bootstrap_interval(value, draws) if draws else None, "fd value": value,
                           "fd rounds": draws or None,
                           "matched": value if m is floor else results.get((m.label, "matched")),
+                          "copies of": {name: results[m.label, "copies of", name] for name in m.copy_sets},
                           **{what: results.get((m.label, what)) for what in ("kid", "copies", "classes", "domain",
                                                                              "own")}}
     return stats, results.get(("reference", "classes")), max((seconds for _, seconds in done.values()), default=0.0)
@@ -317,7 +340,7 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
 def _entry(m: Measured, s: dict, reference_props, pixels: int, labels: torch.Tensor, class_count: int) -> dict:
     """One entry of the measurements: what measure() and report_statistics found of m."""
     return entry(m.description, fd=s["fd"] or s["fd value"], fd_rounds=s["fd rounds"], kid=s["kid"],
-                 copies=s["copies"], pixels=pixels,
+                 copies=s["copies"], copies_of=s["copies of"], pixels=pixels,
                  nll=m.nll, loss=m.loss, classes=s["classes"], reference_classes=reference_props,
                  fd_classifier=s["domain"], fd_own_population=s["own"], fd_at_floor_size=s["matched"], nfe=m.nfe,
                  samples_per_second=len(m.images) / m.seconds if m.seconds else None,

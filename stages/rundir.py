@@ -42,6 +42,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # a stage's TensorBoard events (train.log_with)
 GRID = "samples.png"
 MIXTURE_GRID = "mixture-samples.png"  # the fuse stage's second grid: the mixture-fused model's samples
+TEACHER_POPULATION = "teacher"  # the population name of the distillation teacher's samples (distill/teacher/)
 BEST = "best.json"  # in best/: the kimg, step and held-out loss of the weights beside it (or of lambda)
 
 

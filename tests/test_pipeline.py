@@ -32,6 +32,9 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
                          "real: target images as samples"}
     assert all(rows[m]["NLL bits/dim"] for m in rows if m != "distill" and not m.startswith("real"))
     assert rows["distill"]["NLL bits/dim"] is None and rows["real: target images as samples"]["copies %"] == 100
+    # copies of the auxiliaries' images for every model, of the teacher's samples for the one-step generator
+    assert all(0 <= rows[m]["copies aux %"] <= 100 for m in rows if not m.startswith("real"))
+    assert 0 <= rows["distill"]["copies teacher %"] <= 100 and "copies teacher %" not in rows["fused-exact"]
     assert all(rows[m]["fd_clf64 vs reference"]["low"] <= rows[m]["fd_clf64 vs reference"]["value"] <= rows[m]["fd_clf64 vs reference"]["high"] for m in rows)
     assert all(rows[m]["KID"]["std"] >= 0 for m in rows)
     md = (finished / "report.md").read_text()

@@ -73,8 +73,9 @@ def rows_and_sets():
 
     reference, target = images(30), images(8)
     reference_features = torch.randn(30, 6, generator=g)
-    rows = [Measured("aux/a", "a model", images(40), torch.randn(40, 6, generator=g) + 0.5,
-                     facts={"population": "a"}),
+    samples = images(40)
+    rows = [Measured("aux/a", "a model", samples, torch.randn(40, 6, generator=g) + 0.5,
+                     facts={"population": "a"}, copy_sets={"aux": torch.cat([images(20), samples[:10]])}),
             Measured("fused-exact", "another", torch.cat([target[:4], images(36)]), torch.randn(40, 6, generator=g)),
             Measured("real: halves", "a floor", reference[:15], reference_features[:15],
                      reference=reference_features[15:], held_out=reference[15:23])]
@@ -123,6 +124,7 @@ def test_report_statistics_are_the_same_on_one_and_two_ranks():
     assert_same(one["fused-exact"]["copies"], memorisation(rows[1].images, target, reference[:8]))
     assert one["fused-exact"]["copies"]["copy_share"] == 0.1  # 4 of its 40 samples are training images
     assert_same(floor["copies"], memorisation(rows[2].images, target, rows[2].held_out))
+    assert model["copies of"] == {"aux": 0.25} and one["fused-exact"]["copies of"] == {}  # 10 of 40 are aux images
     assert model["domain"] == frechet(rows[0].images.flatten(1).float(), reference.flatten(1).float())
 
 
