@@ -41,6 +41,8 @@ An entry:
                          without a denoiser, or with fewer than 2 images (no standard error)
     nll_by_class         the NLL's estimate over the held-out images of each class (in class_names' order; null
                          for a class with fewer than 2 of them), where the held-out images have labels; else null
+    nll_step_error       estimate of the NLL's discretisation error per image (the reported value minus the value
+                         extrapolated from eval.nll_doubling_images images at twice the steps); null when off
     loss                 estimate of the held-out denoising loss
     fd                   {"value", "low", "high", "rounds"}: the Fréchet distance, its 95% bootstrap interval and
                          the bootstrap rounds' values in round order, for paired differences (low, high and rounds
@@ -106,7 +108,8 @@ def estimate(values: torch.Tensor, per_image: bool = False) -> dict:
 
 
 def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], copies: dict, pixels: int,
-          fd_rounds: Sequence[float] | None = None, nll: torch.Tensor | None = None, loss: torch.Tensor | None = None, classes=None, reference_classes=None,
+          fd_rounds: Sequence[float] | None = None, nll: torch.Tensor | None = None,
+          nll_doubled: torch.Tensor | None = None, loss: torch.Tensor | None = None, classes=None, reference_classes=None,
           fd_classifier: float | None = None, fd_own_population: float | None = None,
           fd_at_floor_size: float | None = None, nfe: int | None = None,
           samples_per_second: float | None = None, fit_minutes: float | None = None, weights=None,
@@ -117,7 +120,8 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
     rounds) and fd_rounds the rounds' values it was computed from, nll_labels the class of each NLL image (of
     class_count classes; None or negative labels: no per-class NLL), kid (mean, std), copies evaluation.memorisation's dict for images of `pixels` values each,
     copies_of the copy share against other sets the model learnt from ({what they are: share}),
-    nll and loss per held-out image, classes and reference_classes class proportions."""
+    nll and loss per held-out image (nll_doubled: the first of them at twice the ODE steps), classes and
+    reference_classes class proportions."""
     interval = fd if isinstance(fd, Interval) else Interval(fd, None, None)
     rms = pixels ** 0.5  # memorisation's distances are L2 over all pixels: per pixel they read on the 0..255 scale
     return {
@@ -125,6 +129,7 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
         "nll": estimate(nll, per_image=True) if nll is not None and len(nll) > 1 else None,
         "nll_by_class": by_class(nll, nll_labels, class_count) if nll is not None and len(nll) > 1 and
         nll_labels is not None and min(nll_labels) >= 0 else None,
+        "nll_step_error": step_error(nll, nll_doubled) if nll_doubled is not None and len(nll_doubled) > 1 else None,
         "loss": estimate(loss) if loss is not None else None,
         "fd": {"value": float(interval.value), "low": _float(interval.low), "high": _float(interval.high),
                "rounds": None if fd_rounds is None else [float(r) for r in fd_rounds]},
@@ -145,6 +150,15 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
         "fit_gap_percent": _float(fit_gap_percent),
         "early_stopping": early_stopping,
     }
+
+
+def step_error(coarse, fine) -> dict:
+    """estimate() of the NLL's discretisation error per image, from the first len(fine) images at the reported
+    steps (coarse) and at twice as many (fine), with the same draws: Heun's error falls as steps^-2, so the
+    extrapolated value is fine + (fine - coarse) / 3, and the reported value exceeds it by 4/3 (coarse - fine)."""
+    fine = torch.as_tensor(fine, dtype=torch.float64).flatten()
+    coarse = torch.as_tensor(coarse, dtype=torch.float64).flatten()[:len(fine)]
+    return estimate(4 / 3 * (coarse - fine))
 
 
 def by_class(values, labels: Sequence[int], class_count: int) -> list[dict | None]:

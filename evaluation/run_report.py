@@ -58,7 +58,9 @@ def model_row(label: str, entry: dict, measurements: dict) -> dict:
     """The report's row of a model or floor: estimates as {"mean", "se"}, the Fréchet distance as
     {"value", "low", "high"} (its value alone without bootstrap rounds), the rest rounded to what it means."""
     settings, fd = measurements["settings"], entry["fd"]
-    row = {"model": label, NLL: _mean_se(entry["nll"]), LOSS: _mean_se(entry["loss"]),
+    row = {"model": label, NLL: _mean_se(entry["nll"]),
+           **({"NLL step error": _mean_se(entry["nll_step_error"])} if entry.get("nll_step_error") else {}),
+           LOSS: _mean_se(entry["loss"]),
            fd_column(measurements): {k: fd[k] for k in ("value", "low", "high")} if fd["low"] is not None else fd["value"],
            KID: dict(entry["kid"]),
            COPIES: round(100 * entry["copy_share"], 1), "NN train": round(entry["nn_train"], 2),
@@ -111,6 +113,11 @@ def notes(measurements: dict) -> list[str]:
         f"image, uniform dequantisation in bins of width 2/255 centred on the training values) on the first {s['nll_images']} held-out images `{s['held_out']}`, "
         "mean ± standard error over images; the same images and draws for every model, so differences are paired "
         "(the verdict's ± are paired standard errors).",
+        *([f"NLL step error: the first {min(s['nll_doubling_images'], s['nll_images'])} of those images again at "
+           f"{2 * s['nll_steps']} steps (the same draws); Heun's error falls as steps^-2, so the reported value "
+           "exceeds the extrapolated one by 4/3 x (its value - the doubled one's): mean ± standard error. Where "
+           "it differs between two models by as much as their NLL difference, raise eval.nll_steps."]
+          if s.get("nll_doubling_images") and s["nll_images"] else []),
         "Comparisons are paired tests: the NLL per held-out image (normal p-value of the mean difference), the "
         "Fréchet distance per bootstrap round (both models' distances in a round use the same reference resample "
         "and the same sample indices, whose samples share their latents: the difference's interval and its "

@@ -32,6 +32,9 @@ class EvalSpec:
     nll_images: int = zero_or_more(200, "off")  # held-out reference images it is measured on
     nll_steps: int = at_least(1, 64)  # Heun steps of the ODE (64: within ~0.01 bits/dim of the exact integral)
     nll_probes: int = zero_or_more(1, "exact trace")  # Rademacher probes of the Hutchinson trace estimator per image
+    # Step doubling: the first this many NLL images also at 2 x nll_steps (the same draws), for each model's
+    # discretisation error, extrapolated (Heun's error falls as steps^-2); 0: off.
+    nll_doubling_images: int = zero_or_more(16, "off")
     # Images per NLL batch (evaluate, and the likelihood check of fuse): autograd keeps one network's graph per
     # image, about 111 MiB for EDM's DDPM++ at 32x32 and 289 MiB at 64x64; 16 fits any GPU.
     nll_batch: int = positive(16)

@@ -68,6 +68,7 @@ class Measured:
     images: torch.Tensor                # uint8 samples
     features: torch.Tensor
     nll: torch.Tensor | None = None     # bits/dim per held-out image
+    nll_doubled: torch.Tensor | None = None  # ... of the first eval.nll_doubling_images of them, at twice the steps
     loss: torch.Tensor | None = None    # held-out denoising loss per image
     seconds: float | None = None        # sampling + feature extraction
     nfe: int | None = None
@@ -123,16 +124,25 @@ def measure(ctx: StageContext, cache: ResultCache, model: Model, reference: torc
         return measured
     rank, world = ctx.acc.process_index, ctx.acc.num_processes
     nll_indices = torch.arange(min(ev.nll_images, len(reference)))
-    mine = nll_indices[rank::world]
     if len(nll_indices):
         sigma_min, sigma_max = sigma_limits(cfg)  # one ODE for every model: within every pretrained one's range
         nll_key = {"model": weights, "images": reference_hash, "count": len(nll_indices), "steps": ev.nll_steps,
                    "probes": ev.nll_probes, "seed": cfg.train.seed, "sigma_min": sigma_min, "sigma_max": sigma_max,
                    "bins": "centred"}  # the dequantisation bins are part of what a cached value means
-        measured.nll = cache.get("nll", nll_key, lambda: {"bits_per_dim": gather_by_index(ctx.ranks, nll_bits_per_dim(
-            network, reference[mine], mine.tolist(), cfg.train.seed, steps=ev.nll_steps, probes=ev.nll_probes,
-            sigma_min=sigma_min, sigma_max=sigma_max, rho=e.rho, batch_size=ev.nll_batch, device=ctx.device),
-            mine, len(nll_indices), ctx.device)}, ctx.acc.is_main_process, ctx.acc.wait_for_everyone)["bits_per_dim"]
+
+        def nll(count: int, steps: int) -> torch.Tensor:
+            """bits/dim of the first `count` NLL images at `steps` ODE steps (each rank its share, gathered)."""
+            mine = nll_indices[:count][rank::world]
+            return cache.get("nll", {**nll_key, "count": count, "steps": steps}, lambda: {
+                "bits_per_dim": gather_by_index(ctx.ranks, nll_bits_per_dim(
+                    network, reference[mine], mine.tolist(), cfg.train.seed, steps=steps, probes=ev.nll_probes,
+                    sigma_min=sigma_min, sigma_max=sigma_max, rho=e.rho, batch_size=ev.nll_batch,
+                    device=ctx.device), mine, count, ctx.device)},
+                ctx.acc.is_main_process, ctx.acc.wait_for_everyone)["bits_per_dim"]
+        measured.nll = nll(len(nll_indices), ev.nll_steps)
+        doubled = min(ev.nll_doubling_images, len(nll_indices))
+        if doubled:
+            measured.nll_doubled = nll(doubled, 2 * ev.nll_steps)
     all_indices = torch.arange(len(reference))
     mine = all_indices[rank::world]
     loss_key = {"model": weights, "images": reference_hash, "draws": cfg.eval.test_draws_per_image,
@@ -311,7 +321,7 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
     best = auxiliary(best_auxiliary(load_fit(cfg))) if is_finished(ctx.run.fuse) else None
     floor_tv = (total_variation(reference_props, _mixture_vector(cfg.data.target.mixture, classes))
                 if reference_props is not None else None)
-    settings = {"held_out": cfg.data.reference.name, "nll_images": ev.nll_images, "nll_steps": ev.nll_steps,
+    settings = {"held_out": cfg.data.reference.name, "nll_images": ev.nll_images, "nll_steps": ev.nll_steps, "nll_doubling_images": ev.nll_doubling_images,
                 "nll_sigma": list(sigma_limits(cfg)),
                 "nll_probes": ev.nll_probes, "test_draws_per_image": cfg.eval.test_draws_per_image,
                 "num_samples": ev.num_samples, "extractor": ctx.features().extractor,
@@ -341,7 +351,7 @@ def _entry(m: Measured, s: dict, reference_props, pixels: int, labels: torch.Ten
     """One entry of the measurements: what measure() and report_statistics found of m."""
     return entry(m.description, fd=s["fd"] or s["fd value"], fd_rounds=s["fd rounds"], kid=s["kid"],
                  copies=s["copies"], copies_of=s["copies of"], pixels=pixels,
-                 nll=m.nll, loss=m.loss, classes=s["classes"], reference_classes=reference_props,
+                 nll=m.nll, nll_doubled=m.nll_doubled, loss=m.loss, classes=s["classes"], reference_classes=reference_props,
                  fd_classifier=s["domain"], fd_own_population=s["own"], fd_at_floor_size=s["matched"], nfe=m.nfe,
                  samples_per_second=len(m.images) / m.seconds if m.seconds else None,
                  fit_minutes=m.facts.get("minutes"), weights=m.facts.get("weights"),

@@ -31,6 +31,7 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
                          "target-finetune", "checkpoint-merge", "distill", "real: held-out half vs half",
                          "real: target images as samples"}
     assert all(rows[m]["NLL bits/dim"] for m in rows if m != "distill" and not m.startswith("real"))
+    assert all(rows[m]["NLL step error"]["se"] > 0 for m in rows if m != "distill" and not m.startswith("real"))
     assert rows["distill"]["NLL bits/dim"] is None and rows["real: target images as samples"]["copies %"] == 100
     # copies of the auxiliaries' images for every model, of the teacher's samples for the one-step generator
     assert all(0 <= rows[m]["copies aux %"] <= 100 for m in rows if not m.startswith("real"))
