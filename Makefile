@@ -33,12 +33,15 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/scorefuse run --config $(CONFIG)
 
+# Two pytest-xdist workers (the two cores of the machines CI and this project's budget are measured on): each
+# test and each process it starts runs torch on one thread; tests/conftest.py orders and groups the work.
+TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The quick local loop: the suite without the tests marked slow, resume, multiprocess or slurm.
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow and not resume and not multiprocess and not slurm"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not resume and not multiprocess and not slurm"
 
 # ScoreFusion's experiment on the digits: every method at the target sizes of sweep.sizes (after `make demo`,
 # whose auxiliaries it reuses; it trains them first otherwise).

@@ -58,9 +58,13 @@ def physical_gpu_ids(group: list[int], visible: str | None) -> list[str]:
 
 def thread_share(processes: int) -> dict:
     """OMP_NUM_THREADS for each of `processes` processes running at once: an equal share of the cores this
-    process may use (a SLURM allocation or taskset gives fewer than os.cpu_count()), at least 1."""
+    process may use (a SLURM allocation or taskset gives fewer than os.cpu_count()), at least 1, and no more
+    than an OMP_NUM_THREADS set for this process (by a user or a test runner sharing the cores with others:
+    OpenMP threads that outnumber the free cores spin on barriers, 4-10x slower)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {"OMP_NUM_THREADS": str(max(1, cores // processes))}
+    share = max(1, cores // processes)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    return {"OMP_NUM_THREADS": str(min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share)}
 
 
 def aux_commands(cfg: RunConfig, config_path: str, overrides: list[str],

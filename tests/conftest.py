@@ -14,6 +14,22 @@ import torch
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).parents[1]
+SHARED_RUN = ("finished_digits", "fuse_pending")  # the fixtures of the one finished pipeline run
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite on two pytest-xdist workers (--dist loadgroup), longest work first, so that
+    neither waits at the end: the tests of the shared finished run are one group on one worker (the other worker
+    never waits for the run to be built), then the slow tests, then the rest."""
+    for item in items:
+        if any(name in item.fixturenames for name in SHARED_RUN):
+            item.add_marker(pytest.mark.xdist_group("finished_digits"))
+
+    def order(item):
+        return (0 if any(name in item.fixturenames for name in SHARED_RUN) else
+                1 if item.get_closest_marker("slow") else 2)
+    items.sort(key=order)  # stable: file order within each class
+
 DIGITS = ROOT / "configs" / "digits.yaml"
 
 # A short aux run: 32 images per step, checkpoints every 20 steps, no periodic evaluation.
@@ -73,14 +89,27 @@ def digits_run(prepared_digits, tmp_path) -> Path:
     return dst
 
 
+def shared_directory(tmp_path_factory, name: str) -> Path:
+    """A directory every pytest-xdist worker of this run sees under one name (the run's base temporary
+    directory is per worker, its parent is the run's); without workers, the session's own."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
 @pytest.fixture(scope="session")
 def finished_digits(tmp_path_factory) -> tuple[Path, list[str], str]:
-    """A finished digits run of the fast pipeline (every stage and the report), built once: (its run
-    directory, the overrides that point at it, what the run printed on stderr). Tests must not change it."""
-    root = tmp_path_factory.mktemp("finished")
+    """A finished digits run of the fast pipeline (every stage and the report), built once per test run
+    (the first worker to ask builds it, the others wait for it): (its run directory, the overrides that
+    point at it, what the run printed on stderr). Tests must not change it."""
+    from filelock import FileLock
+    root = shared_directory(tmp_path_factory, "finished")
     overrides = [f"root={root}", *FAST]
-    proc = scorefuse("run", "--config", DIGITS, *overrides)
-    return root / "digits", overrides, proc.stderr
+    stderr = root / "run.stderr"
+    with FileLock(f"{root}.lock"):
+        if not stderr.exists():
+            proc = scorefuse("run", "--config", DIGITS, *overrides)
+            stderr.write_text(proc.stderr)
+    return root / "digits", overrides, stderr.read_text()
 
 
 @pytest.fixture

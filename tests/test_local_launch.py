@@ -47,12 +47,17 @@ def test_gpu_groups_index_the_visible_devices(group, visible, expected):
     assert physical_gpu_ids(group, visible) == expected
 
 
-def _commands(monkeypatch, gpus: int, *overrides):
-    """aux_commands for the digits config's 3 auxiliaries on `gpus` GPUs of a 16-core machine: (per model:
+def _commands(monkeypatch, gpus: int, *overrides, threads: str | None = None):
+    """aux_commands for the digits config's 3 auxiliaries on `gpus` GPUs of a 16-core machine, with
+    OMP_NUM_THREADS=`threads` set for scorefuse (None: unset): (per model:
     its launcher options as a dict and its OMP_NUM_THREADS), how many at once, the lines logged."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "8,9,10,11,12,13,14,15")
+    if threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
     cfg = load_config(DIGITS, list(overrides))
     lines = []
     jobs, parallel = aux_commands(cfg, str(DIGITS), list(overrides), log=lines.append)
@@ -86,6 +91,9 @@ def test_cpu_models_share_the_cores(monkeypatch):
     assert parallel == 2 and lines == [] and [threads for _, threads in launches] == ["8"] * 3
     launches, parallel, _ = _commands(monkeypatch, 0, "launch.aux_parallel=5")
     assert parallel == 3 and [threads for _, threads in launches] == ["5"] * 3
+    for asked, share in (("1", "1"), ("4", "4"), ("12", "8")):  # an OMP_NUM_THREADS set for scorefuse caps the share
+        launches, _, _ = _commands(monkeypatch, 0, "launch.aux_parallel=2", threads=asked)
+        assert [threads for _, threads in launches] == [share] * 3
 
 
 @pytest.mark.parametrize("variable, value, refused", [

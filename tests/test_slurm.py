@@ -16,7 +16,8 @@ from tests.conftest import DIGITS, FAST as PIPELINE_FAST, ROOT, SHORT_TRAIN, sco
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 from trainer.preemption import EXIT_PREEMPTED
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# One cluster per test run: its daemons and munge are the machine's, so these tests share one pytest-xdist worker.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 # conftest.FAST without the sample grids during training, and without the digits config's sweep
 FAST = [f for f in PIPELINE_FAST if f != "train.snapshot_every_kimg=0.32"] + ["sweep.sizes=[]"]
