@@ -184,14 +184,18 @@ def train_classifier(images: torch.Tensor, labels, class_names: Sequence[str], o
 
 
 @torch.no_grad()
+def class_indicators(model: Classifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The class the classifier assigns to each of `images` ([-1, 1], [B, 1|3, H, W]) as one-hot rows, float64
+    [B, classes] on the CPU: their mean is the class proportions, and resampling rows resamples images."""
+    device = next(model.parameters()).device
+    predicted = [model(model.prepare_input(batch.to(device))).argmax(1).cpu() for batch in images.split(batch_size)]
+    labels = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
+    return torch.nn.functional.one_hot(labels, model.classes).double()
+
+
 def class_proportions(model: Classifier, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """Fraction of `images` ([-1, 1], [B, 1|3, H, W]) the classifier assigns to each class: [classes], sums to 1."""
-    counts = torch.zeros(model.classes, dtype=torch.long)
-    device = next(model.parameters()).device
-    for batch in images.split(batch_size):
-        predicted = model(model.prepare_input(batch.to(device))).argmax(1)
-        counts += torch.bincount(predicted.cpu(), minlength=model.classes)
-    return (counts.double() / max(len(images), 1)).numpy()
+    return (class_indicators(model, images, batch_size).sum(0) / max(len(images), 1)).numpy()
 
 
 class ClassifierFeatureExtractor(FeatureExtractorBase):

@@ -6,7 +6,8 @@ The tests are paired. The NLL: the per-image difference, every model measured on
 draws (evaluation.intervals.paired_difference). The Fréchet distance: the difference of the two distances in
 each bootstrap round, both from the same reference resample and the same sample indices
 (evaluation.intervals.paired_rounds_interval); the reference's noise, most of each model's own interval,
-cancels. Each gives a two-sided p-value, and a family's p-values are adjusted by Holm's step-down
+cancels. The class TV (total variation of the classifier's class proportions to the held-out images'): the same,
+over the same rounds. Each gives a two-sided p-value, and a family's p-values are adjusted by Holm's step-down
 (evaluation/significance.py): a difference is "better" or "worse" when its adjusted p is at most ALPHA,
 otherwise "indistinguishable" (which says these sample sizes cannot tell the two apart, not that they are equal).
 """
@@ -16,31 +17,34 @@ from evaluation.significance import holm_adjusted, normal_p
 
 BETTER, WORSE, INDISTINGUISHABLE = "better", "worse", "indistinguishable"
 ALPHA = 0.05  # the family-wise error rate of every family of comparisons
-METRICS = ("nll", "fd")
+METRICS = ("nll", "fd", "tv")
 
 
 def difference(a: dict, b: dict) -> dict:
     """Entry a against entry b, undecided: {"nll_difference": {"mean", "se", "p"} of a - b, "fd_difference":
-    {"value", "low", "high", "se", "p"} of a's Fréchet distance - b's}, each None where a or b lacks the
-    measurement (no NLL; no bootstrap rounds)."""
-    result = {"nll_difference": None, "fd_difference": None}
+    {"value", "low", "high", "se", "p"} of a's Fréchet distance - b's, "tv_difference": the same of the class
+    TVs}, each None where a or b lacks the measurement (no NLL; no bootstrap rounds; no classifier)."""
+    result = {"nll_difference": None}
     if a["nll"] is not None and b["nll"] is not None:
         mean, se = paired_difference(a["nll"]["per_image"], b["nll"]["per_image"])
         result["nll_difference"] = {"mean": mean, "se": se, "p": normal_p(mean, se)}
-    fa, fb = a["fd"], b["fd"]
-    if fa["rounds"] is not None and fb["rounds"] is not None:
-        interval, se = paired_rounds_interval(fa["value"], fa["rounds"], fb["value"], fb["rounds"])
-        result["fd_difference"] = {"value": interval.value, "low": interval.low, "high": interval.high, "se": se,
-                                   "p": normal_p(interval.value, se)}
+    for metric, (value_a, rounds_a), (value_b, rounds_b) in (
+            ("fd", (a["fd"]["value"], a["fd"]["rounds"]), (b["fd"]["value"], b["fd"]["rounds"])),
+            ("tv", (a["class_tv"], a.get("class_tv_rounds")), (b["class_tv"], b.get("class_tv_rounds")))):
+        result[f"{metric}_difference"] = None
+        if rounds_a and rounds_b:
+            interval, se = paired_rounds_interval(value_a, rounds_a, value_b, rounds_b)
+            result[f"{metric}_difference"] = {"value": interval.value, "low": interval.low, "high": interval.high,
+                                              "se": se, "p": normal_p(interval.value, se)}
     return result
 
 
 def decide(family: list[dict], alpha: float = ALPHA) -> list[dict]:
-    """The comparisons of `family` (each with "nll_difference" and "fd_difference" as difference() gives them)
-    decided together: every p of every comparison is one test of the family, Holm-adjusted over all of them
-    ("p_holm"), and each comparison gets "nll" and "fd", its relation on that metric (None without the test).
+    """The comparisons of `family` (each with the differences difference() gives, a missing one None) decided
+    together: every p of every comparison is one test of the family, Holm-adjusted over all of them ("p_holm"),
+    and each comparison gets "nll", "fd" and "tv", its relation on that metric (None without the test).
     Returns new dicts, in the family's order."""
-    decided = [{**c, **{f"{m}_difference": None if c[f"{m}_difference"] is None else dict(c[f"{m}_difference"])
+    decided = [{**c, **{f"{m}_difference": None if c.get(f"{m}_difference") is None else dict(c[f"{m}_difference"])
                         for m in METRICS}} for c in family]
     tests = [c[f"{m}_difference"] for c in decided for m in METRICS if c[f"{m}_difference"] is not None]
     for test, adjusted in zip(tests, holm_adjusted([t["p"] for t in tests])):

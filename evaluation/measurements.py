@@ -27,9 +27,10 @@ over n held-out images and its standard error):
     floors        {label: entry}, real data in the place of samples (labels.HALVES, labels.TARGET_AS_SAMPLES)
     comparisons   [{"model", "against", "nll_difference": {"mean", "se", "p", "p_holm"} of model - against, paired
                   per image, "nll": "better" | "worse" | "indistinguishable", "fd_difference": {"value", "low",
-                  "high", "se", "p", "p_holm"} of the Fréchet distances, paired per bootstrap round, "fd"}]: each
-                  fused model against each baseline and each control (the best auxiliary, fused-uniform), then
-                  fused-mixture against the barycenter; one family, Holm-adjusted (evaluation/comparison.py)
+                  "high", "se", "p", "p_holm"} of the Fréchet distances, paired per bootstrap round, "fd",
+                  "tv_difference" of the class TVs as fd_difference, "tv"}]: each fused model against each baseline
+                  and each control (the best auxiliary, fused-uniform), then fused-mixture against the barycenter
+                  and fused-hybrid against both; one family, Holm-adjusted (evaluation/comparison.py)
     router_calibration  the mixture's router per band of ln sigma (trainer/router.py's calibration): [{"sigma_low",
                   "sigma_high", "images", "cross_entropy" (nats), "accuracy", "ece"}], or null without mixture fusion
 
@@ -59,6 +60,7 @@ An entry:
     nn_held_out          ... to the nearest of as many held-out images
     class_proportions    the classifier's class proportions of the samples
     class_tv             their total variation to reference.class_proportions
+    class_tv_rounds      ... in each bootstrap round, resampled as fd's rounds are (null without rounds)
     nfe, samples_per_second, fit_minutes
     weights              lambda (a row per sigma bin) of a barycenter or of checkpoint-merge, pi of the mixture
     fit_gap_percent      how far the lambda fit's loss lies above the exact optimum
@@ -74,7 +76,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from evaluation.intervals import Interval, mean_se
+from evaluation.intervals import Interval, bootstrap_interval, mean_se
 from shards.atomic import write_atomically
 from shards.errors import ModelError
 
@@ -115,13 +117,13 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
           samples_per_second: float | None = None, fit_minutes: float | None = None, weights=None,
           fit_gap_percent: float | None = None, early_stopping: dict | None = None,
           nll_labels: Sequence[int] | None = None, class_count: int | None = None,
-          copies_of: dict[str, float] | None = None) -> dict:
+          copies_of: dict[str, float] | None = None, class_tv_rounds: Sequence[float] | None = None) -> dict:
     """One model's or floor's entry from the raw results: fd an Interval (or the bare value without bootstrap
     rounds) and fd_rounds the rounds' values it was computed from, nll_labels the class of each NLL image (of
     class_count classes; None or negative labels: no per-class NLL), kid (mean, std), copies evaluation.memorisation's dict for images of `pixels` values each,
     copies_of the copy share against other sets the model learnt from ({what they are: share}),
     nll and loss per held-out image (nll_doubled: the first of them at twice the ODE steps), classes and
-    reference_classes class proportions."""
+    reference_classes class proportions, class_tv_rounds their total variation in each bootstrap round."""
     interval = fd if isinstance(fd, Interval) else Interval(fd, None, None)
     rms = pixels ** 0.5  # memorisation's distances are L2 over all pixels: per pixel they read on the 0..255 scale
     return {
@@ -143,6 +145,7 @@ def entry(description: str, *, fd: Interval | float, kid: tuple[float, float], c
         "nn_held_out": copies["held_out_distance"] / rms,
         "class_proportions": None if classes is None else np.asarray(classes, dtype=float).tolist(),
         "class_tv": None if classes is None else total_variation(classes, reference_classes),
+        "class_tv_rounds": None if classes is None or not class_tv_rounds else [float(r) for r in class_tv_rounds],
         "nfe": nfe,
         "samples_per_second": _float(samples_per_second),
         "fit_minutes": _float(fit_minutes),
@@ -168,6 +171,12 @@ def by_class(values, labels: Sequence[int], class_count: int) -> list[dict | Non
     if len(labels) != len(values):
         raise ValueError(f"{len(labels)} labels for {len(values)} values")
     return [estimate(values[labels == k]) if int((labels == k).sum()) > 1 else None for k in range(class_count)]
+
+
+def class_tv_interval(entry: dict) -> Interval | None:
+    """An entry's class TV with its 95% bootstrap interval, or None without rounds."""
+    rounds = entry.get("class_tv_rounds")
+    return None if not rounds else bootstrap_interval(entry["class_tv"], rounds)
 
 
 def fd_interval(entry: dict) -> Interval | None:

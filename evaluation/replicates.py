@@ -27,11 +27,11 @@ def pooled(values: Sequence[float], standard_errors: Sequence[float]) -> tuple[f
 
 def pooled_comparison(comparisons: Sequence[dict]) -> dict:
     """The replicates' comparisons of one model against another (evaluation/comparison.py's, one per replicate)
-    pooled: {"nll_difference": {"mean", "se", "p", "replicates"}, "fd_difference": {"value", "se", "p",
-    "replicates"}}, each over the replicates that have it (None where none has), undecided."""
+    pooled: {"nll_difference": {"mean", "se", "p", "replicates"}, "fd_difference" and "tv_difference": {"value",
+    "se", "p", "replicates"}}, each over the replicates that have it (None where none has), undecided."""
     result = {}
-    for metric, value in (("nll", "mean"), ("fd", "value")):
-        tests = [c[f"{metric}_difference"] for c in comparisons if c[f"{metric}_difference"] is not None]
+    for metric, value in (("nll", "mean"), ("fd", "value"), ("tv", "value")):
+        tests = [c[f"{metric}_difference"] for c in comparisons if c.get(f"{metric}_difference") is not None]
         result[f"{metric}_difference"] = None
         if tests:
             mean, se = pooled([t[value] for t in tests], [t["se"] for t in tests])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.comparison import ALPHA
+from evaluation.measurements import class_tv_interval
 from evaluation.labels import (CHECKPOINT_MERGE, FUSED_HYBRID, FUSED_MIXTURE, FUSED_UNIFORM, HALVES,
                                TARGET_AS_SAMPLES)
 from evaluation.report import write_report
@@ -67,7 +68,9 @@ def model_row(label: str, entry: dict, measurements: dict) -> dict:
            "NN held-out": round(entry["nn_held_out"], 2),
            **{f"copies {name} %": round(100 * share, 1) for name, share in entry.get("copy_share_of", {}).items()}}
     if entry["class_proportions"] is not None:
-        row["class TV"] = round(entry["class_tv"], 3)
+        tv = class_tv_interval(entry)
+        row["class TV"] = round(entry["class_tv"], 3) if tv is None else \
+            {"value": round(tv.value, 3), "low": round(tv.low, 3), "high": round(tv.high, 3)}
         row["class proportions"] = format_mixture(entry["class_proportions"])
     if entry["fd_classifier"] is not None:  # FID is the main distance: the classifier's feature space beside it
         row[f"{settings['fd_classifier_metric']} vs {settings['fd_reference']}"] = round(entry["fd_classifier"], 3)
@@ -95,12 +98,14 @@ def comparison_rows(measurements: dict) -> list[dict]:
     """The comparisons table: the measurements' comparisons, each difference with its Holm-adjusted p."""
     rows = []
     for c in measurements["comparisons"]:
-        nll, fd = c["nll_difference"], c["fd_difference"]
+        nll, fd, tv = c["nll_difference"], c["fd_difference"], c.get("tv_difference")
         rows.append({"fused": c["model"], "against": c["against"],
                      "NLL difference": None if nll is None else {"mean": nll["mean"], "se": nll["se"]},
                      "NLL p (Holm)": None if nll is None else nll["p_holm"], "NLL": c["nll"],
                      "FD difference": None if fd is None else {k: fd[k] for k in ("value", "low", "high")},
-                     "FD p (Holm)": None if fd is None else fd["p_holm"], "FD": c["fd"]})
+                     "FD p (Holm)": None if fd is None else fd["p_holm"], "FD": c["fd"],
+                     **({} if tv is None else {"class TV difference": {k: tv[k] for k in ("value", "low", "high")},
+                                               "class TV p (Holm)": tv["p_holm"], "class TV": c["tv"]})})
     return rows
 
 
@@ -169,8 +174,9 @@ def notes(measurements: dict) -> list[str]:
                      "sigma does.")
     if floor_tv is not None:
         lines.append(f"class TV: total variation between the feature classifier's class proportions of the samples "
-                     f"and its proportions on the held-out images; the classifier itself is {floor_tv:.3f} from the "
-                     "true target mixture on the held-out images.")
+                     f"and its proportions on the held-out images [95% bootstrap interval, over the Fréchet distance's "
+                     f"rounds: the same resamples, so two models' TVs are compared in pairs, as their distances are]; "
+                     f"the classifier itself is {floor_tv:.3f} from the true target mixture on the held-out images.")
     lines.append(f"NFE: network evaluations per sample (at most, for {FUSED_MIXTURE}: networks may be skipped); "
                  "samples/s: sampling and feature extraction, when first measured; weights: lambda of a barycenter "
                  f"(per sigma bin) or of {CHECKPOINT_MERGE}, pi of the mixture.")

@@ -14,7 +14,7 @@ so.
 from evaluation.comparison import ALPHA, BETTER, WORSE, decide, difference, tests_in
 from evaluation.intervals import Interval, paired_difference
 from evaluation.labels import FUSED_MIXTURE, FUSED_UNIFORM, TARGET_FINETUNE, TARGET_SCRATCH
-from evaluation.measurements import fd_interval
+from evaluation.measurements import class_tv_interval, fd_interval
 from evaluation.significance import normal_p
 
 COPYING = 0.1  # a model copies when at least this share of its samples pass the ratio test
@@ -109,6 +109,11 @@ def _fusion(models: dict, family: list[dict]) -> list[str]:
             parts.append(f"Fréchet distance {_interval(fd_interval(models[c['model']]))} vs "
                          f"{_interval(fd_interval(models[c['against']]))}, difference {d['value']:+.3g} "
                          f"[{d['low']:.3g}, {d['high']:.3g}] paired ({c['fd']}, {_p(d)})")
+        if c.get("tv_difference") is not None:
+            d = c["tv_difference"]
+            parts.append(f"class TV {_interval(class_tv_interval(models[c['model']]))} vs "
+                         f"{_interval(class_tv_interval(models[c['against']]))}, difference {d['value']:+.3f} "
+                         f"[{d['low']:.3f}, {d['high']:.3f}] paired ({c['tv']}, {_p(d)})")
         if parts:
             lines.append(f"{c['title']}: " + "; ".join(parts) + ".")
     return lines
@@ -140,8 +145,9 @@ def _multiplicity(family: list[dict]) -> list[str]:
     total = sum(count.values())
     if not total:
         return []
+    tv = f", {count['tv']} on the class TV" if count["tv"] else ""
     return [f"How sure: the verdict makes {total} paired test{'s' if total > 1 else ''} ({count['nll']} on NLL, "
-            f"{count['fd']} on the Fréchet distance); each p above is Holm-adjusted over all of them, so the chance "
+            f"{count['fd']} on the Fréchet distance{tv}); each p above is Holm-adjusted over all of them, so the chance "
             f"that any 'better', 'worse', 'lower' or 'higher' here is wrong is at most {ALPHA:.0%}."]
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from evaluation.cache import ResultCache
-from evaluation.classifier import class_proportions
+from evaluation.classifier import class_indicators
 from evaluation.features import Ranks, frechet, metric_name
 from evaluation.comparison import comparisons
 from evaluation.intervals import bootstrap_interval, bootstrap_round, frechet_on, kernel_distance
@@ -189,7 +189,7 @@ def run(cfg: RunConfig) -> dict:
     if ctx.features().extractor != "classifier" and ctx.run.classifier.is_file():
         domain = (ctx.features("classifier").extract, ctx.reference(ctx.fd_reference, "classifier"))
     classifier = ctx.classifier() if ctx.run.classifier.is_file() else None
-    classify = None if classifier is None else lambda images: class_proportions(classifier, to_unit(images))
+    classify = None if classifier is None else lambda images: class_indicators(classifier, to_unit(images))
     floor_rows = floors(ctx, fd_images, reference_features, target)
     started = time.perf_counter()
     stats, reference_props, slowest = report_statistics(
@@ -236,8 +236,9 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
 
     rows are compared with reference_features (or their own .reference) and with `target`, the training images
     (memorisation, against as many held-out images: `reference`'s first, or the row's .held_out). own: features
-    of the auxiliary populations, for rows with a "population" fact; classify: uint8 images -> class
-    proportions; domain: (extract: uint8 images -> features, reference features) of a second feature space.
+    of the auxiliary populations, for rows with a "population" fact; classify: uint8 images -> their classes as
+    one-hot rows (evaluation.classifier.class_indicators; "classes" is then their proportions, "class tv rounds"
+    the total variation to the reference's in each bootstrap round); domain: (extract: uint8 images -> features, reference features) of a second feature space.
 
     Every statistic is a task that gives the same number on any rank, the bootstrap rounds seeded by their
     index (evaluation/intervals.py), so the result does not depend on the number of ranks (bit for bit on
@@ -258,8 +259,7 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
     # first samples against that floor's reference, so that the two carry the same small-sample bias
     floor = next((m for m in rows if m.reference is not None), None)
     tasks = {}
-    if classify is not None:
-        tasks["reference", "classes"] = partial(classify, reference)
+    reference_classes = None if classify is None else classify(reference)
     for m in rows:
         compared = m.reference if m.reference is not None else reference_features
         features, compared_here = m.features.to(device), compared.to(device)
@@ -276,7 +276,8 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
         for name, images in m.copy_sets.items():
             tasks[m.label, "copies of", name] = partial(copy_share, m.images, images, ev.copy_threshold, device=device)
         if classify is not None:
-            tasks[m.label, "classes"] = partial(classify, m.images)
+            tasks[m.label, "classes"] = partial(class_statistics, classify, m.images, reference_classes, seed,
+                                                ev.bootstrap)
         if domain is not None:
             tasks[m.label, "domain"] = partial(_frechet_in, domain[0], m.images, domain[1])
         if "population" in m.facts:
@@ -291,9 +292,25 @@ def report_statistics(rows: list[Measured], reference: torch.Tensor, reference_f
                           "fd rounds": draws or None,
                           "matched": value if m is floor else results.get((m.label, "matched")),
                           "copies of": {name: results[m.label, "copies of", name] for name in m.copy_sets},
-                          **{what: results.get((m.label, what)) for what in ("kid", "copies", "classes", "domain",
-                                                                             "own")}}
-    return stats, results.get(("reference", "classes")), max((seconds for _, seconds in done.values()), default=0.0)
+                          **{what: results.get((m.label, what)) for what in ("kid", "copies", "domain", "own")}}
+        classes = results.get((m.label, "classes"))
+        stats[m.label].update(classes=None if classes is None else classes["proportions"],
+                              **{"class tv rounds": None if classes is None else classes["rounds"]})
+    return stats, None if reference_classes is None else reference_classes.mean(0).numpy(), \
+        max((seconds for _, seconds in done.values()), default=0.0)
+
+
+def class_statistics(classify: Callable, images: torch.Tensor, reference_classes: torch.Tensor, seed: int,
+                     rounds: int) -> dict:
+    """The class proportions of `images` and their total variation to the reference's in each bootstrap round,
+    resampled as the Fréchet distance's round r is (evaluation.intervals.bootstrap_round: the same reference rows
+    and sample indices), so that two models' rounds pair, with each other and with their FD rounds."""
+    classes = classify(images)
+
+    def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
+        return 0.5 * float((a.mean(0) - b.mean(0)).abs().sum())
+    return {"proportions": classes.mean(0).numpy(),
+            "rounds": [bootstrap_round(classes, reference_classes, seed, r, total_variation) for r in range(rounds)]}
 
 
 def _timed(task: Callable):
@@ -352,6 +369,7 @@ def _entry(m: Measured, s: dict, reference_props, pixels: int, labels: torch.Ten
     return entry(m.description, fd=s["fd"] or s["fd value"], fd_rounds=s["fd rounds"], kid=s["kid"],
                  copies=s["copies"], copies_of=s["copies of"], pixels=pixels,
                  nll=m.nll, nll_doubled=m.nll_doubled, loss=m.loss, classes=s["classes"], reference_classes=reference_props,
+                 class_tv_rounds=s["class tv rounds"],
                  fd_classifier=s["domain"], fd_own_population=s["own"], fd_at_floor_size=s["matched"], nfe=m.nfe,
                  samples_per_second=len(m.images) / m.seconds if m.seconds else None,
                  fit_minutes=m.facts.get("minutes"), weights=m.facts.get("weights"),

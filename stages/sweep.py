@@ -113,7 +113,8 @@ def summarise(cfg: RunConfig) -> None:
                 "images do not let shrink)." if replicates > 1 else ""),
              "Plots: " + ", ".join(f"{file_name}.png" for file_name, _ in metrics.values()) + " in this directory.",
              f"The findings are one family of {sum(family.values())} paired tests ({family['nll']} on NLL, "
-             f"{family['fd']} on the Fréchet distance), Holm-adjusted together: 'better' or 'worse' where the "
+             f"{family['fd']} on the Fréchet distance" + (f", {family['tv']} on the class TV" if family["tv"] else "")
+             + "), Holm-adjusted together: 'better' or 'worse' where the "
              f"adjusted p is at most {ALPHA:g} (each n's report adjusts over its own comparisons instead).",
              NESTED]
     write_report(main.sweep / "sweep.md", f"scorefuse sweep: {cfg.name}, target sizes {sizes}", sections, notes,
@@ -150,7 +151,8 @@ def _findings(measured: dict[int, list[dict]], cfg: RunConfig) -> tuple[list[str
     lines = []
     for model in models:
         for against in dict.fromkeys(c["against"] for c in family if c["model"] == model):
-            for metric, name in (("nll", "held-out NLL (paired)"), ("fd", "Fréchet distance (paired rounds)")):
+            for metric, name in (("nll", "held-out NLL (paired)"), ("fd", "Fréchet distance (paired rounds)"),
+                                 ("tv", "class TV (paired rounds)")):
                 verdicts = {c["n"]: c[metric] for c in family
                             if c["model"] == model and c["against"] == against and c[metric]}
                 if verdicts:
@@ -163,12 +165,14 @@ def _findings(measured: dict[int, list[dict]], cfg: RunConfig) -> tuple[list[str
 
 def _finding_row(c: dict) -> dict:
     """A pooled comparison as sweep.json holds it."""
-    nll, fd = c["nll_difference"], c["fd_difference"]
+    nll, fd, tv = c["nll_difference"], c["fd_difference"], c["tv_difference"]
     return {"fused": c["model"], "against": c["against"],
             "NLL difference": None if nll is None else {"mean": nll["mean"], "se": nll["se"]},
             "NLL p (Holm)": None if nll is None else nll["p_holm"], "NLL": c["nll"],
             "FD difference": None if fd is None else {"mean": fd["value"], "se": fd["se"]},
-            "FD p (Holm)": None if fd is None else fd["p_holm"], "FD": c["fd"]}
+            "FD p (Holm)": None if fd is None else fd["p_holm"], "FD": c["fd"],
+            **({} if tv is None else {"class TV difference": {"mean": tv["value"], "se": tv["se"]},
+                                      "class TV p (Holm)": tv["p_holm"], "class TV": c["tv"]})}
 
 
 def _over_replicates(cells: list):

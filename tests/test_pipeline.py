@@ -66,7 +66,7 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
     run = tmp_path / "digits"
     shutil.copytree(finished, run)
     cached = {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")}
-    assert len([p for p in cached if p.name.startswith("samples-")]) == 11  # one per model
+    assert len([p for p in cached if p.name.startswith("samples-")]) == 12  # one per model
     again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *overrides[1:])
     assert "shards up to date" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")} == cached

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from evaluation.features import Ranks, frechet
-from evaluation.intervals import frechet_interval, kernel_distance
+from evaluation.intervals import bootstrap_round, frechet_interval, kernel_distance
 from evaluation.memorisation import memorisation
 from evaluation.spec import EvalSpec
 from stages.evaluate import Measured, gather_by_index, rank_share, report_statistics
@@ -83,12 +83,16 @@ def rows_and_sets():
     return rows, reference, reference_features, target, own
 
 
+def quarters(images: torch.Tensor) -> torch.Tensor:
+    """A made-up classifier: the quarter of 0..255 an image's mean pixel falls in, as one-hot rows."""
+    return torch.nn.functional.one_hot(images.flatten(1).float().mean(1).long() // 64, 4).double()
+
+
 def statistics(ranks: Ranks):
     rows, reference, reference_features, target, own = rows_and_sets()
     ev = EvalSpec(bootstrap=9, kid_subsets=4, kid_subset_size=10)
     return report_statistics(rows, reference, reference_features, target, own, ev, 3, ranks, "cpu",
-                             classify=lambda images: np.bincount(images.flatten(1).float().mean(1).long() // 64,
-                                                                 minlength=4) / len(images),
+                             classify=quarters,
                              domain=(lambda images: images.flatten(1).float(), reference.flatten(1).float()))
 
 
@@ -124,6 +128,11 @@ def test_report_statistics_are_the_same_on_one_and_two_ranks():
     assert_same(one["fused-exact"]["copies"], memorisation(rows[1].images, target, reference[:8]))
     assert one["fused-exact"]["copies"]["copy_share"] == 0.1  # 4 of its 40 samples are training images
     assert_same(floor["copies"], memorisation(rows[2].images, target, rows[2].held_out))
+    # class proportions, and their total variation to the reference's in round r's resample of both sets
+    assert np.array_equal(model["classes"], quarters(rows[0].images).mean(0).numpy())
+    tv = [bootstrap_round(quarters(rows[0].images), quarters(reference), 3, r,
+                          lambda a, b: 0.5 * float((a.mean(0) - b.mean(0)).abs().sum())) for r in range(9)]
+    assert model["class tv rounds"] == tv and len(set(tv)) > 1
     assert model["copies of"] == {"aux": 0.25} and one["fused-exact"]["copies of"] == {}  # 10 of 40 are aux images
     assert model["domain"] == frechet(rows[0].images.flatten(1).float(), reference.flatten(1).float())
 

@@ -4,7 +4,9 @@ evaluation/comparison.py), on made-up measurements whose answers are known: pair
 half of the images and tested on the other, and a family in which Holm's adjustment turns "better" into
 "indistinguishable"."""
 import math
+import statistics
 
+from evaluation import comparison
 from evaluation.comparison import comparisons, decide, difference
 from evaluation.verdict import verdict
 from tests.constructed_measurements import measurements, model, plus
@@ -147,3 +149,20 @@ def test_the_nll_winner_is_tested_on_images_it_was_not_chosen_on():
         "Held-out NLL: fused-exact is lowest at 2.300 ± 0.129 bits/dim; chosen on the even-numbered held-out images, "
         "on the odd-numbered ones NLL fused-exact - target-scratch (the runner-up) = +0.100 ± 0.000 bits/dim paired "
         "(fused-exact higher, p < 0.001).")
+
+
+def test_class_tv_is_compared_in_pairs_over_the_bootstrap_rounds():
+    """The mixture gets the classes right (TV 0 to the held-out proportions), the barycenter does not (0.2): over
+    the same rounds their difference is -0.2 give or take the rounds' own wobble, a test of the family, and a
+    part of the verdict's line."""
+    half = {"reference_classes": [0.5, 0.5]}
+    models = {"fused-exact": model(FUSED, classes=[0.7, 0.3], class_tv_rounds=[0.21, 0.19, 0.22, 0.18], **half),
+              "fused-mixture": model(FUSED, classes=[0.5, 0.5], class_tv_rounds=[0.01, 0.0, 0.02, 0.0], **half)}
+    made = measurements(models)
+    (c,) = made["comparisons"]
+    assert (c["model"], c["against"], c["tv"]) == ("fused-mixture", "fused-exact", "better")
+    d = c["tv_difference"]
+    assert abs(d["value"] + 0.2) < 1e-12 and abs(d["se"] - statistics.stdev([-0.2, -0.19, -0.2, -0.18])) < 1e-12
+    assert comparison.tests_in(made["comparisons"]) == {"nll": 1, "fd": 1, "tv": 1}
+    line = next(line for line in verdict(made) if line.startswith("Mixture fusion against the barycenter"))
+    assert "class TV 0 [" in line and "vs 0.2 [" in line and "difference -0.200 [" in line and "(better, " in line
