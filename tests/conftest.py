@@ -42,7 +42,7 @@ FAST = [*SHORT_TRAIN, "train.total_kimg=0.64", "train.snapshot_every_kimg=0.32",
         "distill.teacher_samples=32", "distill.teacher_steps=2", "distill.batch=32", "distill.total_kimg=0.128",
         "distill.eval_every_kimg=0", "distill.snapshot_every_kimg=0", "distill.checkpoint_every_kimg=0.064",
         "eval.nll_images=8", "eval.nll_steps=4", "eval.bootstrap=20", "eval.kid_subsets=5", "eval.batch=32", "eval.sample_batch=32",
-        "fuse.router_kimg=0.192", "fuse.router_draws=2"]
+        "fuse.router_kimg=0.192", "fuse.router_draws=2", "fuse.hybrid_sigma=0.5"]
 
 
 def scorefuse(*args, check=True, **kw) -> subprocess.CompletedProcess:

@@ -357,7 +357,8 @@ def test_a_pretrained_auxiliary_fuses_with_trained_ones_through_the_cli(fuse_pen
     assert "aux pre: pretrained" in recorded.stderr and "recorded in" in recorded.stderr
     record = json.loads((run / "aux" / "pre" / "pretrained.json").read_text())
     assert record["kind"] == "diffusers" and record["subfolder"] == "unet"
-    fused = scorefuse("run", "--config", config, *overrides, "fuse.router_samples=64", "stages=fuse,distill,evaluate")
+    fused = scorefuse("run", "--config", config, *overrides, "fuse.router_samples=64", "fuse.hybrid_sigma=null",
+                      "stages=fuse,distill,evaluate")
     assert "router: 64 samples of aux/pre in" in fused.stderr
     drawn = json.loads((run / "fuse" / "mixture.json").read_text())["router_samples"]
     assert list(drawn) == ["pre"] and drawn["pre"]["images"] == 64 and drawn["pre"]["seconds"] > 0

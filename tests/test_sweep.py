@@ -22,7 +22,8 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
     run, overrides, _ = finished_digits
     root = tmp_path / "copy"
     shutil.copytree(run, root / "digits", ignore=shutil.ignore_patterns("sweep"))
-    args = ["--config", DIGITS, *overrides, f"root={root}", "sweep.sizes=[8,16]", "sweep.replicates=2"]
+    args = ["--config", DIGITS, *overrides, f"root={root}", "sweep.sizes=[8,16]", "sweep.replicates=2",
+            "fuse.hybrid_sigma=null"]  # the ablation row, which the finished run's report covers
     out = scorefuse("sweep", *args).stderr
     sweep = root / "digits" / "sweep"
     assert (sweep / "sweep.md").is_file() and "summary in" in out

@@ -100,9 +100,10 @@ class FuseSpec:
     # a network whose weight is below it for a whole batch is not run (0: exact)
     mixture_skip: float = within("[0, 1)", 0.0)
     # The hybrid rule, an ablation row "fused-hybrid" beside the two (trainer/mixture.py HybridDenoiser): the
-    # mixture's weights at sigma >= hybrid_sigma, the barycenter's lambda below; null: no such row. sigma_data:
-    # below it the noise is smaller than the images' own spread, and an image's population is settled.
-    hybrid_sigma: Optional[float] = positive(0.5)
+    # mixture's weights at sigma >= hybrid_sigma, the barycenter's lambda below; null (the default): no such row,
+    # which costs a fused model's evaluation. sigma_data (0.5) is the natural value: below it the noise is
+    # smaller than the images' own spread, and an image's population is settled (configs/digits_disjoint.yaml).
+    hybrid_sigma: Optional[float] = positive(None)
     # The lambda fit's forward passes (Gram statistics and the SGD fit): no (float32, TF32 off) | bf16. It is
     # forward-only and cheap, and lambda is compared at 1e-3, so float32 unless measured otherwise.
     precision: str = choice("no", "bf16")
