@@ -17,6 +17,7 @@ ROOT = Path(__file__).parents[1]
 SHARED_RUN = ("finished_digits", "fuse_pending")  # the fixtures of the one finished pipeline run
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     """`make test` runs the suite on two pytest-xdist workers (--dist loadgroup), longest work first, so that
     neither waits at the end: the tests of the shared finished run are one group on one worker (the other worker
