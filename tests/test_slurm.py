@@ -16,7 +16,8 @@ from tests.conftest import DIGITS, FAST as PIPELINE_FAST, ROOT, SHORT_TRAIN, sco
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 from trainer.preemption import EXIT_PREEMPTED
 
-# One cluster per test run: its daemons and munge are the machine's, so these tests share one pytest-xdist worker.
+# Meant to share one pytest-xdist worker (one cluster per run); with pytest 9 the group does not form (tests/conftest.py),
+# and two workers each start a cluster of their own, on ports of their own: that works too.
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 # conftest.FAST without the sample grids during training, and without the digits config's sweep
