@@ -151,9 +151,10 @@ class BestLambda:
         self.best = json.loads(self.path.read_text()) if self.path.is_file() else None
 
     def offer(self, lam: torch.Tensor, kimg: float, step: int) -> float:
-        loss = float(self.held_out.loss(lam.detach().double().cpu()))
+        lam = lam.detach().double().cpu()
+        loss = float(self.held_out.loss(lam))
         if self.best is None or loss < self.best["loss"]:
-            self.best = {"kimg": kimg, "step": step, "loss": loss, "lambda": lam.detach().double().cpu().tolist()}
+            self.best = {"kimg": kimg, "step": step, "loss": loss, "lambda": lam.tolist()}
             if self.ctx.acc.is_main_process:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomically(self.path, (json.dumps(self.best) + "\n").encode())

@@ -306,11 +306,13 @@ def class_statistics(classify: Callable, images: torch.Tensor, reference_classes
     resampled as the Fréchet distance's round r is (evaluation.intervals.bootstrap_round: the same reference rows
     and sample indices), so that two models' rounds pair, with each other and with their FD rounds."""
     classes = classify(images)
-
-    def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
-        return 0.5 * float((a.mean(0) - b.mean(0)).abs().sum())
     return {"proportions": classes.mean(0).numpy(),
-            "rounds": [bootstrap_round(classes, reference_classes, seed, r, total_variation) for r in range(rounds)]}
+            "rounds": [bootstrap_round(classes, reference_classes, seed, r, class_tv) for r in range(rounds)]}
+
+
+def class_tv(classes: torch.Tensor, reference_classes: torch.Tensor) -> float:
+    """The total variation between the class proportions of two sets of one-hot class rows."""
+    return total_variation(classes.mean(0).numpy(), reference_classes.mean(0).numpy())
 
 
 def _timed(task: Callable):

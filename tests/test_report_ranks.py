@@ -11,7 +11,7 @@ from evaluation.features import Ranks, frechet
 from evaluation.intervals import bootstrap_round, frechet_interval, kernel_distance
 from evaluation.memorisation import memorisation
 from evaluation.spec import EvalSpec
-from stages.evaluate import Measured, gather_by_index, rank_share, report_statistics
+from stages.evaluate import Measured, class_tv, gather_by_index, rank_share, report_statistics
 
 SHAPE = (1, 4, 4)
 
@@ -130,8 +130,7 @@ def test_report_statistics_are_the_same_on_one_and_two_ranks():
     assert_same(floor["copies"], memorisation(rows[2].images, target, rows[2].held_out))
     # class proportions, and their total variation to the reference's in round r's resample of both sets
     assert np.array_equal(model["classes"], quarters(rows[0].images).mean(0).numpy())
-    tv = [bootstrap_round(quarters(rows[0].images), quarters(reference), 3, r,
-                          lambda a, b: 0.5 * float((a.mean(0) - b.mean(0)).abs().sum())) for r in range(9)]
+    tv = [bootstrap_round(quarters(rows[0].images), quarters(reference), 3, r, class_tv) for r in range(9)]
     assert model["class tv rounds"] == tv and len(set(tv)) > 1
     assert model["copies of"] == {"aux": 0.25} and one["fused-exact"]["copies of"] == {}  # 10 of 40 are aux images
     assert model["domain"] == frechet(rows[0].images.flatten(1).float(), reference.flatten(1).float())
