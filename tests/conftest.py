@@ -20,10 +20,10 @@ SHARED_RUN = ("finished_digits", "fuse_pending")  # the fixtures of the one fini
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     """`make test` runs the suite on two pytest-xdist workers (--dist loadgroup), longest work first, so that
-    neither waits at the end: the tests of the shared finished run are marked as one group, then the slow tests,
-    then the rest. With pytest 9 and pytest-xdist 3.8 the groups do not form (xdist renames item._nodeid, pytest 9
-    reads item._id), so today both workers may start on the shared run and one waits for the other to build it
-    (finished_digits' FileLock); the marks take effect again with an xdist that sets the id pytest reads."""
+    neither waits at the end: the tests of the shared finished run are marked as one group (one worker builds the
+    run and runs them all), then the slow tests, then the rest. The groups need pytest 8: under pytest 9 with
+    pytest-xdist 3.8 they do not form (xdist renames item._nodeid, pytest 9 reads item._id), hence the pin in
+    pyproject.toml."""
     for item in items:
         if any(name in item.fixturenames for name in SHARED_RUN):
             item.add_marker(pytest.mark.xdist_group("finished_digits"))
