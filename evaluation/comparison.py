@@ -12,7 +12,8 @@ over the same rounds. Each gives a two-sided p-value, and a family's p-values ar
 otherwise "indistinguishable" (which says these sample sizes cannot tell the two apart, not that they are equal).
 """
 from evaluation.intervals import paired_difference, paired_rounds_interval
-from evaluation.labels import BASELINES, FUSED, FUSED_HYBRID, FUSED_MIXTURE, FUSED_UNIFORM
+from evaluation.labels import (CHECKPOINT_MERGE, FUSED, FUSED_HYBRID, FUSED_MIXTURE, FUSED_UNIFORM, SEED_ENSEMBLE,
+                               TARGET_FINETUNE, TARGET_SCRATCH)
 from evaluation.significance import holm_adjusted, normal_p
 
 BETTER, WORSE, INDISTINGUISHABLE = "better", "worse", "indistinguishable"
@@ -64,9 +65,11 @@ def tests_in(family: list[dict]) -> dict[str, int]:
 
 def comparisons(models: dict[str, dict], barycenter: str, best_auxiliary: str | None) -> list[dict]:
     """The measurements' comparisons of the entries `models` (by label, in report order), one family: every
-    fused model against every baseline, then against the controls (`best_auxiliary` and fused-uniform), then
-    fused-mixture against `barycenter` (fuse.method's fused model), and fused-hybrid against both."""
-    against = [b for b in (*BASELINES, best_auxiliary, FUSED_UNIFORM) if b in models]
+    fused model against every baseline, then against the controls (`best_auxiliary`, fused-uniform and
+    seed-ensemble), then fused-mixture against `barycenter` (fuse.method's fused model), and fused-hybrid against
+    both."""
+    against = [b for b in (TARGET_SCRATCH, TARGET_FINETUNE, CHECKPOINT_MERGE, best_auxiliary, FUSED_UNIFORM,
+                           SEED_ENSEMBLE) if b in models]
     pairs = [(fused, other) for fused in models if fused in FUSED for other in against]
     if FUSED_MIXTURE in models and barycenter in models:
         pairs.append((FUSED_MIXTURE, barycenter))

@@ -9,6 +9,8 @@
                                        auxiliaries' denoisers (with the best single auxiliary, the other control)
     target-scratch, target-finetune,   the baselines fusion is compared with
     checkpoint-merge
+    seed-ensemble                      a control: the best trained auxiliary and copies of it trained with other
+                                       seeds, averaged uniformly (ensembling without other populations)
     distill                            the one-step generator
 
 and the labels of the report's two floors, real data in the place of samples.
@@ -17,7 +19,7 @@ from trainer.spec import BASELINES
 
 # A baseline's label is its name in the config (fuse.baselines) and its directory (baselines/<b>/): the
 # config schema, a floor below this one, owns the names, so they are taken from it rather than spelled again.
-TARGET_SCRATCH, TARGET_FINETUNE, CHECKPOINT_MERGE = BASELINES
+TARGET_SCRATCH, TARGET_FINETUNE, CHECKPOINT_MERGE, SEED_ENSEMBLE = BASELINES
 
 DISTILL = "distill"
 HALVES = "real: held-out half vs half"

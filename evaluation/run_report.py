@@ -10,7 +10,7 @@ import numpy as np
 from evaluation.comparison import ALPHA
 from evaluation.measurements import class_tv_interval
 from evaluation.labels import (CHECKPOINT_MERGE, FUSED_HYBRID, FUSED_MIXTURE, FUSED_UNIFORM, HALVES,
-                               TARGET_AS_SAMPLES)
+                               SEED_ENSEMBLE, TARGET_AS_SAMPLES)
 from evaluation.report import write_report
 from evaluation.verdict import verdict
 
@@ -129,7 +129,9 @@ def notes(measurements: dict) -> list[str]:
         "standard error, whose normal p-value is shown). 'better' / 'worse' where Holm's adjusted p is at most "
         f"{ALPHA:g}, within each family: the verdict's tests, and the comparisons table's; else 'indistinguishable'.",
         f"controls: {FUSED_UNIFORM} is the barycenter with lambda = 1/K, an ensemble fitted to nothing (fusion "
-        "should beat it to show that lambda matters, not only averaging); the best single auxiliary is "
+        f"should beat it to show that lambda matters, not only averaging); {SEED_ENSEMBLE}, where the run has it, "
+        "averages the best auxiliary with copies of it trained on its population with other seeds (what ensembling "
+        "gains with no other population); the best single auxiliary is "
         f"{measurements['best_auxiliary'] or 'not known (no fuse stage)'}, the one with the lowest denoising loss "
         "on the n target images (chosen without the held-out images).",
         f"held-out loss: EDM-weighted denoising loss on the held-out images, {s['test_draws_per_image']} "
@@ -179,7 +181,7 @@ def notes(measurements: dict) -> list[str]:
                      f"the classifier itself is {floor_tv:.3f} from the true target mixture on the held-out images.")
     lines.append(f"NFE: network evaluations per sample (at most, for {FUSED_MIXTURE}: networks may be skipped); "
                  "samples/s: sampling and feature extraction, when first measured; weights: lambda of a barycenter "
-                 f"(per sigma bin) or of {CHECKPOINT_MERGE}, pi of the mixture.")
+                 f"(per sigma bin) or of {CHECKPOINT_MERGE}, pi of the mixture, 1/copies of {SEED_ENSEMBLE}.")
     lines.append(f"kept kimg: target-scratch and target-finetune train on {1 - s['validation_share']:.0%} of the "
                  f"target images and keep the EMA weights with the lowest denoising loss on the other "
                  f"{s['validation_share']:.0%} (measured at the start, periodically and at the end): the kimg of those "

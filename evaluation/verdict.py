@@ -1,7 +1,8 @@
 """The verdict that opens the report: a few sentences computed from the measurements (evaluation/measurements.py)
 alone. Who is lowest on held-out NLL, and whether it beats the runner-up; who is lowest on the Fréchet distance,
 and which models it beats; how fusion (the barycenter) compares with target-scratch, target-finetune and the two
-controls (the best single auxiliary, and the uniform ensemble fused-uniform), and mixture fusion with the
+controls (the best single auxiliary, the uniform ensemble fused-uniform, and the seed ensemble where the run has
+it), and mixture fusion with the
 barycenter; who copies its training images; and how many tests that took.
 
 Every test is paired (evaluation/comparison.py) and the verdict's tests are one family: their p-values are
@@ -13,7 +14,7 @@ so.
 """
 from evaluation.comparison import ALPHA, BETTER, WORSE, decide, difference, tests_in
 from evaluation.intervals import Interval, paired_difference
-from evaluation.labels import FUSED_MIXTURE, FUSED_UNIFORM, TARGET_FINETUNE, TARGET_SCRATCH
+from evaluation.labels import FUSED_MIXTURE, FUSED_UNIFORM, SEED_ENSEMBLE, TARGET_FINETUNE, TARGET_SCRATCH
 from evaluation.measurements import class_tv_interval, fd_interval
 from evaluation.significance import normal_p
 
@@ -64,6 +65,8 @@ def _fusion_pairs(measurements: dict) -> list[dict]:
                "target images)", barycenter, auxiliary),
               (f"Fusion ({barycenter}) against the uniform ensemble ({FUSED_UNIFORM}, lambda = 1/K)", barycenter,
                FUSED_UNIFORM),
+              (f"Fusion ({barycenter}) against the seed ensemble ({SEED_ENSEMBLE}: one auxiliary and copies of it "
+               "trained with other seeds)", barycenter, SEED_ENSEMBLE),
               (f"Mixture fusion against the barycenter ({barycenter})", FUSED_MIXTURE, barycenter)]
     return [{"title": title, "model": a, "against": b, **difference(models[a], models[b])}
             for title, a, b in pairs if a in models and b in models]

@@ -35,6 +35,7 @@ class Stream(IntEnum):
     REPLICATE = 18    # the seed of the sweep's replicate r > 0 of the target draw, from data.target.seed
     ROUTER_CHECK = 19  # the (sigma, noise) draws of the router's calibration check, per batch
     VALIDATION_GRAM = 20  # the (sigma, noise) draws of the held-out target images' Gram statistics, per batch
+    ENSEMBLE_COPY = 21  # the train.seed of copy c of the auxiliary in the seed ensemble
 
 
 def seed_of(*words: int) -> int:

@@ -240,6 +240,8 @@ def finished_models(cfg: RunConfig) -> list[Model]:
                      **({"early_stopping": done["early_stopping"]} if "early_stopping" in done else {})} \
                 if "kimg" in done else {"minutes": 0.0, "weights": done["lambda"]}
             models.append(Model(name, description, partial(_denoiser, stage), _files(stage, DENOISER_FILES), facts=facts))
+    if is_finished(run.baseline(labels.SEED_ENSEMBLE)):
+        models.append(_seed_ensemble(cfg, run))
     if is_finished(run.distill):
         done = finished_info(run.distill)
         models.append(Model(labels.DISTILL, "one-step generator (Score Mismatching, fused teacher)",
@@ -273,6 +275,23 @@ def draw(sample_fn, cfg: RunConfig, indices: Sequence[int], shape, device) -> to
         batch = to_uint8(sample_fn(latents(cfg, members, shape).to(device))).cpu()
         images.update(zip(members, batch))
     return torch.stack([images[int(i)] for i in indices]) if len(indices) else torch.zeros((0, *shape), dtype=torch.uint8)
+
+
+def _seed_ensemble(cfg: RunConfig, run: RunDir) -> Model:
+    """The control seed-ensemble: an auxiliary and its copies trained with other seeds (stages/fuse.py), their
+    denoisers averaged with equal weights, the same FusedDenoiser as the barycenter's."""
+    done = finished_info(run.baseline(labels.SEED_ENSEMBLE))
+    best, copies = done["population"], range(1, done["copies"] + 1)
+    stages = [run.aux(best), *map(run.ensemble_copy, copies)]
+    weights = [1 / len(stages)] * len(stages)
+
+    def ensemble():
+        return FusedDenoiser([_denoiser(s) for s in stages], torch.tensor(weights, dtype=torch.float64),
+                             names=[best, *(f"{best} copy {c}" for c in copies)], batched=cfg.fuse.batched).eval()
+    return Model(labels.SEED_ENSEMBLE, f"control: {labels.auxiliary(best)} and {len(copies)} copies of it trained with "
+                 "other seeds, averaged uniformly", ensemble, tuple(f for s in stages for f in _files(s, DENOISER_FILES)),
+                 facts={"population": best, "weights": weights,
+                        "minutes": sum(finished_info(s)["seconds"] for s in stages) / 60})
 
 
 def _denoiser(stage: Path) -> nn.Module:

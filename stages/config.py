@@ -100,7 +100,11 @@ def sweep_member(run: RunConfig, n: int, replicate: int = 0) -> RunConfig:
     not seed + r, which is the main draw of the run whose data.target.seed is r larger."""
     seed = run.data.target.seed if replicate == 0 else seed_of(run.data.target.seed, Stream.REPLICATE, replicate)
     target = replace(run.data.target, count=n, seed=seed)
-    return replace(run, data=replace(run.data, target=target), sweep=replace(run.sweep, n=n, replicate=replicate))
+    # The seed ensemble trains on an auxiliary population, not on the n target images: the main run's control,
+    # not trained again for every n and replicate.
+    fuse = replace(run.fuse, baselines=[b for b in run.fuse.baselines if b != "seed-ensemble"])
+    return replace(run, data=replace(run.data, target=target), fuse=fuse,
+                   sweep=replace(run.sweep, n=n, replicate=replicate))
 
 
 def _node(cfg, key: str):
@@ -243,9 +247,10 @@ def _check_pretrained(run: RunConfig) -> None:
     if "checkpoint-merge" in run.fuse.baselines:
         raise ConfigError(f"fuse.baselines: checkpoint-merge averages the weights of auxiliaries of one "
                           f"architecture trained here, and {which} {'is' if one else 'are'} not; remove it")
-    if "target-finetune" in run.fuse.baselines and not trained:
-        raise ConfigError("fuse.baselines: target-finetune starts from an auxiliary trained here, and every "
-                          "auxiliary is pretrained; remove it")
+    for baseline in ("target-finetune", "seed-ensemble"):
+        if baseline in run.fuse.baselines and not trained:
+            raise ConfigError(f"fuse.baselines: {baseline} starts from an auxiliary trained here, and every "
+                              "auxiliary is pretrained; remove it")
     d = run.distill
     starts_warm = (d.init == "warm" or d.score_init == "aux") and not d.real_population
     if starts_warm and (d.warm_from == "merge" or not trained):

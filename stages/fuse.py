@@ -20,7 +20,9 @@ each with the mixture likelihood it reaches (fuse/mixture.json); the fused model
 Baselines (fuse.baselines): target-scratch (the auxiliary recipe on the n target images), target-finetune
 (the auxiliary with the lowest target loss, fine-tuned on them), both early-stopped on target images held out
 from their training (fuse.validation_share, stages/early_stopping.py), and checkpoint-merge (weights averaged
-with lambda: a different model from the fused one).
+with lambda: a different model from the fused one). The control seed-ensemble: the best trained auxiliary and
+fuse.ensemble_copies copies of it, trained on its population with other seeds, averaged uniformly: what
+ensembling gains without other populations.
 """
 import itertools
 import json
@@ -44,7 +46,7 @@ from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
 from trainer.export import build_denoiser, export_denoiser
 from trainer.fused_denoiser import FusedDenoiser, merge_weights
-from evaluation.labels import CHECKPOINT_MERGE, TARGET_FINETUNE, TARGET_SCRATCH
+from evaluation.labels import CHECKPOINT_MERGE, SEED_ENSEMBLE, TARGET_FINETUNE, TARGET_SCRATCH
 from evaluation.likelihood import nll_bits_per_dim
 from trainer.lambda_fit import Objective, SoftmaxWeights, accumulate_gram, fit_barycenter_weights, objective_of
 from trainer.mixture import em_mixture_weights
@@ -347,7 +349,24 @@ def checkpoint_merge(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Pat
     ctx.acc.wait_for_everyone()
 
 
-BUILDERS = {TARGET_SCRATCH: target_scratch, TARGET_FINETUNE: target_finetune, CHECKPOINT_MERGE: checkpoint_merge}
+def seed_ensemble(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
+    """Copies of the auxiliary trained here with the lowest target loss, each trained like it on its population
+    with a seed of its own (train.seed's ENSEMBLE_COPY stream); the catalogue averages them with it."""
+    best = best_auxiliary(fit, trained_auxiliaries(ctx.cfg))
+    copies = ctx.cfg.fuse.ensemble_copies
+    ctx.log(f"seed-ensemble: aux/{best} and {copies} copies of it trained with other seeds")
+    seconds = 0.0
+    for copy in range(1, copies + 1):
+        directory = ctx.run.ensemble_copy(copy)
+        if ctx.begin(directory):
+            seed = seed_of(ctx.cfg.train.seed, Stream.ENSEMBLE_COPY, copy)
+            train_denoiser(ctx, directory, best, replace(ctx.cfg.train, seed=seed), reference=best)
+        seconds += finished_info(directory)["seconds"]
+    ctx.finish(stage, {"population": best, "copies": copies, "seconds": seconds})
+
+
+BUILDERS = {TARGET_SCRATCH: target_scratch, TARGET_FINETUNE: target_finetune, CHECKPOINT_MERGE: checkpoint_merge,
+            SEED_ENSEMBLE: seed_ensemble}
 assert tuple(BUILDERS) == BASELINES
 
 

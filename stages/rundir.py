@@ -9,7 +9,8 @@
                                        mixture-samples.png, done.json
     runs/<name>/router/                the mixture's router: checkpoints/, router.safetensors + router.json, done.json,
                                        samples-<k>.safetensors (a pretrained auxiliary's samples it trains on)
-    runs/<name>/baselines/<b>/         target-scratch, target-finetune (trained), checkpoint-merge (weights averaged)
+    runs/<name>/baselines/<b>/         target-scratch, target-finetune (trained), checkpoint-merge (weights averaged),
+                                       seed-ensemble (done.json naming its auxiliary; copy-<c>/, its copies)
     runs/<name>/distill/               teacher/ (shards), checkpoints/, generator.safetensors + generator.json,
                                        samples.png, metrics.jsonl, done.json
     runs/<name>/eval_cache/            reference statistics and every model's samples and features
@@ -33,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evaluation.labels import SEED_ENSEMBLE
 from shards.atomic import write_atomically
 from trainer.engine import EnginePaths
 
@@ -160,6 +162,10 @@ class RunDir:
 
     def baseline(self, name: str) -> Path:
         return self.baselines / name
+
+    def ensemble_copy(self, copy: int) -> Path:
+        """Copy c (1, 2, ...) of the seed ensemble's auxiliary: trained like it, on its population, another seed."""
+        return self.baseline(SEED_ENSEMBLE) / f"copy-{copy}"
 
     @property
     def validation_split(self) -> Path:

@@ -15,6 +15,7 @@ from stages.catalogue import draw, find, finished_models
 from stages.config import extractor_for, load_config
 from stages.rundir import RunDir
 from stages.sample import command, run as sample
+from trainer.export import load_denoiser
 from tests.conftest import DIGITS, SHORT_TRAIN, scorefuse, scorefuse_here
 
 
@@ -28,7 +29,7 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
     rows = {row["model"]: row for section in report["sections"] for row in section.get("rows", []) if "model" in row}
     assert set(rows) == {"aux/aux-low", "aux/aux-high", "aux/aux-even", "fused-exact", "fused-sgd", "fused-mixture",
                          "fused-hybrid", "fused-uniform", "target-scratch",
-                         "target-finetune", "checkpoint-merge", "distill", "real: held-out half vs half",
+                         "target-finetune", "checkpoint-merge", "seed-ensemble", "distill", "real: held-out half vs half",
                          "real: target images as samples"}
     assert all(rows[m]["NLL bits/dim"] for m in rows if m != "distill" and not m.startswith("real"))
     assert all(rows[m]["NLL step error"]["se"] > 0 for m in rows if m != "distill" and not m.startswith("real"))
@@ -66,14 +67,39 @@ def test_run_writes_report_and_skips_finished_stages(finished_digits, tmp_path):
     run = tmp_path / "digits"
     shutil.copytree(finished, run)
     cached = {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")}
-    assert len([p for p in cached if p.name.startswith("samples-")]) == 12  # one per model
+    assert len([p for p in cached if p.name.startswith("samples-")]) == 13  # one per model
     again = scorefuse("run", "--config", DIGITS, f"root={tmp_path}", *overrides[1:])
     assert "shards up to date" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in (run / "eval_cache").glob("*.npz")} == cached
     assert json.loads((run / "report.json").read_text()) == report  # the cached samples give the same numbers
     assert (run / "report.md").read_text() == md
-    # 3 auxiliaries, the fuse stage, the 3 baselines and distill
-    assert again.stderr.count("already finished") == 8
+    # 3 auxiliaries, the fuse stage, the 3 baselines, the seed ensemble and distill
+    assert again.stderr.count("already finished") == 9
+
+
+@pytest.mark.slow  # the shared finished run
+def test_the_seed_ensemble_averages_the_best_auxiliary_and_its_copies(finished_digits):
+    """seed-ensemble, the control for plain ensembling: the auxiliary with the lowest target loss and
+    fuse.ensemble_copies copies of it, trained on its population with seeds of their own (so their weights
+    differ), their denoisers averaged with equal weights."""
+    finished, overrides, _ = finished_digits
+    cfg = load_config(DIGITS, overrides)
+    losses = json.loads((finished / "fuse" / "lambda.json").read_text())["exact"]["vertex_losses"]
+    best = min(losses, key=losses.get)
+    done = json.loads((finished / "baselines" / "seed-ensemble" / "done.json").read_text())
+    assert (done["population"], done["copies"]) == (best, 2)
+    run = RunDir.of(cfg)
+    members = [load_denoiser(run.aux(best)), *(load_denoiser(run.ensemble_copy(c)) for c in (1, 2))]
+    assert all(meta["population"] == best for _, meta in members)
+    weights = [dict(m.named_parameters()) for m, _ in members]
+    name = next(iter(weights[0]))
+    assert not torch.equal(weights[0][name], weights[1][name]) and not torch.equal(weights[1][name], weights[2][name])
+    model = find(cfg, "seed-ensemble")
+    assert model.facts["weights"] == [1 / 3] * 3 and model.facts["population"] == best
+    x, sigma = torch.randn([4, *image_shape(load_manifest(run.data))], generator=torch.Generator().manual_seed(0)), 0.7
+    with torch.no_grad():
+        expected = sum(m(x, sigma) for m, _ in members) / 3
+        torch.testing.assert_close(model.load()(x, sigma), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_changed_populations_are_refused_not_overwritten(digits_run, capfd):

@@ -323,6 +323,10 @@ def test_the_pretrained_configs_load(name, tmp_path):
     data.mkdir()
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"data.source.path={data}"])
     assert any(a.pretrained for a in cfg.data.aux)
+    if all(a.pretrained for a in cfg.data.aux):  # what starts from an auxiliary trained here is refused
+        for baseline in ("target-finetune", "seed-ensemble"):
+            with pytest.raises(ConfigError, match=f"fuse.baselines: {baseline} starts from an auxiliary trained here"):
+                load_config(ROOT / "configs" / f"{name}.yaml", [f"data.source.path={data}", f"fuse.baselines=[{baseline}]"])
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------

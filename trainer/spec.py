@@ -7,7 +7,9 @@ from shards.ranges import at_least, choice, positive, within, zero_or_more
 
 # The models fusion is compared with, built by the fuse stage (stages/fuse.py): the values of fuse.baselines,
 # owned here because the config's default needs them, and the models' labels (evaluation/labels.py takes them).
-BASELINES = ("target-scratch", "target-finetune", "checkpoint-merge")
+# The last, seed-ensemble, is a control rather than a baseline, and not a default: it trains fuse.ensemble_copies
+# more auxiliaries.
+BASELINES = ("target-scratch", "target-finetune", "checkpoint-merge", "seed-ensemble")
 
 
 @dataclass
@@ -73,11 +75,14 @@ class FuseSpec:
     sgd_epochs: float = positive(128)  # the paper's SGD fit: passes over the target images
     sgd_lr: float = positive(0.1)
     sgd_momentum: float = within("[0, 1)", 0.9)
-    # Baselines trained or built in the same run: target-scratch | target-finetune | checkpoint-merge
-    baselines: List[str] = field(default_factory=lambda: list(BASELINES))
+    # Baselines trained or built in the same run: target-scratch | target-finetune | checkpoint-merge, and the
+    # control seed-ensemble
+    baselines: List[str] = field(default_factory=lambda: list(BASELINES[:3]))
     scratch_kimg: float = positive(60.0)  # target-scratch: the auxiliary recipe on the n target images
     finetune_kimg: float = positive(10.0)  # target-finetune: the best auxiliary, fine-tuned on the n target images
     finetune_lr: float = positive(2e-4)
+    # seed-ensemble: the best auxiliary and this many copies of it, trained with other seeds, averaged uniformly
+    ensemble_copies: int = positive(2)
     # Early stopping of target-scratch and target-finetune: this share of the n target images is held out from
     # their training, and the EMA weights with the lowest loss on it (measured every validation_every_kimg, at
     # the start and at the end) are the ones kept (stages/early_stopping.py); 0: train on all n, keep the last.
