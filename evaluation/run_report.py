@@ -109,6 +109,17 @@ def comparison_rows(measurements: dict) -> list[dict]:
     return rows
 
 
+def _resolution(s: dict) -> str:
+    """What the NLL note says of images upsampled from the source's own resolution."""
+    size, native = s.get("image_size"), s.get("native_size")
+    if native is None or size is None or size <= native:
+        return ""
+    return (f" The images are the source's {native}x{native} upsampled to {size}x{size}: {size * size - native * native} "
+            f"of every {size * size} dimensions are near-deterministic functions of the other {native * native}, so "
+            "the NLL per dimension mostly measures how a model interpolates; data.source.image_size="
+            f"{native} measures the images themselves.")
+
+
 def notes(measurements: dict) -> list[str]:
     s, floor_tv = measurements["settings"], measurements["reference"]["classifier_tv"]
     extractor = s["extractor"]
@@ -117,7 +128,7 @@ def notes(measurements: dict) -> list[str]:
         f"{s['nll_probes']} Rademacher probe(s) per "
         f"image, uniform dequantisation in bins of width 2/255 centred on the training values) on the first {s['nll_images']} held-out images `{s['held_out']}`, "
         "mean ± standard error over images; the same images and draws for every model, so differences are paired "
-        "(the verdict's ± are paired standard errors).",
+        "(the verdict's ± are paired standard errors)." + _resolution(s),
         *([f"NLL step error: the first {min(s['nll_doubling_images'], s['nll_images'])} of those images again at "
            f"{2 * s['nll_steps']} steps (the same draws); Heun's error falls as steps^-2, so the reported value "
            "exceeds the extrapolated one by 4/3 x (its value - the doubled one's): mean ± standard error. Where "

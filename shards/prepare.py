@@ -314,6 +314,11 @@ def prepare(spec: DataSpec, data_dir, log=print, shared=None) -> dict:
     other_dir = None if shared is None else Path(shared)
     other = None if shared is None else load_manifest(other_dir)
     source = open_source(spec.source)
+    native = source.native_size()
+    if native is not None and spec.source.image_size > native:
+        log(f"note: data.source.image_size={spec.source.image_size} upsamples the source's {native}x{native} images; "
+            f"a likelihood per dimension then mostly measures how a model interpolates (image_size={native} measures "
+            "the images themselves)")
     pops = ordered_populations(spec)
     drawn = draw_populations(source, pops)  # validates every population before anything is written
     items = {name: items_hash(spec.source, source.channels, split, indices)
@@ -354,6 +359,7 @@ def prepare(spec: DataSpec, data_dir, log=print, shared=None) -> dict:
         "version": MANIFEST_VERSION,
         "fingerprint": fingerprint,
         "image_size": spec.source.image_size,
+        "native_size": native,
         "channels": source.channels,
         "class_names": list(source.class_names),
         "order": order,

@@ -65,6 +65,12 @@ class Source:
         self.check_split(split)
         return self._load_one(split, int(index))
 
+    def native_size(self) -> int | None:
+        """The side of the source's own square images, where they all share one; None where they vary (a folder,
+        LSUN). An image_size above it upsamples: the extra dimensions are near-deterministic functions of the
+        native ones, and a likelihood per dimension weighs them as much."""
+        return None
+
     def check_split(self, split: str) -> None:
         if split not in self.splits:
             raise DataError(f"unknown split '{split}' for a {type(self).__name__}; "
@@ -129,6 +135,9 @@ class DigitsSource(Source):
         self._images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
         self._labels = digits.target.astype(np.int64)
 
+    def native_size(self) -> int:
+        return 8
+
     def labels(self, split: str) -> np.ndarray:
         self.check_split(split)
         return self._labels
@@ -168,6 +177,9 @@ class Cifar10Source(Source):
         self._arrays = {}  # split -> (images uint8 [N, 32, 32, 3], labels int64 [N]), read on first use
         meta = self._read_members(["batches.meta"])[0]
         self.class_names = [name.decode() for name in meta[b"label_names"]]
+
+    def native_size(self) -> int:
+        return 32
 
     def _read_members(self, names):
         try:
@@ -357,9 +369,10 @@ class IdxSource(Source):
         self.channels = self.channels or 1
         self.splits = list(IDX_FILES)
         self._files = {split: [idx_file(self.path, name) for name in names] for split, names in IDX_FILES.items()}
-        self._labels, self._images = {}, {}
+        self._labels, self._images, self._sides = {}, {}, set()
         for split, (images, labels) in self._files.items():
             count, rows, cols = read_idx(images, IDX_IMAGES_MAGIC, header_only=True)
+            self._sides.add((rows, cols))
             self._labels[split] = read_idx(labels, IDX_LABELS_MAGIC).astype(np.int64)
             if len(self._labels[split]) != count:
                 raise DataError(f"{images} holds {count} images but {labels} holds {len(self._labels[split])} labels")
@@ -373,6 +386,10 @@ class IdxSource(Source):
                             f"once, in label order; it names {len(self.categories)}: {', '.join(self.categories)}")
         else:
             self.class_names = list(self.categories)
+
+    def native_size(self) -> int | None:
+        (rows, cols), *others = self._sides
+        return rows if rows == cols and not others else None
 
     def labels(self, split: str) -> np.ndarray:
         self.check_split(split)

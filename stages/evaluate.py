@@ -342,6 +342,7 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
                 if reference_props is not None else None)
     settings = {"held_out": cfg.data.reference.name, "nll_images": ev.nll_images, "nll_steps": ev.nll_steps, "nll_doubling_images": ev.nll_doubling_images,
                 "nll_sigma": list(sigma_limits(cfg)),
+                "image_size": ctx.manifest["image_size"], "native_size": ctx.manifest.get("native_size"),
                 "nll_probes": ev.nll_probes, "test_draws_per_image": cfg.eval.test_draws_per_image,
                 "num_samples": ev.num_samples, "extractor": ctx.features().extractor,
                 "fd_metric": ctx.features().metric(ev.num_samples),

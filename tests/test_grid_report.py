@@ -128,6 +128,18 @@ def test_the_report_has_the_nll_by_class_where_the_images_have_labels(tmp_path):
     assert "| fused-exact | 1.25 ± 0.25 | 2.5 ± 0.5 |" in (tmp_path / "report.md").read_text()
 
 
+def test_the_nll_note_says_when_the_images_are_upsampled(tmp_path):
+    """The 8x8 digits at 16x16: 192 of 256 dimensions interpolate the other 64, and the NLL's note says so; at the
+    native size, or for a source whose images vary in size, it says nothing of it."""
+    made = measurements({"fused-exact": model([1.0, 2.0, 1.5, 3.0])})
+    for size, native, said in ((16, 8, True), (8, 8, False), (16, None, False)):
+        made["settings"].update(image_size=size, native_size=native)
+        write_run_report(tmp_path / "report.md", made)
+        text = (tmp_path / "report.md").read_text()
+        assert ("the source's 8x8 upsampled to 16x16: 192 of every 256 dimensions" in text) == said, (size, native)
+        assert ("data.source.image_size=8 measures the images themselves" in text) == said
+
+
 def test_the_report_shows_the_mixture_router_by_noise_level(tmp_path):
     """A row per sigma band, rounded; the note names chance, ln K for the mixture's K weights."""
     bands = [{"sigma_low": 0.002, "sigma_high": 0.0117851, "images": 340, "cross_entropy": 0.12345,

@@ -191,7 +191,7 @@ def test_sample_draws_the_images_the_report_scored(finished_digits, tmp_path):
     exact = next(m for m in models if m.label == "fused-exact")
     written = sample(configs[0], "fused-exact", 5, str(tmp_path / "five.npz"))
     images = np.load(written)["images"]
-    assert images.shape == (5, 16, 16, 1) and images.dtype == np.uint8
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8  # the digits at their 8x8
     assert np.array_equal(images, cached_samples(configs[0], exact)[:5].permute(0, 2, 3, 1).numpy())
     assert sample(configs[0], "distill", 4, str(tmp_path / "grid.png")).is_file()
     folder = sample(configs[0], "aux/aux-low", 3, str(tmp_path / "pngs"))

@@ -128,6 +128,13 @@ def test_targets_are_nested_at_every_size():
         previous = set(indices.tolist())
 
 
+def test_an_upsampling_image_size_is_noted_and_the_native_size_recorded(tmp_path):
+    lines = []
+    manifest = prepare(digits_spec(source=SourceSpec(kind="digits", image_size=12)), tmp_path, log=lines.append)
+    assert (manifest["image_size"], manifest["native_size"]) == (12, 8)
+    assert sum("image_size=12 upsamples the source's 8x8 images" in line for line in lines) == 1
+
+
 def test_shard_count_rule():
     assert shard_count(60, min_shards=4, max_shard_images=10) == 6
     assert shard_count(25, min_shards=4, max_shard_images=10) == 4
@@ -137,7 +144,7 @@ def test_shard_count_rule():
 def test_populations_have_exact_counts_histograms_and_shards(prepared):
     data_dir, manifest = prepared
     assert manifest["class_names"] == [str(c) for c in range(10)]
-    assert (manifest["image_size"], manifest["channels"]) == (8, 1)
+    assert (manifest["image_size"], manifest["native_size"], manifest["channels"]) == (8, 8, 1)
     assert manifest["disjoint"] is True and manifest["overlaps"] == {}
     roles = {name: entry["role"] for name, entry in manifest["populations"].items()}
     assert roles == {"aux0": "aux", "aux1": "aux", "aux2": "aux", "target": "target", "reference": "reference"}
@@ -349,7 +356,7 @@ def test_shared_populations_are_not_written_again(sweep):
         main_images, main_labels = read_population(main, name)
         assert torch.equal(images, main_images) and torch.equal(labels, main_labels)
     assert population_entry(manifest, "target")["items"] != population_entry(main_manifest, "target")["items"]
-    assert read_population(member, "target")[0].shape == (16, 1, 16, 16)
+    assert read_population(member, "target")[0].shape == (16, 1, 8, 8)
     assert manifest["disjoint"] is True and manifest["order"] == [*shared, "target"]
     # Both manifests verify: preparing either again finds every file intact and writes nothing.
     before = file_times(main) | file_times(member)

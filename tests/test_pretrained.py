@@ -27,10 +27,10 @@ from trainer.gaussian import GaussianDenoiser
 from trainer.lambda_fit import objective_of
 from trainer.pretrained import DiscreteTimeDenoiser, from_diffusers
 
-SHAPE = (1, 16, 16)  # the digits'
+SHAPE = (1, 8, 8)  # the digits'
 
 
-def tiny_unet(seed: int = 0, size: int = 16, channels: int = 1, cls=UNet2DModel) -> UNet2DModel:
+def tiny_unet(seed: int = 0, size: int = SHAPE[-1], channels: int = 1, cls=UNet2DModel) -> UNet2DModel:
     torch.manual_seed(seed)
     return cls(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
                layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
@@ -192,7 +192,7 @@ def test_a_pipelines_directory_and_a_models_own_load_alike(tmp_path):
 
 def test_a_scorefuse_export_loads_from_its_directory_or_its_weights(tmp_path):
     from trainer.export import build_denoiser, export_denoiser
-    meta = {"preset": "tiny", "dropout": 0.0, "image_size": 16, "channels": 1, "sigma_data": 0.5,
+    meta = {"preset": "tiny", "dropout": 0.0, "image_size": SHAPE[-1], "channels": 1, "sigma_data": 0.5,
             "population": "elsewhere"}
     export_denoiser(tmp_path, build_denoiser(meta), meta)
     for given in (tmp_path, tmp_path / "ema.safetensors"):
@@ -219,9 +219,9 @@ REFUSALS = {
                r"pretrained=.*network-snapshot\.pkl is a pickle, which runs code when loaded and is refused; "
                r"export its weights to safetensors"),
     "resolution": (lambda d: save_pipeline(d / "wide", size=32),
-                   r"pretrained=.*wide makes 1x32x32 images \(channels x height x width\) and the run's are 1x16x16"),
+                   r"pretrained=.*wide makes 1x32x32 images \(channels x height x width\) and the run's are 1x8x8"),
     "channels": (lambda d: save_pipeline(d / "rgb", channels=3),
-                 r"pretrained=.*rgb makes 3x16x16 images .* the run's are 1x16x16"),
+                 r"pretrained=.*rgb makes 3x8x8 images .* the run's are 1x8x8"),
     "schedule": (lambda d: unsupported(d, "sigmoid", {"beta_schedule": "sigmoid"}),
                  r"pretrained=.*sigmoid: beta_schedule 'sigmoid' of DDPMScheduler is not handled \(handled: linear, "
                  r"scaled_linear, squaredcos_cap_v2\)"),
@@ -383,4 +383,4 @@ def test_a_pretrained_auxiliary_fuses_with_trained_ones_through_the_cli(fuse_pen
     teacher = json.loads((run / "distill" / "teacher" / "manifest.json").read_text())["teacher"]
     assert teacher["names"] == fit["names"] and teacher["warm"] != "aux/pre"  # warm from one trained here
     scorefuse("sample", "--config", config, *overrides, "model=aux/pre", "n=4", f"out={tmp_path / 'pre.npz'}")
-    assert np.load(tmp_path / "pre.npz")["images"].shape == (4, 16, 16, 1)
+    assert np.load(tmp_path / "pre.npz")["images"].shape == (4, *SHAPE[1:], 1)

@@ -74,7 +74,7 @@ def test_cifar10_reads_both_splits_pixel_exact(tmp_path, protocol):
     expected = write_cifar_tarball(path, protocol=protocol)
     source = open_source(SourceSpec(kind="cifar10", path=str(path), image_size=32))
     assert source.class_names == CIFAR_CLASSES
-    assert source.channels == 3
+    assert source.channels == 3 and source.native_size() == 32
     assert source.splits == ["train", "test"]
     for split, (images, labels) in expected.items():
         assert source.labels(split).dtype == np.int64
@@ -152,7 +152,7 @@ def test_image_folder_two_classes(tmp_path):
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     source = open_source(SourceSpec(kind="folder", path=str(tmp_path), image_size=6))
     assert source.class_names == ["cat", "dog"]
-    assert source.channels == 3
+    assert source.channels == 3 and source.native_size() is None  # its images' sizes vary
     np.testing.assert_array_equal(source.labels("train"), [0, 0, 1])
     images = load(source, "train", [1, 2])
     np.testing.assert_array_equal(images[0], np.broadcast_to((1, 2, 3), (6, 6, 3)))
@@ -163,7 +163,7 @@ def test_image_folder_two_classes(tmp_path):
 def test_digits_embedded():
     source = open_source(SourceSpec(kind="digits", image_size=16))
     assert source.class_names == [str(c) for c in range(10)]
-    assert source.channels == 1 and source.splits == ["train"]
+    assert source.channels == 1 and source.splits == ["train"] and source.native_size() == 8
     assert source.labels("train").shape == (1797,)
     assert load(source, "train", [0, 1796]).shape == (2, 16, 16, 1)
     from sklearn.datasets import load_digits
@@ -294,7 +294,7 @@ def write_idx_set(directory, gz: bool, counts=(5, 3), size=(28, 28), classes=4, 
 def test_idx_reads_both_splits_pixel_exact(tmp_path, gz):
     expected = write_idx_set(tmp_path, gz)
     source = open_source(SourceSpec(kind="idx", path=str(tmp_path), image_size=28))
-    assert source.class_names == ["0", "1", "2", "3"] and source.channels == 1
+    assert source.class_names == ["0", "1", "2", "3"] and source.channels == 1 and source.native_size() == 28
     assert source.splits == ["train", "test"]
     for split, (images, labels) in expected.items():
         np.testing.assert_array_equal(source.labels(split), labels)

@@ -29,8 +29,8 @@ from torch import nn
 SKIP_SCALE = math.sqrt(0.5)
 
 PRESETS: dict[str, dict] = {
-    # 16x16 grey digits on two CPU cores: 0.32M parameters, widths 16/32/32 at 16/8/4 pixels,
-    # attention only at 4x4 where it costs 16 tokens (bench/train_step.py times it).
+    # The grey digits on two CPU cores: 0.32M parameters, widths 16/32/32 at three levels (8/4/2 pixels for the
+    # demo's 8x8, 16/8/4 at 16x16), attention only at 4x4 where it costs 16 tokens (bench/train_step.py times it).
     "tiny": dict(model_channels=16, channel_mult=(1, 2, 2), num_blocks=1,
                  attn_resolutions=(4,), dropout=0.0),
     # EDM's CIFAR-10 DDPM++ (training config "ddpmpp", dropout 0.13): ~56M parameters at 32x32x3.
