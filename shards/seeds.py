@@ -36,6 +36,7 @@ class Stream(IntEnum):
     ROUTER_CHECK = 19  # the (sigma, noise) draws of the router's calibration check, per batch
     VALIDATION_GRAM = 20  # the (sigma, noise) draws of the held-out target images' Gram statistics, per batch
     ENSEMBLE_COPY = 21  # the train.seed of copy c of the auxiliary in the seed ensemble
+    AUX_REPLICATE = 22  # the train.seed of the auxiliaries of the sweep's replicate r (sweep.aux_seeds)
 
 
 def seed_of(*words: int) -> int:

@@ -38,11 +38,15 @@ class SweepSpec:
     the same auxiliaries, reference and feature classifier."""
     sizes: List[int] = field(default_factory=list)
     # Target draws per size: replicate r > 0 draws its n target images with a seed of its own (sweep_member); the
-    # auxiliaries, the reference and the training seeds are shared. r = 0 in sweep/n<n>/, r > 0 in sweep/n<n>-r<r>/.
+    # reference and the training seeds are shared. r = 0 in sweep/n<n>/, r > 0 in sweep/n<n>-r<r>/.
     replicates: int = positive(1)
+    # true: replicate r > 0 also has auxiliaries of its own, each trained here retrained with a seed of its own
+    # (aux/<name>-r<r>/; a pretrained one is shared), so that the intervals cover the auxiliaries' training seeds
+    aux_seeds: bool = False
     # set: the sweep's run at target size n (data.target.count becomes n), e.g. to re-evaluate it ...
     n: Optional[int] = positive(None)
-    # ... and its replicate (data.target.seed grows by it)
+    # ... and its replicate (its own target draw; with aux_seeds, and without n, its auxiliaries: `scorefuse
+    # train-aux aux=all sweep.replicate=1` trains replicate 1's)
     replicate: int = zero_or_more(0)
 
 

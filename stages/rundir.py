@@ -5,6 +5,7 @@
     runs/<name>/aux/<k>/               one auxiliary model: checkpoints/, ema.safetensors + model.json,
                                        samples.png, metrics.jsonl, done.json; or, for a pretrained one,
                                        pretrained.json (what was loaded) and done.json
+    runs/<name>/aux/<k>-r<r>/          with sweep.aux_seeds, the sweep replicate r's own training of it
     runs/<name>/fuse/                  lambda.json, lambda.png, samples.png, sgd/ (the paper's SGD fit), mixture.json,
                                        mixture-samples.png, done.json
     runs/<name>/router/                the mixture's router: checkpoints/, router.safetensors + router.json, done.json,
@@ -83,14 +84,22 @@ def finished_info(stage_dir: Path) -> dict:
 @dataclass(frozen=True)
 class RunDir:
     """A run directory; a sweep's run at one target size (`parent` set) keeps its own data, fits, baselines
-    and report, and reads the auxiliaries, the feature classifier and the evaluation cache of its parent."""
+    and report, and reads the auxiliaries, the feature classifier and the evaluation cache of its parent. A sweep
+    replicate r > 0 with sweep.aux_seeds reads its own training of the auxiliaries in `retrained`:
+    aux/<name>-r<r>/."""
     root: Path
     parent: "RunDir | None" = None
+    aux_replicate: int = 0            # r of aux/<name>-r<r>/, 0: the main training
+    retrained: frozenset = frozenset()  # the auxiliaries the replicate trained (not the pretrained ones)
 
     @classmethod
     def of(cls, cfg) -> "RunDir":
         base = cls(Path(cfg.root) / cfg.name)
-        return cls(base.sweep_member(cfg.sweep.n, cfg.sweep.replicate), base) if cfg.sweep.n else base
+        r = cfg.sweep.replicate if cfg.sweep.aux_seeds else 0
+        retrained = frozenset(a.name for a in cfg.data.aux if a.pretrained is None) if r else frozenset()
+        if cfg.sweep.n:
+            return cls(base.sweep_member(cfg.sweep.n, cfg.sweep.replicate), base, r, retrained)
+        return cls(base.root, None, r, retrained)
 
     @property
     def sweep(self) -> Path:
@@ -113,7 +122,8 @@ class RunDir:
         return (self.parent or self).data / "classifier.safetensors"
 
     def aux(self, name: str) -> Path:
-        return (self.parent or self).root / "aux" / name
+        own = f"{name}-r{self.aux_replicate}" if name in self.retrained else name
+        return (self.parent or self).root / "aux" / own
 
     def aux_dirs(self, cfg) -> dict[str, Path]:
         return {p.name: self.aux(p.name) for p in cfg.data.aux}

@@ -8,7 +8,9 @@ auxiliary and reference shards (shards/prepare.py, shared=); it fits lambda and 
 images (the fuse stage) and is evaluated against the same held-out images (the evaluate stage). The
 auxiliaries, the feature classifier and the evaluation cache are the main run's (stages/rundir.py), so the
 auxiliaries are trained once and each one's samples are measured once. Every step skips what is finished:
-the sweep resumes like any stage, and `scorefuse submit` runs the sizes as an array job.
+the sweep resumes like any stage, and `scorefuse submit` runs the sizes as an array job. With sweep.aux_seeds,
+replicate r > 0 has auxiliaries of its own, trained first (aux/<name>-r<r>/, stages/rundir.py; under `submit`, an
+array job over the auxiliaries per replicate), so that the spread over replicates covers the auxiliaries' seeds.
 
 The summary, written once every size and replicate has its measurements file (evaluation/measurements.py), is
 a view of those files: sweep.md (how fusion compares with the baselines and the controls at each n, every
@@ -17,6 +19,8 @@ table per metric), sweep.json (the same, and under "data" every metric of every 
 uncertainty) and one plot per metric (metric vs n, a line per method, error bars). With one replicate a cell is
 the member's report cell; with several, the mean ± standard deviation over the replicates.
 """
+from dataclasses import replace
+
 from evaluation.comparison import ALPHA, BETTER, INDISTINGUISHABLE, WORSE, decide, tests_in
 from evaluation.labels import BASELINES, FUSED, FUSED_MIXTURE, FUSED_UNIFORM, fused
 from evaluation.measurements import read_measurements
@@ -29,7 +33,7 @@ from stages.config import RunConfig, sweep_member
 from trainer.accelerator import make_accelerator
 from trainer.progress import say
 from stages.rundir import RunDir, is_finished
-from stages import evaluate, fuse, prepare
+from stages import evaluate, fuse, prepare, train_aux
 
 BEST_AUXILIARY = "the best auxiliary"  # a finding's "against" for each replicate's own best auxiliary
 # The methods on the plots (every model of a member's measurements is in sweep.json): fusion, the uniform control
@@ -63,6 +67,10 @@ def run(cfg: RunConfig, sizes: list[int] | None = None) -> None:
         raise ModelError(f"the sweep reuses the trained auxiliaries, and {', '.join(missing)} is not trained: run "
                          f"`scorefuse run stages=prepare,train-aux` first")
     acc = make_accelerator(cfg.train, cfg.launch.timeout_minutes)
+    for replicate in range(1, cfg.sweep.replicates) if cfg.sweep.aux_seeds else ():
+        own = replace(cfg, sweep=replace(cfg.sweep, replicate=replicate))  # its auxiliaries: aux/<name>-r<r>/
+        for name in sorted(RunDir.of(own).retrained):
+            train_aux.run(own, name)
     for n in sizes or cfg.sweep.sizes:
         for replicate in range(cfg.sweep.replicates):
             member = sweep_member(cfg, n, replicate)
@@ -107,7 +115,9 @@ def summarise(cfg: RunConfig) -> None:
     notes = ["Each n is the run sweep/n<n>/ (its report.md has the details and the floors); every model is "
              "measured on the same held-out images at every n."
              + (f" Each n has {replicates} replicates, n<n>/ and n<n>-r<r>/, each another draw of the n target "
-                "images (the auxiliaries and the held-out images are shared): a table's cell is the mean ± standard "
+                + ("images and its own training of the auxiliaries (sweep.aux_seeds; the held-out images are shared)"
+                   if cfg.sweep.aux_seeds else "images (the auxiliaries and the held-out images are shared)")
+                + ": a table's cell is the mean ± standard "
                 "deviation over them, a finding pools their differences (standard error: their spread over the "
                 "square root of their number, and their own paired standard error, which the shared held-out "
                 "images do not let shrink)." if replicates > 1 else ""),

@@ -8,9 +8,11 @@ skips it. A pretrained auxiliary (data.aux.*.pretrained) is not trained: it is l
 (stages/pretrained.py), and its stage is finished at once.
 """
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from shards.errors import ConfigError
+from shards.seeds import Stream, seed_of
 from shards.manifest import load_manifest, population_entry
 from shards.spec import AuxSpec
 from stages.config import RunConfig
@@ -106,6 +108,8 @@ def run(cfg: RunConfig, aux: str) -> None:
     if specs[aux].pretrained is not None:
         record(ctx, specs[aux], stage_dir)
         return
-    train_denoiser(ctx, stage_dir, aux, cfg.train, reference=aux)
+    r = ctx.run.aux_replicate  # a sweep replicate's own training (sweep.aux_seeds): the same recipe, its own seed
+    train = replace(cfg.train, seed=seed_of(cfg.train.seed, Stream.AUX_REPLICATE, r)) if r else cfg.train
+    train_denoiser(ctx, stage_dir, aux, train, reference=aux)
     ctx.log(f"aux {aux}: model in {stage_dir}")
 

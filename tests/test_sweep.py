@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from evaluation.measurements import write_measurements
+from evaluation.measurements import read_measurements, write_measurements
 from shards.manifest import load_manifest, shard_paths
 from shards.stream import read_population
 from tests.conftest import DIGITS, scorefuse
@@ -23,7 +23,7 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(run, root / "digits", ignore=shutil.ignore_patterns("sweep"))
     args = ["--config", DIGITS, *overrides, f"root={root}", "sweep.sizes=[8,16]", "sweep.replicates=2",
-            "fuse.hybrid_sigma=null"]  # the ablation row, which the finished run's report covers
+            "sweep.aux_seeds=true", "fuse.hybrid_sigma=null"]  # the ablation row, which the finished run's report covers
     out = scorefuse("sweep", *args).stderr
     sweep = root / "digits" / "sweep"
     assert (sweep / "sweep.md").is_file() and "summary in" in out
@@ -50,6 +50,16 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
     other = read_population(sweep / "n8-r1" / "data", "target")[0]  # replicate 1: another draw of 8 images
     assert len(other) == 8 and set(map(tuple, other.flatten(1).tolist())) != targets[0]
     assert json.loads((sweep / "sweep.json").read_text())["data"]["replicates"] == 2
+    # sweep.aux_seeds: replicate 1 trained auxiliaries of its own, with other seeds, and its runs use them (same
+    # held-out images and draws: the main auxiliary's NLL is the same at every n, replicate 1's differs)
+    aux = root / "digits" / "aux"
+    for name in ("aux-low", "aux-high", "aux-even"):
+        assert (aux / f"{name}-r1" / "done.json").is_file()
+        assert (aux / f"{name}-r1" / "ema.safetensors").read_bytes() != (aux / name / "ema.safetensors").read_bytes()
+    nll = {member: read_measurements(sweep / member / "measurements.json")["models"]["aux/aux-low"]["nll"]["mean"]
+           for member in ("n8", "n16", "n8-r1", "n16-r1")}
+    assert nll["n8"] == nll["n16"] and nll["n8-r1"] == nll["n16-r1"] and nll["n8"] != nll["n8-r1"]
+    assert "its own training of the auxiliaries" in md
 
     again = scorefuse("sweep", *args).stderr  # resumes: every stage of every size and replicate skips itself
     assert again.count("already finished") >= 2 * 2 * 4
@@ -57,10 +67,19 @@ def test_sweep_runs_every_size_and_summarises(finished_digits, tmp_path):
 
 @pytest.mark.slow
 def test_submit_queues_the_sizes_as_an_array_after_the_auxiliaries(tmp_path):
-    out = scorefuse("submit", "--config", DIGITS, "--dry-run", f"root={tmp_path}", "sweep.sizes=[16,32]").stdout
+    out = scorefuse("submit", "--config", DIGITS, "--dry-run", f"root={tmp_path}", "sweep.sizes=[16,32]",
+                    "sweep.aux_seeds=false").stdout
     lines = {line.split("=", 1)[0]: line for line in out.splitlines()}
     assert '"--dependency=afterok:$train_aux" --array=0-1' in lines["sweep_runs"] and "n=16,32" in lines["sweep_runs"]
     assert '"--dependency=afterok:$sweep_runs"' in lines["sweep"]
+    # with sweep.aux_seeds, each replicate's own auxiliaries train (an array over them) before any size's run
+    out = scorefuse("submit", "--config", DIGITS, "--dry-run", f"root={tmp_path}", "sweep.sizes=[16,32]",
+                    "sweep.replicates=3", "sweep.aux_seeds=true").stdout
+    lines = {line.split("=", 1)[0]: line for line in out.splitlines()}
+    for r, after in ((1, "train_aux"), (2, "train_aux_r1")):
+        assert f'"--dependency=afterok:${after}" --array=0-2' in lines[f"train_aux_r{r}"]
+        assert "aux=aux-low,aux-high,aux-even" in lines[f"train_aux_r{r}"] and f"sweep.replicate={r}" in lines[f"train_aux_r{r}"]
+    assert '"--dependency=afterok:$train_aux_r2" --array=0-1' in lines["sweep_runs"]
 
 
 def test_the_summary_is_a_view_of_each_sizes_measurements(tmp_path):
