@@ -70,18 +70,17 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], ns) -> list[Job
         else:
             jobs.append(Job(stage, [], [stage, *run_args]))
     if sweep:
-        after = "train_aux" if "train-aux" in stages else None
+        after = "train_aux" if "train-aux" in stages else jobs[-1].stage if jobs else None
         trained = [a.name for a in cfg.data.aux if a.pretrained is None]
         for r in range(1, cfg.sweep.replicates) if cfg.sweep.aux_seeds and trained else ():
             # replicate r's own auxiliaries, before any size's run reads them (not in the array over n, whose
             # tasks would train them at once)
             jobs.append(Job(f"train_aux_r{r}", [_array(len(trained), ns)],
-                            ["train-aux", *run_args, "aux=" + ",".join(trained), f"sweep.replicate={r}"],
-                            after=after or (jobs[-1].stage if jobs else None)))
+                            ["train-aux", *run_args, "aux=" + ",".join(trained), f"sweep.replicate={r}"], after=after))
             after = jobs[-1].stage
         sizes = ",".join(map(str, cfg.sweep.sizes))
         jobs.append(Job("sweep_runs", [_array(len(cfg.sweep.sizes), ns)], ["sweep", *run_args, f"n={sizes}"],
-                        after=after or (jobs[-1].stage if jobs else None)))
+                        after=after))
         jobs.append(Job("sweep", [], ["sweep", *run_args]))
     return jobs
 

@@ -11,6 +11,7 @@ from typing import List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
+from evaluation.labels import CHECKPOINT_MERGE, SEED_ENSEMBLE, TARGET_FINETUNE
 from evaluation.spec import INCEPTION_FILE, EvalSpec
 from shards.atomic import write_atomically
 from shards.errors import ConfigError
@@ -106,7 +107,7 @@ def sweep_member(run: RunConfig, n: int, replicate: int = 0) -> RunConfig:
     target = replace(run.data.target, count=n, seed=seed)
     # The seed ensemble trains on an auxiliary population, not on the n target images: the main run's control,
     # not trained again for every n and replicate.
-    fuse = replace(run.fuse, baselines=[b for b in run.fuse.baselines if b != "seed-ensemble"])
+    fuse = replace(run.fuse, baselines=[b for b in run.fuse.baselines if b != SEED_ENSEMBLE])
     return replace(run, data=replace(run.data, target=target), fuse=fuse,
                    sweep=replace(run.sweep, n=n, replicate=replicate))
 
@@ -248,10 +249,10 @@ def _check_pretrained(run: RunConfig) -> None:
     trained = len(run.data.aux) - len(pretrained)
     one = len(pretrained) == 1
     which = f"the pretrained auxiliar{'y' if one else 'ies'} {', '.join(pretrained)}"
-    if "checkpoint-merge" in run.fuse.baselines:
+    if CHECKPOINT_MERGE in run.fuse.baselines:
         raise ConfigError(f"fuse.baselines: checkpoint-merge averages the weights of auxiliaries of one "
                           f"architecture trained here, and {which} {'is' if one else 'are'} not; remove it")
-    for baseline in ("target-finetune", "seed-ensemble"):
+    for baseline in (TARGET_FINETUNE, SEED_ENSEMBLE):
         if baseline in run.fuse.baselines and not trained:
             raise ConfigError(f"fuse.baselines: {baseline} starts from an auxiliary trained here, and every "
                               "auxiliary is pretrained; remove it")

@@ -49,7 +49,7 @@ def test_gram_pass_bench():
 
 def test_likelihood_bench():
     out = bench("likelihood.py")
-    assert "| FusedDenoiser, K = 3 | 3 |" in out and "| 16 |" in out  # both tables, to the last row
+    assert "| FusedDenoiser, K = 3 | 4 | 3 |" in out and "| 16 |" in out  # both tables, to the last row
 
 
 @pytest.mark.multiprocess  # its own prepare, then training under `accelerate launch`
