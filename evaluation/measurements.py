@@ -18,7 +18,9 @@ over n held-out images and its standard error):
                   extractor, fd_metric (e.g. fd_clf2k, fid50k), fd_classifier_metric, fd_reference (the
                   population FD and KID compare with), bootstrap, kid_subsets, kid_subset_size,
                   copy_threshold, copies_figures (the pictures' directory, relative to the run), validation_share
-                  (the share of the target images the baselines hold out for early stopping), fit_objective,
+                  (the share of the target images the baselines hold out for early stopping), patience_kimg
+                  (their training ends once the lowest held-out loss is that old; 0: never), finetune_lr (the
+                  fine-tune's rates: several are a search on the held-out loss), fit_objective,
                   sgd_lr, sgd_momentum, sgd_epochs
     reference     {"class_proportions": the classifier's on the held-out images, "classifier_tv": their total
                   variation to the true target mixture, the floor of every class_tv}

@@ -10,7 +10,7 @@ import numpy as np
 from evaluation.comparison import ALPHA
 from evaluation.measurements import class_tv_interval
 from evaluation.labels import (CHECKPOINT_MERGE, FUSED_HYBRID, FUSED_MIXTURE, FUSED_UNIFORM, HALVES,
-                               SEED_ENSEMBLE, TARGET_AS_SAMPLES)
+                               SEED_ENSEMBLE, TARGET_AS_SAMPLES, TARGET_FINETUNE)
 from evaluation.report import write_report
 from evaluation.verdict import verdict
 
@@ -196,9 +196,13 @@ def notes(measurements: dict) -> list[str]:
     lines.append(f"kept kimg: target-scratch and target-finetune train on {1 - s['validation_share']:.0%} of the "
                  f"target images and keep the EMA weights with the lowest denoising loss on the other "
                  f"{s['validation_share']:.0%} (measured at the start, periodically and at the end): the kimg of those "
-                 "weights (0: the starting weights, for a fine-tune the auxiliary itself). The SGD fit of lambda "
-                 "(fused-sgd) trains on the same part and keeps the lambda with the lowest loss on the same held-out "
-                 "images, measured every epoch."
+                 "weights (0: the starting weights, for a fine-tune the auxiliary itself)."
+                 + (f" Each trains until its lowest held-out loss is {s['patience_kimg']:g} kimg old "
+                    "(fuse.patience_kimg), at most its fuse.scratch_kimg or fuse.finetune_kimg."
+                    if s.get("patience_kimg") else "")
+                 + _rate_search(s, measurements)
+                 + " The SGD fit of lambda (fused-sgd) trains on the same part and keeps the lambda with the lowest "
+                 "loss on the same held-out images, measured every epoch."
                  if s["validation_share"] else
                  "target-scratch and target-finetune train on all the target images for a fixed length and keep the "
                  "last EMA weights (fuse.validation_share=0): they may be over-trained.")
@@ -206,6 +210,16 @@ def notes(measurements: dict) -> list[str]:
                  f"({s['fit_objective']} objective; the paper's SGD: its loss summed over pixels, N(0, 1) logits, "
                  f"lr {s['sgd_lr']}, momentum {s['sgd_momentum']}, {s['sgd_epochs']} epochs).")
     return lines
+
+
+def _rate_search(s: dict, measurements: dict) -> str:
+    """The note's sentence on the fine-tune's rate search (fuse.finetune_lr), if it had several rates."""
+    rates = s.get("finetune_lr") or []
+    finetune = measurements["models"].get(TARGET_FINETUNE)
+    if len(rates) < 2 or finetune is None or finetune["early_stopping"] is None:
+        return ""
+    return (f" {TARGET_FINETUNE} is the fine-tune with the lowest held-out loss of those at learning rates "
+            f"{', '.join(f'{r:g}' for r in rates)}: lr {finetune['early_stopping']['learning_rate']:g}.")
 
 
 def _sigma_span(limits) -> str:

@@ -201,6 +201,12 @@ def _check(run: RunConfig) -> None:
     edges = list(fuse.sigma_bins)
     if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
         raise ConfigError(f"fuse.sigma_bins must be positive and increasing, got {edges}")
+    rates = list(fuse.finetune_lr)
+    if not rates or any(r <= 0 for r in rates) or len(set(rates)) < len(rates):
+        raise ConfigError(f"fuse.finetune_lr must be distinct positive learning rates, got {rates}")
+    if len(rates) > 1 and fuse.validation_share == 0:
+        raise ConfigError(f"fuse.finetune_lr={rates}: choosing among rates needs held-out target images; set "
+                          "fuse.validation_share above 0 or give one rate")
     _check_distill(run)
     _check_pretrained(run)
 

@@ -4,7 +4,10 @@ epochs) and makes fusion look better than it is. So the fuse stage holds out fus
 target images; target-scratch and target-finetune train on the rest, their EMA weights are measured on the
 held-out part every fuse.validation_every_kimg (and at the start and the end), and the weights with the lowest
 held-out loss are the ones exported. The starting weights are measured too, so a fine-tune never ends worse,
-on that loss, than the auxiliary it started from.
+on that loss, than the auxiliary it started from. With fuse.patience_kimg, training ends once the lowest loss is
+that many kimg old: fuse.scratch_kimg and fuse.finetune_kimg are then caps, so a baseline trains as long as it
+improves at every n instead of a fixed length that under-trains it at large n. Several fuse.finetune_lr are a rate
+search: a fine-tune per rate, and the one whose kept weights have the lowest held-out loss is the baseline.
 
 The SGD fit of lambda (stages/fuse.py) is selected on the same held-out images: it trains on the training
 part, and its lambda with the lowest held-out loss is kept (BestLambda). The loss is quadratic in lambda, so the
@@ -87,12 +90,14 @@ class BestWeights:
     """The EMA weights with the lowest held-out loss so far, kept on disk in RunDir.best_weights(stage) beside
     BEST ({"kimg", "step", "loss"}), so that a resumed run goes on comparing with them. A resumed run replays
     the steps after its checkpoint exactly, so weights kept from such a step are the ones it would keep again.
-    Only the main process measures and writes."""
+    Only the main process measures and writes; every rank knows the kept weights' kimg (`kept_kimg`), on which
+    the patience rule (`until`) rests."""
 
     def __init__(self, ctx: StageContext, stage_dir: Path, split: TargetSplit, meta: dict):
         self.ctx, self.split, self.meta = ctx, split, meta
         self.directory = RunDir.best_weights(stage_dir)
         self.best = json.loads((self.directory / BEST).read_text()) if (self.directory / BEST).is_file() else None
+        self.kept_kimg = None if self.best is None else self.best["kimg"]
 
     def loss(self, denoiser) -> float:
         """The mean held-out loss of `denoiser` (on the context's device) over the held-out images."""
@@ -110,6 +115,7 @@ class BestWeights:
         loss = self.loss(denoiser)
         if self.best is None or loss < self.best["loss"]:
             self.best = {"kimg": kimg, "step": step, "loss": loss}
+            self.kept_kimg = kimg
             export_denoiser(self.directory, denoiser, self.meta)
             write_atomically(self.directory / BEST, (json.dumps(self.best) + "\n").encode())
         return loss
@@ -118,13 +124,29 @@ class BestWeights:
         """The starting weights are the first candidates (unless a resumed run kept some already)."""
         if self.best is None:
             self.offer(denoiser, 0.0, 0)
+            self.kept_kimg = 0.0
         self.ctx.acc.wait_for_everyone()
 
     def hook(self, every_kimg: float, ema: str = "net") -> Hook:
         def measure(engine):
             loss = self.offer(engine.ema[ema], engine.kimg, engine.step)
+            self.kept_kimg = self._shared(self.kept_kimg if loss is not None else 0.0)
             return None if loss is None else {"validation_loss": loss}
         return Hook(every_kimg, measure)
+
+    def _shared(self, kimg: float) -> float:
+        """The main process's `kimg` on every rank."""
+        acc = self.ctx.acc
+        if acc.num_processes == 1:
+            return kimg
+        return float(acc.reduce(torch.tensor([kimg], dtype=torch.float64, device=self.ctx.device), "sum").item())
+
+    def until(self, engine) -> str | None:
+        """The patience rule (fuse.patience_kimg; 0: never): why training ends now, or None."""
+        patience = self.ctx.cfg.fuse.patience_kimg
+        if patience <= 0 or engine.kimg - self.kept_kimg < patience - 1e-9:
+            return None
+        return f"no lower held-out loss for {patience:g} kimg (the lowest at {self.kept_kimg:g} kimg)"
 
     def export(self, stage_dir: Path) -> None:
         """The kept weights as the stage's model (main process)."""

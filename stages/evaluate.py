@@ -350,7 +350,8 @@ def measurements(ctx, measured: list[Measured], floor_rows: list[Measured], stat
                 "bootstrap": ev.bootstrap, "kid_subsets": ev.kid_subsets, "kid_subset_size": ev.kid_subset_size,
                 "copy_threshold": ev.copy_threshold,
                 "copies_figures": str(ctx.run.copies_figure("MODEL").parent.relative_to(ctx.run.root)),
-                "validation_share": cfg.fuse.validation_share, "fit_objective": cfg.fuse.objective,
+                "validation_share": cfg.fuse.validation_share, "patience_kimg": cfg.fuse.patience_kimg,
+                "finetune_lr": list(cfg.fuse.finetune_lr), "fit_objective": cfg.fuse.objective,
                 "sgd_lr": cfg.fuse.sgd_lr, "sgd_momentum": cfg.fuse.sgd_momentum, "sgd_epochs": cfg.fuse.sgd_epochs}
     populations = [{"name": p, "role": e["role"], "images": e["count"], "shards": len(e["shards"]),
                     "mixture": _mixture_vector(e["mixture"], classes).tolist()}

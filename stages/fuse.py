@@ -44,7 +44,7 @@ from stages.catalogue import (barycenter_model, best_auxiliary, load_auxiliaries
                               sigma_limits, single_lambda, trained_auxiliaries)
 from stages.config import RunConfig
 from trainer.engine import Engine, Update, adam
-from trainer.export import build_denoiser, export_denoiser
+from trainer.export import build_denoiser, export_denoiser, load_denoiser
 from trainer.fused_denoiser import FusedDenoiser, merge_weights
 from evaluation.labels import CHECKPOINT_MERGE, SEED_ENSEMBLE, TARGET_FINETUNE, TARGET_SCRATCH
 from evaluation.likelihood import nll_bits_per_dim
@@ -53,7 +53,7 @@ from trainer.mixture import em_mixture_weights
 from trainer.precision import autocast_dtype, forward_precision, with_autocast
 from trainer.router import Router, calibration, load_router, log_density_ratios, router_loss, save_router
 from shards.pixels import to_uint8, to_unit
-from stages.rundir import MIXTURE_GRID, engine_paths, finished_info, mark_finished
+from stages.rundir import MIXTURE_GRID, RunDir, engine_paths, finished_info, mark_finished
 from shards.seeds import Stream, generator, per_image_normal, seed_of
 from trainer.spec import BASELINES
 from stages.context import StageContext
@@ -327,12 +327,36 @@ def target_scratch(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path)
 
 def target_finetune(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:
     """The auxiliary trained here with the lowest target loss (a vertex of the fit), fine-tuned on the n target
-    images."""
+    images. With several fuse.finetune_lr, a fine-tune per rate (RunDir.finetune_rate, each resumable), and the
+    one whose kept weights have the lowest held-out loss is the baseline (the first listed on a tie)."""
     best = best_auxiliary(fit, trained_auxiliaries(ctx.cfg))
     ctx.log(f"target-finetune: starting from aux/{best} (target loss {fit['exact']['vertex_losses'][best]:.5f})")
     f = ctx.cfg.fuse
-    train = replace(ctx.cfg.train, total_kimg=f.finetune_kimg, lr=f.finetune_lr, lr_rampup_kimg=0)
-    train_on_target(ctx, stage, train, init=auxiliaries[best].state_dict())
+    init = auxiliaries[best].state_dict()
+
+    def finetune(directory: Path, rate: float) -> None:
+        train_on_target(ctx, directory, replace(ctx.cfg.train, total_kimg=f.finetune_kimg, lr=rate, lr_rampup_kimg=0),
+                        init=init)
+
+    if len(f.finetune_lr) == 1:
+        finetune(stage, f.finetune_lr[0])
+        return
+    tried = {}
+    for rate in f.finetune_lr:
+        directory = RunDir.finetune_rate(stage, rate)
+        if ctx.begin(directory):
+            finetune(directory, rate)
+        tried[rate] = finished_info(directory)
+    chosen = min(tried, key=lambda rate: tried[rate]["early_stopping"]["loss"])
+    ctx.log("target-finetune: held-out loss " + ", ".join(
+        f"{t['early_stopping']['loss']:.5f} at lr {rate:g}" for rate, t in tried.items()) + f"; lr {chosen:g} kept")
+    done = tried[chosen]
+    ctx.finish(stage, {**done, "seconds": sum(t["seconds"] for t in tried.values()),
+                       "early_stopping": {**done["early_stopping"], "learning_rate": chosen},
+                       "learning_rates": {f"{rate:g}": {"loss": t["early_stopping"]["loss"],
+                                                        "kept_kimg": t["early_stopping"]["kimg"], "kimg": t["kimg"]}
+                                          for rate, t in tried.items()}},
+               lambda: export_denoiser(stage, *load_denoiser(RunDir.finetune_rate(stage, chosen))))
 
 
 def checkpoint_merge(ctx: StageContext, fit: dict, auxiliaries: dict, stage: Path) -> None:

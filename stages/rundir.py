@@ -11,7 +11,8 @@
     runs/<name>/router/                the mixture's router: checkpoints/, router.safetensors + router.json, done.json,
                                        samples-<k>.safetensors (a pretrained auxiliary's samples it trains on)
     runs/<name>/baselines/<b>/         target-scratch, target-finetune (trained), checkpoint-merge (weights averaged),
-                                       seed-ensemble (done.json naming its auxiliary; copy-<c>/, its copies)
+                                       seed-ensemble (done.json naming its auxiliary; copy-<c>/, its copies);
+                                       target-finetune/lr-<rate>/, each rate's fine-tune when there are several
     runs/<name>/distill/               teacher/ (shards), checkpoints/, generator.safetensors + generator.json,
                                        samples.png, metrics.jsonl, done.json
     runs/<name>/eval_cache/            reference statistics and every model's samples and features
@@ -176,6 +177,11 @@ class RunDir:
     def ensemble_copy(self, copy: int) -> Path:
         """Copy c (1, 2, ...) of the seed ensemble's auxiliary: trained like it, on its population, another seed."""
         return self.baseline(SEED_ENSEMBLE) / f"copy-{copy}"
+
+    @staticmethod
+    def finetune_rate(stage_dir: Path, rate: float) -> Path:
+        """The fine-tune at one of several fuse.finetune_lr (the baseline is the best of them)."""
+        return Path(stage_dir) / f"lr-{rate:g}"
 
     @property
     def validation_split(self) -> Path:

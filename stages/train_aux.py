@@ -41,7 +41,7 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
     Fréchet distance measured against `reference`; `init` is a state dict to start from instead of random
     weights (fine-tuning). A resumed run takes its weights from the checkpoint either way. With `keep`, the
     EMA weights are offered to it at the start, every `keep_every_kimg` and at the end, and the ones it kept
-    are exported."""
+    are exported, and its patience rule may end the training early."""
     cfg, acc = ctx.cfg, ctx.acc
     # a clear error for an unknown population, before any work
     population_entry(ctx.manifest if data_dir is None else load_manifest(data_dir), population)
@@ -70,7 +70,8 @@ def train_denoiser(ctx: StageContext, stage_dir: Path, population: str, train: T
                     updates=[Update("adam", "net", loss)], batches=batches, ema=("net",), log=ctx.log,
                     trackers=ctx.trackers(stage_dir),
                     hooks=ctx.training_hooks(stage_dir, reference, train, lambda e: ctx.sampler(e.ema["net"]))
-                    + ((keep.hook(keep_every_kimg),) if keep is not None else ()))
+                    + ((keep.hook(keep_every_kimg),) if keep is not None else ()),
+                    until=None if keep is None else keep.until)
     if keep is None:
         engine.run()
         ctx.finish(stage_dir, engine.summary(), lambda: export_denoiser(stage_dir, engine.ema["net"], meta))

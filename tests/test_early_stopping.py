@@ -5,13 +5,16 @@ its start included, so it cannot end worse than the auxiliary it started from; a
 trains on the same training part and keeps the lambda with the lowest held-out loss."""
 import json
 
+import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+from evaluation.run_report import notes
 from evaluation.score_matching import held_out_loss
 from shards.stream import read_population
 from stages import fuse
 from stages.catalogue import load_auxiliaries, load_fit
+from shards.errors import ConfigError
 from stages.config import load_config
 from stages.context import StageContext
 from stages.early_stopping import TRAINING_PART, BestWeights, split_target
@@ -19,6 +22,7 @@ from trainer.fused_denoiser import FusedDenoiser
 from trainer.lambda_fit import accumulate_gram, objective_of
 from stages.rundir import RunDir, finished_info
 from stages.train_aux import model_meta
+from tests import constructed_measurements as constructed
 from tests.conftest import DIGITS
 from tests.test_distill import fake_run
 from trainer.export import load_denoiser
@@ -117,3 +121,72 @@ def test_the_sgd_fit_of_lambda_trains_on_the_training_part_and_keeps_the_lowest_
                                objective)
     assert float(held_out.loss(torch.tensor(best["lambda"], dtype=torch.float64))) == kept["loss"]
     assert finished_info(ctx.run.sgd_fit)["early_stopping"] == kept
+
+
+def test_patience_ends_a_fine_tune_once_its_lowest_loss_is_that_old_and_a_resume_ends_where_it_stopped(
+        tmp_path, monkeypatch):
+    """Measured every 2 steps of 8 images (0.016 kimg), scripted held-out losses: the lowest is the second
+    measurement (step 4, 0.032 kimg); with fuse.patience_kimg=0.032 the fine-tune stops at step 8 of its cap of
+    50, keeps step 4's weights, and checkpoints there. Run again without its done.json, it resumes from that
+    checkpoint and ends at once, measuring nothing."""
+    fake_run(tmp_path)
+    ctx = context(tmp_path, "fuse.finetune_kimg=0.4", "fuse.patience_kimg=0.032")
+    script = iter([0.5, 0.45, 0.4, 0.41, 0.42, 0.43, 0.44, 0.45, 0.46])
+    monkeypatch.setattr(BestWeights, "loss", lambda self, denoiser: next(script))
+    stage = ctx.run.baseline("target-finetune")
+    fuse.target_finetune(ctx, load_fit(ctx.cfg), load_auxiliaries(ctx.cfg), stage)
+    done = finished_info(stage)
+    assert done["stopped_early"] and done["steps"] == 8 and done["kimg"] == 0.064
+    assert {k: done["early_stopping"][k] for k in ("kimg", "step", "loss")} == {"kimg": 0.032, "step": 4, "loss": 0.4}
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "validation_loss" in row] == [2, 4, 6, 8]
+    assert (stage / "checkpoints" / "ckpt-000000008").is_dir()
+
+    (stage / "done.json").unlink()
+    monkeypatch.setattr(BestWeights, "loss", lambda self, denoiser: pytest.fail("measured after the stop"))
+    fuse.target_finetune(context(tmp_path, "fuse.finetune_kimg=0.4", "fuse.patience_kimg=0.032"),
+                         load_fit(ctx.cfg), load_auxiliaries(ctx.cfg), stage)
+    again = finished_info(stage)
+    assert (again["steps"], again["kimg"], again["early_stopping"]) == (8, 0.064, done["early_stopping"])
+
+
+def test_several_fine_tuning_rates_are_a_search_that_keeps_the_lowest_held_out_loss(tmp_path):
+    """fuse.finetune_lr=[0.001,0.00001]: a fine-tune per rate in lr-<rate>/, and the baseline is the one whose
+    kept weights have the lowest held-out loss, its weights, the rate and every rate's loss in its done.json."""
+    fake_run(tmp_path)
+    ctx = context(tmp_path, "fuse.finetune_lr=[0.001,0.00001]")
+    stage = ctx.run.baseline("target-finetune")
+    fuse.target_finetune(ctx, load_fit(ctx.cfg), load_auxiliaries(ctx.cfg), stage)
+    tried = {rate: finished_info(RunDir.finetune_rate(stage, rate))["early_stopping"] for rate in (0.001, 0.00001)}
+    chosen = min(tried, key=lambda rate: tried[rate]["loss"])
+    done = finished_info(stage)
+    assert done["early_stopping"] == {**tried[chosen], "learning_rate": chosen}
+    assert done["learning_rates"] == {f"{rate:g}": {"loss": t["loss"], "kept_kimg": t["kimg"], "kimg": 0.048}
+                                      for rate, t in tried.items()}
+    model, _ = load_denoiser(stage)
+    best, _ = load_denoiser(RunDir.finetune_rate(stage, chosen))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), best.state_dict().values()))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["fuse.finetune_lr=[0.001,0.001]"], "fuse.finetune_lr must be distinct positive learning rates"),
+    (["fuse.finetune_lr=[]"], "fuse.finetune_lr must be distinct positive learning rates"),
+    (["fuse.finetune_lr=[0.001,0.0001]", "fuse.validation_share=0"], "choosing among rates needs held-out"),
+])
+def test_a_bad_rate_search_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DIGITS, overrides)
+
+
+def test_the_report_says_how_long_the_baselines_trained_and_which_rate_the_search_kept():
+    kept = {"kimg": 3.0, "step": 24, "loss": 0.4, "held_out_images": 4, "training_images": 12, "learning_rate": 1e-4}
+    m = constructed.measurements({"fused-exact": constructed.model([2.0] * 4),
+                                  "target-finetune": constructed.model([2.1] * 4, early_stopping=kept)})
+    m["settings"].update(patience_kimg=5.0, finetune_lr=[5e-4, 1e-4])
+    note = next(line for line in notes(m) if line.startswith("kept kimg"))
+    assert "until its lowest held-out loss is 5 kimg old (fuse.patience_kimg)" in note
+    assert "target-finetune is the fine-tune with the lowest held-out loss of those at learning rates 0.0005, " \
+           "0.0001: lr 0.0001." in note
+    m["settings"].update(patience_kimg=0.0, finetune_lr=[5e-4])
+    note = next(line for line in notes(m) if line.startswith("kept kimg"))
+    assert "patience" not in note and "learning rates" not in note

@@ -106,6 +106,7 @@ class Engine:
     def __init__(self, accelerator, spec: TrainSpec, paths: EnginePaths, *, modules: dict[str, nn.Module],
                  optimizers: dict[str, torch.optim.Optimizer], updates: list[Update],
                  batches: Callable[[int], Iterator], ema: tuple[str, ...] = (), hooks: tuple[Hook, ...] = (),
+                 until: Callable[["Engine"], str | None] | None = None,
                  log: Callable[[str], None] | None = None, trackers: tuple = ()):
         if spec.batch % (accelerator.num_processes * spec.accum):
             raise ModelError(f"train.batch={spec.batch} is not divisible by processes "
@@ -116,6 +117,12 @@ class Engine:
         self.updates = updates
         self.batches = batches
         self.hooks = hooks
+        # Early stopping: `until(engine)` says why the run ends before total_kimg, or None. It is asked after a
+        # resume and after every step's hooks, without a collective: it must answer alike on every rank, and be a
+        # function of the step and of what the hooks have kept, so that a resumed run stops where an
+        # uninterrupted one did.
+        self.until = until
+        self.stopped_early = False
         self.trackers = trackers  # Accelerate trackers (TensorBoard, W&B) of the main process: metrics.jsonl's rows
         self.log = log or (say if accelerator.is_main_process else (lambda message: None))
         self.deepspeed = is_deepspeed(accelerator)
@@ -206,9 +213,11 @@ class Engine:
         return True
 
     def run(self) -> None:
-        """Train to total_kimg, resuming first if a checkpoint exists; every rank returns together. Raises
+        """Train to total_kimg (or until `until` is met), resuming first if a checkpoint exists; every rank returns
+        together. Raises
         Preempted after a checkpoint when SIGTERM/SIGUSR1 (or Ctrl-C) arrived."""
         self.resume()
+        self.stopped_early = self._met_until()  # a run resumed from the checkpoint where it stopped ends at once
         stop = StopRequest()
         progress = Progress(self.total_nimg, self.nimg, self.paths.metrics.parent.name,
                             enabled=self.acc.is_main_process)
@@ -223,14 +232,15 @@ class Engine:
 
     def summary(self) -> dict:
         """What a finished run did, for its stage's done.json."""
-        return {"kimg": self.kimg, "steps": self.step, "skipped_steps": self.skipped, "seconds": round(self.seconds, 1)}
+        return {"kimg": self.kimg, "steps": self.step, "skipped_steps": self.skipped, "seconds": round(self.seconds, 1),
+                **({"stopped_early": self.stopped_early} if self.until is not None else {})}
 
     def _loop(self, stop: StopRequest, progress: Progress) -> None:
         spec = self.spec
         stream = self.batches(self.stream_position())
         window = self._new_window()
         due = {name: self._next_due(every) for name, every in self._periodic().items()}
-        while self.nimg < self.total_nimg:
+        while self.nimg < self.total_nimg and not self.stopped_early:
             if self._should_stop(stop):
                 self.log(f"stop requested (signal {stop.signum or 'on another rank'}); "
                          f"checkpointing at step {self.step}")
@@ -261,18 +271,26 @@ class Engine:
         return self.acc.check_trigger()
 
     def _run_due(self, due: dict, finished: bool) -> None:
-        """Hooks, then the checkpoint, whichever are due (all of them at the end)."""
+        """Hooks, then the checkpoint, whichever are due (all of them at the end, or when `until` is met)."""
         for i, hook in enumerate(self.hooks):
             if self.nimg >= due[f"hook{i}"] or finished:
                 metrics = hook.fn(self)
                 if metrics:
                     self.write_metrics(metrics)
-        if self.nimg >= due["checkpoint"] or finished:
+        self.stopped_early = not finished and self._met_until()
+        if self.nimg >= due["checkpoint"] or finished or self.stopped_early:
             self._check_nonfinite()
             self.checkpointer.save(self.step, self.state(), self.ema)
         for name, every in self._periodic().items():
             if self.nimg >= due[name]:
                 due[name] = self._next_due(every)
+
+    def _met_until(self) -> bool:
+        """Whether `until` ends the run now (logged with its reason)."""
+        reason = None if self.until is None else self.until(self)
+        if reason is not None:
+            self.log(f"stopping at {self.kimg:g} of {self.spec.total_kimg:g} kimg: {reason}")
+        return reason is not None
 
     def _periodic(self) -> dict[str, float]:
         every = {"log": self.spec.log_every_kimg, "checkpoint": self.spec.checkpoint_every_kimg}

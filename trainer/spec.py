@@ -80,7 +80,8 @@ class FuseSpec:
     baselines: List[str] = field(default_factory=lambda: list(BASELINES[:3]))
     scratch_kimg: float = positive(60.0)  # target-scratch: the auxiliary recipe on the n target images
     finetune_kimg: float = positive(10.0)  # target-finetune: the best auxiliary, fine-tuned on the n target images
-    finetune_lr: float = positive(2e-4)
+    # its learning rate; several: a fine-tune per rate, and the one with the lowest held-out loss is the baseline
+    finetune_lr: List[float] = field(default_factory=lambda: [2e-4])
     # seed-ensemble: the best auxiliary and this many copies of it, trained with other seeds, averaged uniformly
     ensemble_copies: int = positive(2)
     # Early stopping of target-scratch and target-finetune: this share of the n target images is held out from
@@ -88,6 +89,8 @@ class FuseSpec:
     # the start and at the end) are the ones kept (stages/early_stopping.py); 0: train on all n, keep the last.
     validation_share: float = within("[0, 1)", 0.25)
     validation_every_kimg: float = positive(1.0)
+    # training ends once the lowest held-out loss is this old (scratch_kimg and finetune_kimg are then caps)
+    patience_kimg: float = zero_or_more(0.0, "off")
     # Mixture fusion (trainer/mixture.py): a router trained on the auxiliary populations, mixture weights pi by
     # EM on the n target images, and the fused model "fused-mixture".
     mixture: bool = True
