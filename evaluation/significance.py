@@ -13,6 +13,8 @@ Bonferroni (m p_(j)) rejects.
 import math
 from typing import Sequence
 
+from scipy import stats
+
 
 def normal_p(difference: float, se: float) -> float:
     """Two-sided p-value of `difference` against 0 for an estimate with standard error `se`: 1 for a zero
@@ -22,6 +24,15 @@ def normal_p(difference: float, se: float) -> float:
     if se == 0:
         return 1.0 if difference == 0 else 0.0
     return math.erfc(abs(difference) / se / math.sqrt(2))
+
+
+def student_p(difference: float, se: float, dof: float) -> float:
+    """Two-sided p-value of `difference` against 0 from Student's t with `dof` degrees of freedom (math.inf: the
+    normal's), for a standard error estimated from few values (evaluation/replicates.py)."""
+    p = normal_p(difference, se)  # its checks, and the answer for se 0 or infinite dof
+    if se == 0 or math.isinf(dof):
+        return p
+    return float(2 * stats.t.sf(abs(difference) / se, dof))
 
 
 def holm_adjusted(p_values: Sequence[float]) -> list[float]:

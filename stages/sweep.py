@@ -120,7 +120,8 @@ def summarise(cfg: RunConfig) -> None:
                 + ": a table's cell is the mean ± standard "
                 "deviation over them, a finding pools their differences (standard error: their spread over the "
                 "square root of their number, and their own paired standard error, which the shared held-out "
-                "images do not let shrink)." if replicates > 1 else ""),
+                "images do not let shrink; its p-value from Student's t with the Welch-Satterthwaite degrees of "
+                f"freedom, at most {replicates - 1} where the replicates' spread dominates)." if replicates > 1 else ""),
              "Plots: " + ", ".join(f"{file_name}.png" for file_name, _ in metrics.values()) + " in this directory.",
              f"The findings are one family of {sum(family.values())} paired tests ({family['nll']} on NLL, "
              f"{family['fd']} on the Fréchet distance" + (f", {family['tv']} on the class TV" if family["tv"] else "")
