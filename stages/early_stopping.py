@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast
 
 from evaluation.score_matching import held_out_loss
 from shards.atomic import sha256_text, write_atomically
@@ -130,16 +131,11 @@ class BestWeights:
     def hook(self, every_kimg: float, ema: str = "net") -> Hook:
         def measure(engine):
             loss = self.offer(engine.ema[ema], engine.kimg, engine.step)
-            self.kept_kimg = self._shared(self.kept_kimg if loss is not None else 0.0)
+            # the main process's on every rank (a no-op for one process)
+            self.kept_kimg = float(broadcast(torch.tensor([self.kept_kimg], dtype=torch.float64,
+                                                          device=self.ctx.device)).item())
             return None if loss is None else {"validation_loss": loss}
         return Hook(every_kimg, measure)
-
-    def _shared(self, kimg: float) -> float:
-        """The main process's `kimg` on every rank."""
-        acc = self.ctx.acc
-        if acc.num_processes == 1:
-            return kimg
-        return float(acc.reduce(torch.tensor([kimg], dtype=torch.float64, device=self.ctx.device), "sum").item())
 
     def until(self, engine) -> str | None:
         """The patience rule (fuse.patience_kimg; 0: never): why training ends now, or None."""

@@ -95,8 +95,11 @@ def summarise(cfg: RunConfig) -> None:
                 for n in sizes}
     rows = {n: [{label: model_row(label, entry, m) for label, entry in [*m["models"].items(), *m["floors"].items()]}
                 for m in measured[n]] for n in sizes}
-    metrics = {**METRICS, fd_column(measured[sizes[0]][0]): ("fd", "95% bootstrap interval" if replicates == 1 else
-                                                            f"± std over {replicates} target draws")}
+    # with replicates a cell's bar is their spread, not one member's interval or standard error
+    spread = f"± std over {replicates} replicates"
+    metrics = {metric: (name, bars if replicates == 1 or not bars else spread) for metric, (name, bars) in
+               METRICS.items()}
+    metrics[fd_column(measured[sizes[0]][0])] = ("fd", "95% bootstrap interval" if replicates == 1 else spread)
     models = [m for m in rows[sizes[0]][0] if all(m in row for n in sizes for row in rows[n])]
     table = {metric: {model: {n: _over_replicates([row[model].get(metric) for row in rows[n]]) for n in sizes}
                       for model in models} for metric in metrics}
